@@ -48,14 +48,10 @@ def _c_program() -> tuple[str, dict[str, int]]:
         for path, offset, size in _paths(cls):
             key = f"offsetof {name}.{path}"
             expected[key] = offset
-            lines.append(
-                f'printf("%s %zu\\n", "{key}", offsetof(struct {name}, {path}));'
-            )
+            lines.append(f'printf("%s %zu\\n", "{key}", offsetof(struct {name}, {path}));')
             key = f"sizeof {name}.{path}"
             expected[key] = size
-            lines.append(
-                f'printf("%s %zu\\n", "{key}", sizeof(((struct {name} *)0)->{path}));'
-            )
+            lines.append(f'printf("%s %zu\\n", "{key}", sizeof(((struct {name} *)0)->{path}));')
     for name, value in K.IOCTLS.items():
         key = f"ioctl {name}"
         expected[key] = value

@@ -38,7 +38,9 @@ def ioctl(fd: int, request: int, arg=0, name: str = "ioctl") -> int:
     """ioctl with a ctypes buffer (modified in place) or a small integer; returns the result."""
     try:
         if isinstance(arg, int):
-            if 0 <= arg < 2**31:
+            if arg == 0:
+                return fcntl.ioctl(fd, request)  # skips fcntl's failing buffer parses
+            if 0 < arg < 2**31:
                 return fcntl.ioctl(fd, request, arg)
             return ioctl_ulong(fd, request, arg, name)
         return fcntl.ioctl(fd, request, arg, True)

@@ -121,7 +121,9 @@ KVM_GET_TSC_KHZ = _IO(0xA3)
 IOCTLS: dict[str, int] = {
     name: value
     for name, value in list(globals().items())
-    if name.startswith("KVM_") and isinstance(value, int) and (value >> _IOC_TYPESHIFT) & 0xFF == KVMIO
+    if name.startswith("KVM_")
+    and isinstance(value, int)
+    and (value >> _IOC_TYPESHIFT) & 0xFF == KVMIO
 }
 
 

@@ -117,7 +117,9 @@ class VmFd:
             buf.entries[i] = e
         ioctl(self.fd, K.KVM_SET_GSI_ROUTING, buf, "KVM_SET_GSI_ROUTING")
 
-    def irqfd(self, fd: int, gsi: int, deassign: bool = False, resamplefd: int | None = None) -> None:
+    def irqfd(
+        self, fd: int, gsi: int, deassign: bool = False, resamplefd: int | None = None
+    ) -> None:
         flags = K.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
         if resamplefd is not None:
             flags |= K.KVM_IRQFD_FLAG_RESAMPLE

@@ -1,0 +1,1 @@
+"""x86 CPU modes, descriptor tables, page tables and CPUID."""

@@ -1,0 +1,47 @@
+"""Device models. Each is sans-IO: `read(offset, size)` and `write(offset, data)` change the
+device's state and return an effect for the run loop to carry out (or None). No KVM calls happen
+inside a device, so tests drive devices directly.
+
+A device owns a plain `state()` value (a dict of JSON-able data) that snapshots save and
+`restore_state()` puts back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Effect:
+    """Something a device asks the VMM to do."""
+
+
+@dataclass(frozen=True)
+class Output(Effect):
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RaiseIrq(Effect):
+    gsi: int
+    level: int = 1
+
+
+class Device:
+    name = "device"
+
+    def read(self, offset: int, size: int) -> bytes:
+        return b"\xff" * size
+
+    def write(self, offset: int, data: bytes) -> Effect | None:
+        return None
+
+    # Optional: `write_string(offset, size, data)` takes a whole `rep outs` (count items of
+    # `size` bytes in `data`) in one call and returns one effect. Without it the run loop calls
+    # `write` once per item.
+
+    def state(self) -> dict:
+        return {}
+
+    def restore_state(self, state: dict) -> None:
+        pass

@@ -1,0 +1,264 @@
+"""Guest RAM: memfd-backed regions mapped into the VMM and registered as KVM memslots.
+
+memfd (rather than anonymous memory) is the backing so that a region can be handed to another
+process (inter-VM shared memory), written to a snapshot file page by page, or served lazily by
+userfaultfd, all without copying. Every access from the VMM is bounds-checked: a guest-supplied
+address that is not RAM raises `GuestMemoryError`, which hypercalls turn into -EFAULT.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError, GuestMemoryError
+from .kvm import _sys
+from .kvm.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
+
+if TYPE_CHECKING:
+    from .kvm.vm import VmFd
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 4096
+# Guest-physical addresses are limited by the CPU's MAXPHYADDR; 46 bits is safe on every x86-64
+# host KVM runs on, and keeps a typo like --mem 1P from reaching mmap.
+MAX_GPA = 1 << 46
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def parse_size(text: str | int) -> int:
+    """'64M', '1G', '4096', '2MiB' -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    mult = 1
+    if s and s[-1] in units:
+        mult = units[s[-1]]
+        s = s[:-1]
+    try:
+        value = int(s, 0)
+    except ValueError:
+        raise ConfigError(
+            f"not a size: {text!r} (use a number with an optional K, M, G suffix)"
+        ) from None
+    if value < 0:
+        raise ConfigError(f"size must not be negative: {text!r}")
+    return value * mult
+
+
+def format_size(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+@dataclass(eq=False)
+class MemoryRegion:
+    """One contiguous range of guest-physical memory backed by (part of) a memfd."""
+
+    gpa: int
+    size: int
+    fd: int
+    hva: int
+    name: str
+    fd_offset: int = 0
+    readonly: bool = False
+    owns_fd: bool = True
+    slot: int | None = None
+    flags: int = 0
+    view: memoryview = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.view = _sys.view(self.hva, self.size)
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + length <= self.end
+
+
+class GuestMemory:
+    """All guest RAM of one VM. Regions never overlap; lookups are by bisection."""
+
+    def __init__(self) -> None:
+        self.regions: list[MemoryRegion] = []
+        self._starts: list[int] = []
+        self._vm: VmFd | None = None
+        self._next_slot = 0
+
+    # --- layout --------------------------------------------------------------------------------
+
+    def add_region(
+        self,
+        gpa: int,
+        size: int,
+        *,
+        name: str = "ram",
+        fd: int | None = None,
+        fd_offset: int = 0,
+        readonly: bool = False,
+    ) -> MemoryRegion:
+        """Map `size` bytes at `gpa`: a new memfd, or `fd` (e.g. received from another VMM)."""
+        if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+            raise ConfigError(
+                f"memory region {name!r} must be a positive multiple of 4 KiB at a 4 KiB-aligned "
+                f"address (got {size:#x} bytes at {gpa:#x})"
+            )
+        if gpa + size > MAX_GPA:
+            raise ConfigError(f"memory region {name!r} ends above the 2^46 guest-physical limit")
+        for r in self.regions:
+            if gpa < r.end and r.gpa < gpa + size:
+                raise ConfigError(
+                    f"memory region {name!r} [{gpa:#x}, {gpa + size:#x}) overlaps {r.name!r} "
+                    f"[{r.gpa:#x}, {r.end:#x})"
+                )
+        owns = fd is None
+        if fd is None:
+            fd = os.memfd_create(f"kvmpy-{name}", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                os.close(fd)
+                raise
+        prot = _sys.PROT_READ | _sys.PROT_WRITE
+        try:
+            hva = _sys.mmap(size, prot, _sys.MAP_SHARED | _sys.MAP_NORESERVE, fd, fd_offset)
+        except OSError as e:
+            if owns:
+                os.close(fd)
+            raise ConfigError(f"cannot map {size} bytes of guest memory: {e.strerror}") from None
+        region = MemoryRegion(
+            gpa=gpa, size=size, fd=fd, hva=hva, name=name, fd_offset=fd_offset,
+            readonly=readonly, owns_fd=owns,
+        )  # fmt: skip
+        i = bisect.bisect(self._starts, gpa)
+        self.regions.insert(i, region)
+        self._starts.insert(i, gpa)
+        if self._vm is not None:
+            self._register(region)
+        return region
+
+    def attach(self, vm: VmFd) -> None:
+        """Register every region (and every later one) as a KVM memslot of `vm`."""
+        self._vm = vm
+        for region in self.regions:
+            if region.slot is None:
+                self._register(region)
+
+    def _register(self, region: MemoryRegion) -> None:
+        assert self._vm is not None
+        region.slot = self._next_slot
+        self._next_slot += 1
+        region.flags = KVM_MEM_READONLY if region.readonly else 0
+        self._vm.set_user_memory_region(
+            region.slot, region.gpa, region.size, region.hva, region.flags
+        )
+
+    def set_dirty_logging(self, region: MemoryRegion, enabled: bool) -> None:
+        assert self._vm is not None and region.slot is not None
+        if enabled:
+            region.flags |= KVM_MEM_LOG_DIRTY_PAGES
+        else:
+            region.flags &= ~KVM_MEM_LOG_DIRTY_PAGES
+        self._vm.set_user_memory_region(
+            region.slot, region.gpa, region.size, region.hva, region.flags
+        )
+
+    def close(self) -> None:
+        for region in self.regions:
+            region.view.release()
+            _sys.munmap(region.hva, region.size)
+            if region.owns_fd:
+                os.close(region.fd)
+        self.regions.clear()
+        self._starts.clear()
+
+    def __iter__(self) -> Iterator[MemoryRegion]:
+        return iter(self.regions)
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    # --- lookups -------------------------------------------------------------------------------
+
+    def region_at(self, gpa: int, length: int = 1) -> MemoryRegion:
+        """The region holding all of [gpa, gpa+length), or GuestMemoryError."""
+        i = bisect.bisect(self._starts, gpa) - 1
+        if i >= 0 and length >= 0:
+            r = self.regions[i]
+            if r.contains(gpa, length):
+                return r
+        raise GuestMemoryError(f"guest-physical range [{gpa:#x}, +{length:#x}) is not RAM")
+
+    def is_ram(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self.region_at(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def gpa_to_hva(self, gpa: int) -> int:
+        r = self.region_at(gpa)
+        return r.hva + (gpa - r.gpa)
+
+    def hva_to_gpa(self, hva: int) -> int:
+        for r in self.regions:
+            if r.hva <= hva < r.hva + r.size:
+                return r.gpa + (hva - r.hva)
+        raise GuestMemoryError(f"host address {hva:#x} is not guest RAM")
+
+    # --- access --------------------------------------------------------------------------------
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy view of [gpa, gpa+length); the range must lie in one region."""
+        r = self.region_at(gpa, length)
+        off = gpa - r.gpa
+        return r.view[off : off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        v = self.view(gpa, length)
+        if byte == 0:
+            v[:] = bytes(length)
+        else:
+            v[:] = bytes([byte]) * length
+
+    def read_u8(self, gpa: int) -> int:
+        return self.view(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return _U16.unpack_from(self.view(gpa, 2))[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return _U32.unpack_from(self.view(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return _U64.unpack_from(self.view(gpa, 8))[0]
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        _U16.pack_into(self.view(gpa, 2), 0, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        _U32.pack_into(self.view(gpa, 4), 0, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        _U64.pack_into(self.view(gpa, 8), 0, value)

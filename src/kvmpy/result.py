@@ -1,0 +1,128 @@
+"""Why a VM stopped, and what a run returns."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .stats import ExitStats
+
+
+class StopReason(enum.StrEnum):
+    EXIT = "exit"  # the exit hypercall
+    HLT = "hlt"  # hlt with nothing that could wake the vCPU
+    SHUTDOWN = "shutdown"  # triple fault (or a guest-requested shutdown)
+    RESET = "reset"  # guest-requested reset
+    EXCEPTION = "exception"  # an exception reached kvmpy's default handler
+    INTERNAL_ERROR = "internal_error"  # KVM could not emulate / deliver
+    FAIL_ENTRY = "fail_entry"  # the CPU refused the vCPU state
+    UNHANDLED_EXIT = "unhandled_exit"  # an exit kvmpy has no handler for
+    HOST_LIMITATION = "host_limitation"  # this host's KVM cannot run the requested mode
+    INTERRUPTED = "interrupted"  # stopped from the host (Ctrl-C, request_stop)
+    TIMEOUT = "timeout"  # the run's time limit passed
+    VMM_ERROR = "vmm_error"  # KVM_RUN itself failed
+
+    @property
+    def ok(self) -> bool:
+        return self in (StopReason.EXIT, StopReason.HLT)
+
+
+# Process exit status of `kvmpy run` for stops that carry no guest exit code.
+EXIT_STATUS = {
+    StopReason.TIMEOUT: 124,
+    StopReason.INTERRUPTED: 130,
+}
+EXIT_STATUS_CRASH = 125
+
+
+EXCEPTION_NAMES = {
+    0: "#DE divide error", 1: "#DB debug", 2: "NMI", 3: "#BP breakpoint", 4: "#OF overflow",
+    5: "#BR bound range", 6: "#UD invalid opcode", 7: "#NM device not available",
+    8: "#DF double fault", 10: "#TS invalid TSS", 11: "#NP segment not present",
+    12: "#SS stack fault", 13: "#GP general protection", 14: "#PF page fault",
+    16: "#MF x87 error", 17: "#AC alignment check", 18: "#MC machine check",
+    19: "#XM SIMD error", 20: "#VE virtualization", 21: "#CP control protection",
+}  # fmt: skip
+
+
+def exception_name(vector: int) -> str:
+    if vector in EXCEPTION_NAMES:
+        return EXCEPTION_NAMES[vector]
+    return f"vector {vector}" + (" (reserved exception)" if vector < 32 else " (interrupt)")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Where the guest went wrong: the faulting instruction and, for exceptions, the vector."""
+
+    rip: int
+    instruction: str | None  # disassembly, e.g. "mov qword ptr [rax], 1"
+    instruction_bytes: bytes
+    vector: int | None = None
+    error_code: int | None = None
+    cr2: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "rip": self.rip,
+            "instruction": self.instruction,
+            "instruction_bytes": self.instruction_bytes.hex(),
+        }
+        if self.vector is not None:
+            d.update(vector=self.vector, exception=exception_name(self.vector))
+        if self.error_code is not None:
+            d["error_code"] = self.error_code
+        if self.cr2 is not None:
+            d["cr2"] = self.cr2
+        return d
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: StopReason
+    exit_code: int = 0
+    message: str = ""
+    fault: Fault | None = None
+    #: Registers at the fault (from the exception frame) when they differ from the vCPU's.
+    regs: Any = None
+
+
+@dataclass
+class RunResult:
+    stop_reason: StopReason
+    exit_code: int
+    message: str
+    regs: dict[str, int]
+    sregs: dict[str, int]
+    stats: ExitStats
+    fault: Fault | None = None
+    duration_s: float = 0.0
+    output: bytes = b""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exits(self) -> dict[str, int]:
+        return self.stats.by_reason()
+
+    @property
+    def process_exit_status(self) -> int:
+        if self.stop_reason is StopReason.EXIT:
+            return self.exit_code & 0xFF
+        if self.stop_reason is StopReason.HLT:
+            return 0
+        return EXIT_STATUS.get(self.stop_reason, EXIT_STATUS_CRASH)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stop_reason": self.stop_reason.value,
+            "exit_code": self.exit_code,
+            "message": self.message,
+            "exits": self.exits,
+            "regs": self.regs,
+            "sregs": self.sregs,
+            "fault": self.fault.to_dict() if self.fault else None,
+            "stats": self.stats.to_dict(),
+            "duration_s": round(self.duration_s, 6),
+            **self.extra,
+        }
