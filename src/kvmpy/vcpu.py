@@ -120,7 +120,7 @@ class Vcpu:
         fd = self.fd.fd
         kvm_run = K.KVM_RUN
         now = time.perf_counter_ns
-        u8, u16, u32, u64 = self._u8, self._u16, self._u32, self._u64
+        u32, u64 = self._u32, self._u64
         stats = self.stats
         counts, vmm_ns, timed = stats.counts, stats.vmm_ns, stats.timed
         hc_stats = stats.port(HC_PORT, "hypercall")
