@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,19 +195,26 @@ def load_elf(data: bytes, path: str | None = None) -> Image:
 
 
 def _mode_note(elf: ELFFile, name: str) -> Mode | None:
-    for section in elf.iter_sections():
-        if section["sh_type"] != "SHT_NOTE":
-            continue
-        for note in section.iter_notes():
-            if note["n_name"] == NOTE_NAME and note["n_type"] == NOTE_TYPE_MODE:
-                desc = note["n_desc"]
-                if isinstance(desc, bytes | bytearray):
-                    desc = desc.decode("ascii", "replace")
-                text = str(desc).rstrip("\0").strip()
-                try:
-                    return Mode(text)
-                except ValueError:
-                    raise BadImage(f"{name} names an unknown kvmpy mode {text!r}") from None
+    """The mode in a `.note.kvmpy` note. Parsed by hand: pyelftools names note types after the
+    GNU ones (type 1 reads as NT_GNU_ABI_TAG), and the format is three words and two strings."""
+    section = elf.get_section_by_name(".note.kvmpy")
+    if section is None:
+        return None
+    data = section.data()
+    pos = 0
+    while pos + 12 <= len(data):
+        namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
+        pos += 12
+        note_name = data[pos : pos + namesz].rstrip(b"\0")
+        pos += (namesz + 3) & ~3
+        desc = data[pos : pos + descsz]
+        pos += (descsz + 3) & ~3
+        if note_name == NOTE_NAME.encode() and ntype == NOTE_TYPE_MODE:
+            text = desc.rstrip(b"\0").decode("ascii", "replace").strip()
+            try:
+                return Mode(text)
+            except ValueError:
+                raise BadImage(f"{name} names an unknown kvmpy mode {text!r}") from None
     return None
 
 

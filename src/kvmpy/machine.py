@@ -273,6 +273,11 @@ class Machine:
     def result(self, stop: Stop, duration: float = 0.0) -> RunResult:
         regs = stop.regs or self.vcpu.fd.get_regs()
         sregs = self.vcpu.fd.get_sregs()
+        cs, cpl = sregs.cs.selector, sregs.cs.dpl
+        if stop.fault is not None and stop.fault.cs is not None:
+            # Report the faulting context, not kvmpy's ring-0 exception stub.
+            cs = stop.fault.cs
+            cpl = cs & 3 if sregs.cr0 & 1 else 0
         return RunResult(
             stop_reason=stop.reason,
             exit_code=stop.exit_code,
@@ -284,10 +289,9 @@ class Machine:
                 "cr3": sregs.cr3,
                 "cr4": sregs.cr4,
                 "efer": sregs.efer,
-                "cs": sregs.cs.selector,
-                "ss": sregs.ss.selector,
-                "cpl": sregs.cs.dpl,
-            },  # fmt: skip
+                "cs": cs,
+                "cpl": cpl,
+            },
             stats=self.vcpu.stats,
             fault=stop.fault,
             duration_s=duration,

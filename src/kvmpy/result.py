@@ -62,6 +62,8 @@ class Fault:
     vector: int | None = None
     error_code: int | None = None
     cr2: int | None = None
+    #: Code selector of the faulting context (from the exception frame), if known.
+    cs: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -75,6 +77,8 @@ class Fault:
             d["error_code"] = self.error_code
         if self.cr2 is not None:
             d["cr2"] = self.cr2
+        if self.cs is not None:
+            d["cs"] = self.cs
         return d
 
 

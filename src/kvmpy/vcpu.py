@@ -34,7 +34,7 @@ from .kvm import constants as K
 from .kvm import structs as S
 from .kvm.vcpu import RUN_DIRTY_REGS, RUN_EXIT_UNION, RUN_SYNC_REGS, RUN_VALID_REGS, VcpuFd
 from .result import Fault, Stop, StopReason, exception_name
-from .stats import MAX_REASON, SAMPLE_EVERY, ExitStats
+from .stats import EXACT_FIRST, MAX_REASON, SAMPLE_EVERY, ExitStats
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -131,6 +131,7 @@ class Vcpu:
         port_io = self._port_io
         slow_exit = self._slow_exit
         sample_mask = 0 if (self.exact_timing or trace) else SAMPLE_EVERY - 1
+        exact_first = EXACT_FIRST
         rax, rbx, rcx, rsi, rdi, dirty = _RAX, _RBX, _RCX, _RSI, _RDI, _DIRTY
         sync_regs = K.KVM_SYNC_X86_REGS
         exit_io, exit_hlt, max_reason = _IO, _HLT, MAX_REASON
@@ -167,7 +168,7 @@ class Vcpu:
                 # Hypercall fast path: a 32-bit `out` to port 0x500, one item. Direction, size
                 # and port are the first four bytes of the io exit: one read tests all three.
                 if reason == exit_io and u32[io_word] == hc_out32 and u32[io_count] == 1:
-                    t_exit = now() if not n & sample_mask else 0
+                    t_exit = now() if not n & sample_mask or n < exact_first else 0
                     hc_stats.writes += 1
                     nr = u32[u64[io_data_offset] >> 2]
                     handler = hc_table.get(nr)
@@ -438,6 +439,7 @@ class Vcpu:
             error_code=error,
             cr2=cr2,
             code_base=code_base,
+            cs=cs,
         )
 
     def _stop_with_fault(
@@ -452,6 +454,7 @@ class Vcpu:
         error_code: int | None = None,
         cr2: int | None = None,
         code_base: int | None = None,
+        cs: int | None = None,
     ) -> Stop:
         regs = regs or self.fd.get_regs()
         sregs = sregs or self.fd.get_sregs()
@@ -466,7 +469,7 @@ class Vcpu:
         text = decoded[0] if decoded else None
         if decoded:
             insn_bytes = insn_bytes[: decoded[1]]
-        fault = Fault(regs.rip, text, insn_bytes, vector, error_code, cr2)
+        fault = Fault(regs.rip, text, insn_bytes, vector, error_code, cr2, cs)
         if text:
             message = f"{message}; faulting instruction: {text}"
         return Stop(reason, 0, message, fault, regs)

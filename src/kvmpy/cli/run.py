@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..arch.x86.modes import Mode
 from ..errors import ConfigError
-from ..result import RunResult
+from ..result import RunResult, StopReason
 
 
 def add_parser(sub) -> None:
@@ -91,12 +91,13 @@ def cmd_run(args) -> int:
 def report(result: RunResult, *, stats: bool, as_json: bool, image: str, mode: Mode) -> None:
     from rich.console import Console
 
-    err = Console(stderr=True, highlight=False)
+    # Plain writes: guest-controlled text (disassembly like "[rax]") must not meet rich markup.
     if not result.stop_reason.ok:
-        err.print(
-            f"[bold red]kvmpy: guest stopped: {result.stop_reason.value}[/]: {result.message}"
-        )
-        err.print(format_registers(result))
+        sys.stderr.write(f"kvmpy: guest stopped: {result.stop_reason.value}: {result.message}\n")
+        if result.stop_reason is not StopReason.HOST_LIMITATION:
+            sys.stderr.write(format_registers(result) + "\n")
+        sys.stderr.flush()
+    err = Console(stderr=True, highlight=False)
     if stats:
         for table in result.stats.rich_tables():
             err.print(table)
