@@ -14,11 +14,16 @@ from .vm import VmFd
 DEFAULT_PATH = "/dev/kvm"
 
 
+def default_path() -> str:
+    """/dev/kvm, or $KVMPY_DEV (handy for tests and unusual setups)."""
+    return os.environ.get("KVMPY_DEV") or DEFAULT_PATH
+
+
 class Kvm:
     """An open /dev/kvm. Methods are named after the system ioctls."""
 
-    def __init__(self, path: str = DEFAULT_PATH):
-        self.path = path
+    def __init__(self, path: str | None = None):
+        self.path = path = path or default_path()
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
