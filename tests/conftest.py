@@ -138,3 +138,33 @@ def run_guest(kvm):
             return m.run(timeout=timeout)
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def assemble(build_dir, gcc_available):
+    """assemble(text, bits=64) -> raw bytes of the snippet, linked at address 0."""
+    import subprocess
+
+    cache: dict[tuple[str, int], bytes] = {}
+
+    def _asm(text: str, bits: int = 64) -> bytes:
+        key = (text, bits)
+        if key not in cache:
+            n = len(cache)
+            src, elf, raw = (build_dir / f"asm{n}.{ext}" for ext in ("S", "elf", "bin"))
+            src.write_text(f".code{bits}\n.globl _start\n_start:\n{text}\n")
+            subprocess.run(
+                ["gcc", "-m32" if bits != 64 else "-m64", "-nostdlib", "-static", "-no-pie",
+                 "-Wl,-Ttext=0", "-Wl,-e,0", "-Wl,--build-id=none",
+                 "-Wl,--no-warn-rwx-segments", "-o", str(elf), str(src)],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            subprocess.run(
+                ["objcopy", "-O", "binary", "-j", ".text", str(elf), str(raw)],
+                check=True,
+                capture_output=True,
+            )
+            cache[key] = raw.read_bytes()
+        return cache[key]
+
+    return _asm

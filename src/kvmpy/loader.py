@@ -102,6 +102,8 @@ def load_file(
     p = Path(path)
     try:
         size = p.stat().st_size
+        if p.is_dir():
+            raise BadImage(f"{p} is a directory, not a guest image")
         if not p.is_file():
             raise BadImage(f"{p} is not a regular file")
         if size > MAX_IMAGE_FILE:

@@ -74,6 +74,7 @@ class Vcpu:
         self.yield_on_io = False
         #: Time every exit instead of sampling the hypercall fast path (see stats.ExitStats).
         self.exact_timing = False
+        #: The last stop, if any.
         self.stopped: Stop | None = None
         self._pause_requested = False
         self._stop_requested: Stop | None = None
@@ -105,13 +106,37 @@ class Vcpu:
     # --- the loop ------------------------------------------------------------------------------
 
     def run(self) -> Stop | None:
-        """Run until the VM stops (returns the Stop) or a pause is requested (returns None)."""
-        if self.stopped is not None:
-            return self.stopped
+        """Run until the VM stops (returns the Stop) or a pause is requested (returns None).
+
+        Calling it again after a stop continues the guest where it stopped (after the `hlt`
+        or the exit hypercall), as a debugger's "continue" would."""
         stop = self._loop()
         if stop is not None:
             self.stopped = stop
+            self.complete_pending_io()
         return stop
+
+    def complete_pending_io(self) -> None:
+        """Finish the instruction of the last I/O or MMIO exit inside KVM.
+
+        KVM completes an `in`/`out` or MMIO access on the *next* KVM_RUN; until then the
+        vCPU's registers are not consistent, and KVM_SET_REGS would be overwritten by the
+        completion. The kernel's documented remedy: enter once with immediate_exit set.
+        Call before reading or changing vCPU state after a stop or pause (run() does so after
+        a stop).
+        """
+        if self._u32[2] not in (K.ExitReason.IO, K.ExitReason.MMIO):
+            return
+        run = self.fd.run_struct
+        run.immediate_exit = 1
+        try:
+            fcntl.ioctl(self.fd.fd, K.KVM_RUN)
+        except InterruptedError:
+            pass
+        finally:
+            run.immediate_exit = 0
+        # Not an exit: make a second call a no-op.
+        self._u32[2] = K.ExitReason.INTR
 
     def _loop(self) -> Stop | None:
         # Everything the loop touches is a local: a global or attribute lookup per exit is

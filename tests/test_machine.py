@@ -1,0 +1,264 @@
+"""The Python API: config -> machine -> load -> run -> result; devices, buses, statistics."""
+
+from __future__ import annotations
+
+import io
+import signal
+import threading
+
+import pytest
+
+from kvmpy.bus import MmioBus, PortBus
+from kvmpy.devices import Device, Output
+from kvmpy.devices.debugcon import DebugConsole
+from kvmpy.errors import ConfigError
+from kvmpy.loader import load_raw
+from kvmpy.machine import Machine, MachineConfig, ram_layout
+from kvmpy.result import StopReason
+
+# --- sans-IO devices and buses (no KVM) ------------------------------------------------------
+
+
+def test_debugcon_is_sans_io():
+    d = DebugConsole()
+    assert d.write(0, b"A") == Output(b"A")
+    assert d.write(0, b"BC") == Output(b"B")  # a wider write sends its low byte
+    assert d.write_string(0, 1, memoryview(b"xyz")) == Output(b"xyz")
+    assert d.read(0, 1) == b"\xe9"
+    assert d.state() == {"bytes_written": 5}
+    e = DebugConsole()
+    e.restore_state(d.state())
+    assert e.bytes_written == 5
+
+
+def test_port_bus_rejects_overlaps_and_bad_ranges():
+    bus = PortBus()
+    bus.register(0x3F8, 8, DebugConsole())
+    assert bus.lookup(0x3FB).offset == 3
+    assert bus.lookup(0x400) is None
+    with pytest.raises(ConfigError, match="already taken"):
+        bus.register(0x3FF, 2, DebugConsole())
+    with pytest.raises(ConfigError):
+        bus.register(0xFFFF, 2, DebugConsole())
+
+
+def test_mmio_bus():
+    bus = MmioBus()
+    a, b = Device(), Device()
+    bus.register(0x1000, 0x100, a)
+    bus.register(0x2000, 0x10, b)
+    assert bus.lookup(0x1050) == (a, 0x50)
+    assert bus.lookup(0x200F) == (b, 0xF)
+    assert bus.lookup(0x2010) is None and bus.lookup(0xFFF) is None
+    with pytest.raises(ConfigError, match="overlaps"):
+        bus.register(0x10F0, 0x20, Device())
+
+
+def test_ram_layout_leaves_the_mmio_hole():
+    assert ram_layout(64 << 20) == [(0, 64 << 20)]
+    assert ram_layout(3 << 30) == [(0, 3 << 30)]
+    assert ram_layout(6 << 30) == [(0, 3 << 30), (4 << 30, 3 << 30)]
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (MachineConfig(memory="512K"), "at least 1M"),
+        (MachineConfig(memory="2T"), "at most 1T"),
+        (MachineConfig(memory=(1 << 20) + 1), "multiple of 4K"),
+        (MachineConfig(vcpus=2), "one vCPU"),
+        (MachineConfig(pit=True), "needs the in-kernel irqchip"),
+        (MachineConfig(mode="nope"), "unknown mode"),
+    ],
+)
+def test_config_errors(config, message):
+    with pytest.raises(ConfigError, match=message):
+        config.validated()
+
+
+# --- running machines -------------------------------------------------------------------------
+
+
+class Recorder(Device):
+    name = "recorder"
+
+    def __init__(self):
+        self.writes = []
+
+    def read(self, offset, size):
+        return bytes([0x40 + offset]) * size
+
+    def write(self, offset, data):
+        self.writes.append((offset, bytes(data)))
+        return Output(b"<%d>" % offset)
+
+
+@pytest.mark.kvm
+def test_custom_port_device(assemble, kvm):
+    code = assemble(
+        "mov $0x600, %dx\n mov $0x11, %al\n out %al, %dx\n"
+        "inc %dx\n in %dx, %al\n mov %eax, %edi\n"
+        "lea msg(%rip), %rsi\n mov $3, %ecx\n mov $0x602, %dx\n rep outsb\n hlt\n"
+        'msg: .ascii "abc"'
+    )
+    rec = Recorder()
+    with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
+        m.add_pio_device(0x600, 4, rec)
+        m.load(load_raw(code))
+        result = m.run(timeout=30)
+    assert result.stop_reason is StopReason.HLT
+    assert rec.writes == [(0, b"\x11"), (2, b"a"), (2, b"b"), (2, b"c")]
+    assert result.regs["rdi"] & 0xFF == 0x41
+    assert result.output == b"<0><2><2><2>"
+    ports = result.stats.to_dict()["by_port"]
+    assert ports["0x600"] == {
+        "name": "recorder",
+        "in": 0,
+        "out": 1,
+        "vmm_time_us": ports["0x600"]["vmm_time_us"],
+    }
+    assert ports["0x601"]["in"] == 1
+    # rep outsb: KVM may batch the string into one exit or (KVM-PVM) exit once per byte.
+    assert 1 <= ports["0x602"]["out"] <= 3
+
+
+@pytest.mark.kvm
+def test_unassigned_ports_and_mmio(assemble, kvm):
+    # in from a port nobody owns reads all ones; so does MMIO outside RAM; writes are ignored.
+    code = assemble(
+        "mov $0x1234, %dx\n in %dx, %eax\n mov %eax, %ebx\n out %eax, %dx\n"
+        "mov $0xD0000000, %esi\n mov (%rsi), %ecx\n movl $5, (%rsi)\n hlt"
+    )
+    with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
+        m.load(load_raw(code))
+        # Map the MMIO address: a 2 MiB page at 0xD0000000, outside RAM.
+        pml4 = m.boot.sregs.cr3
+        pdpt = m.memory.read_u64(pml4) & ~0xFFF
+        pd = 0x200000
+        m.memory.fill(pd, 4096)
+        m.memory.write_u64(pdpt + 3 * 8, pd | 3)
+        m.memory.write_u64(pd + ((0xD0000000 >> 21) & 511) * 8, 0xD0000000 | 0x83)
+        result = m.run(timeout=30)
+    assert result.stop_reason is StopReason.HLT, result.message
+    assert result.regs["rbx"] == 0xFFFFFFFF
+    assert result.regs["rcx"] == 0xFFFFFFFF
+    assert result.exits["mmio"] == 2
+    assert result.stats.port(0x1234).reads == 1 and result.stats.port(0x1234).writes == 1
+
+
+@pytest.mark.kvm
+def test_console_sink_and_capture(kvm):
+    sink = io.BytesIO()
+    with Machine(
+        MachineConfig(mode="long", memory="16M"), kvm=kvm, console=sink, capture_output=False
+    ) as m:
+        m.load(load_raw(bytes.fromhex("b041e6e9f4")))  # mov al,'A'; out 0xe9,al; hlt
+        result = m.run(timeout=30)
+    assert sink.getvalue() == b"A"
+    assert result.output == b""
+
+
+@pytest.mark.kvm
+def test_run_continues_after_a_stop(assemble, kvm):
+    code = assemble("mov $1, %edi\n hlt\n mov $2, %edi\n hlt")
+    with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
+        m.load(load_raw(code))
+        assert m.run(timeout=30).regs["rdi"] == 1
+        assert m.run(timeout=30).regs["rdi"] == 2
+
+
+@pytest.mark.kvm
+def test_request_stop_and_pause_from_another_thread(assemble, kvm):
+    """A spinning CPL3 guest never exits; a signal plus immediate_exit gets the VMM back."""
+    code = assemble("1: jmp 1b")
+    with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as m:
+        m.load(load_raw(code))
+        vcpu = m.vcpu
+        main = threading.main_thread().ident
+        old = signal.signal(signal.SIGUSR1, lambda *_: None)
+        try:
+
+            def kick(action):
+                action()
+                signal.pthread_kill(main, signal.SIGUSR1)
+
+            t = threading.Timer(0.2, kick, args=(vcpu.request_pause,))
+            t.start()
+            assert vcpu.run() is None  # paused, not stopped
+            t = threading.Timer(0.2, kick, args=(vcpu.request_stop,))
+            t.start()
+            stop = vcpu.run()
+            assert stop.reason is StopReason.INTERRUPTED
+        finally:
+            signal.signal(signal.SIGUSR1, old)
+
+
+@pytest.mark.kvm
+def test_stats_by_reason_and_port(gcc_available, kvm):
+    from kvmpy.sdk.examples import find_example
+
+    with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as m:
+        m.load_file(find_example("hello").build())
+        result = m.run(timeout=30)
+    st = result.stats
+    assert st.total == 17 == st.counts[2]
+    assert st.io_out == 17 and st.io_in == 0
+    d = st.to_dict()
+    assert d["by_reason"]["io"]["count"] == 17
+    # Short runs are timed exactly; the last exit (the exit hypercall) has no re-entry to time.
+    assert d["by_reason"]["io"]["timed"] == 16
+    assert d["by_reason"]["io"]["vmm_time_us"] > 0
+    assert d["by_port"]["0x500"]["out"] == 17
+    reasons, ports = st.rich_tables()
+    assert reasons.row_count == 2 and ports.row_count == 1
+
+
+@pytest.mark.kvm
+def test_long_runs_sample_the_fast_path(kvm):
+    import struct
+
+    n = 5000
+    code = (
+        b"\xb9"
+        + struct.pack("<I", n)
+        + bytes.fromhex("b80300000066ba0005efffc975f2")
+        + bytes.fromhex("31c031ffef")
+    )
+    with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
+        m.load(load_raw(code))
+        result = m.run(timeout=60)
+    st = result.stats
+    assert st.total == n + 1
+    timed = st.timed[2]
+    assert 256 <= timed < 256 + n // 64 + 2
+    assert st.est_vmm_ns(2) > 0 and st.run_ns > 0
+
+
+@pytest.mark.kvm
+def test_load_before_run_is_required(kvm):
+    with (
+        Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m,
+        pytest.raises(ConfigError, match="load an image"),
+    ):
+        m.run()
+
+
+@pytest.mark.kvm
+def test_mmio_device_cannot_overlap_ram(kvm):
+    with (
+        Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m,
+        pytest.raises(ConfigError, match="overlaps guest RAM"),
+    ):
+        m.add_mmio_device(0x1000, 0x100, Device())
+
+
+@pytest.mark.kvm
+def test_result_json_shape(kvm):
+    import json
+
+    with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
+        m.load(load_raw(bytes.fromhex("f4")))
+        doc = json.loads(json.dumps(m.run(timeout=30).to_dict()))
+    assert doc["stop_reason"] == "hlt" and doc["exit_code"] == 0
+    assert doc["exits"] == {"hlt": 1}
+    assert doc["regs"]["rip"] == 1
