@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import signal
 import threading
 
 import pytest
@@ -169,28 +168,35 @@ def test_run_continues_after_a_stop(assemble, kvm):
 
 @pytest.mark.kvm
 def test_request_stop_and_pause_from_another_thread(assemble, kvm):
-    """A spinning CPL3 guest never exits; a signal plus immediate_exit gets the VMM back."""
+    """A spinning CPL3 guest never exits; immediate_exit plus a kick gets the VMM back."""
     code = assemble("1: jmp 1b")
     with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as m:
         m.load(load_raw(code))
         vcpu = m.vcpu
-        main = threading.main_thread().ident
-        old = signal.signal(signal.SIGUSR1, lambda *_: None)
-        try:
+        t = threading.Timer(0.2, vcpu.request_pause, kwargs={"kick": True})
+        t.start()
+        assert vcpu.run() is None  # paused, not stopped
+        t = threading.Timer(0.2, vcpu.request_stop, kwargs={"kick": True})
+        t.start()
+        stop = vcpu.run()
+        assert stop.reason is StopReason.INTERRUPTED
+        t.join()
 
-            def kick(action):
-                action()
-                signal.pthread_kill(main, signal.SIGUSR1)
 
-            t = threading.Timer(0.2, kick, args=(vcpu.request_pause,))
-            t.start()
-            assert vcpu.run() is None  # paused, not stopped
-            t = threading.Timer(0.2, kick, args=(vcpu.request_stop,))
-            t.start()
-            stop = vcpu.run()
-            assert stop.reason is StopReason.INTERRUPTED
-        finally:
-            signal.signal(signal.SIGUSR1, old)
+@pytest.mark.kvm
+def test_vcpu_in_a_thread_can_be_kicked(assemble, kvm):
+    code = assemble("1: jmp 1b")
+    with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as m:
+        m.load(load_raw(code))
+        stops = []
+        t = threading.Thread(target=lambda: stops.append(m.vcpu.run()))
+        t.start()
+        while m.vcpu.thread_ident is None:
+            pass
+        m.vcpu.request_stop(StopReason.INTERRUPTED, "test", kick=True)
+        t.join(timeout=10)
+        assert not t.is_alive()
+        assert stops[0].reason is StopReason.INTERRUPTED and stops[0].message == "test"
 
 
 @pytest.mark.kvm

@@ -38,7 +38,7 @@ from .kvm import structs as S
 from .loader import Image, load_file
 from .memory import PAGE_SIZE, GuestMemory, parse_size
 from .result import RunResult, Stop, StopReason
-from .vcpu import Vcpu
+from .vcpu import Vcpu, install_kick_handler
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ class Machine:
             fd = vm.create_vcpu(i)
             fd.set_cpuid2(vcpu_cpuid(cpuid, i))
             self.vcpus.append(Vcpu(self, fd))
+        install_kick_handler()
         self.debugcon = DebugConsole()
         self.add_pio_device(DEBUGCON_PORT, 1, self.debugcon)
         self.add_pio_device(HYPERCALL_PORT, 4, HypercallPort())

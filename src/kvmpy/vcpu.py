@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import signal
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -42,6 +44,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MASK64 = (1 << 64) - 1
+
+#: The signal kick() sends to interrupt KVM_RUN in a vCPU thread.
+KICK_SIGNAL = signal.SIGUSR1
+
+
+def _ignore_kick(signum, frame) -> None:
+    pass
+
+
+def install_kick_handler() -> bool:
+    """Give KICK_SIGNAL a no-op handler unless the program set its own (main thread only).
+    Returns whether a usable handler is in place."""
+    if threading.current_thread() is not threading.main_thread():
+        return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(KICK_SIGNAL, _ignore_kick)
+    return True
+
 
 # Indices into the typed views of kvm_run (see <linux/kvm.h>); asserted in tests.
 _IO_DIRECTION = RUN_EXIT_UNION  # u8
@@ -78,6 +98,8 @@ class Vcpu:
         self.stopped: Stop | None = None
         self._pause_requested = False
         self._stop_requested: Stop | None = None
+        #: The thread inside run(), for kick().
+        self.thread_ident: int | None = None
         view = fd.run_view
         self._u8 = view
         self._u16 = view.cast("H")
@@ -93,15 +115,38 @@ class Vcpu:
 
     # --- control from outside the loop (signal handlers, other threads) ------------------------
 
-    def request_pause(self) -> None:
-        """Make `run()` return None at the next exit (or at once if inside KVM_RUN and a
-        signal interrupts it). Safe to call from a signal handler."""
+    def request_pause(self, kick: bool = False) -> None:
+        """Make `run()` return None: at once if the vCPU is outside KVM_RUN or a signal
+        interrupts it, else at its next exit. Safe in a signal handler. With `kick`, signal the
+        thread running the vCPU so a guest that never exits is interrupted too (from another
+        thread; see `kick`)."""
         self._pause_requested = True
         self.fd.run_struct.immediate_exit = 1
+        if kick:
+            self.kick()
 
-    def request_stop(self, reason: StopReason = StopReason.INTERRUPTED, message: str = "") -> None:
+    def request_stop(
+        self, reason: StopReason = StopReason.INTERRUPTED, message: str = "", kick: bool = False
+    ) -> None:
+        """Make `run()` return a Stop with `reason` (as `request_pause`, but final)."""
         self._stop_requested = Stop(reason, 0, message or "stopped by the host")
         self.fd.run_struct.immediate_exit = 1
+        if kick:
+            self.kick()
+
+    def kick(self) -> None:
+        """Interrupt KVM_RUN in the thread running this vCPU with KICK_SIGNAL.
+
+        immediate_exit alone only stops the *next* KVM_RUN; a guest spinning at CPL3 never
+        exits, so the vCPU thread needs a signal. `install_kick_handler()` (done by Machine in
+        the main thread) gives that signal a no-op handler: an ignored signal would not
+        interrupt the ioctl, a default one would kill the process."""
+        ident = self.thread_ident
+        if ident is not None:
+            try:
+                signal.pthread_kill(ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -110,7 +155,11 @@ class Vcpu:
 
         Calling it again after a stop continues the guest where it stopped (after the `hlt`
         or the exit hypercall), as a debugger's "continue" would."""
-        stop = self._loop()
+        self.thread_ident = threading.get_ident()
+        try:
+            stop = self._loop()
+        finally:
+            self.thread_ident = None
         if stop is not None:
             self.stopped = stop
             self.complete_pending_io()
