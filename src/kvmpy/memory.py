@@ -117,6 +117,10 @@ class GuestMemory:
                 f"memory region {name!r} must be a positive multiple of 4 KiB at a 4 KiB-aligned "
                 f"address (got {size:#x} bytes at {gpa:#x})"
             )
+        if gpa < 0:
+            raise ConfigError(
+                f"memory region {name!r} cannot start at a negative address ({gpa:#x})"
+            )
         if gpa + size > MAX_GPA:
             raise ConfigError(f"memory region {name!r} ends above the 2^46 guest-physical limit")
         for r in self.regions:
