@@ -170,7 +170,6 @@ def test_owned_fd_is_closed_on_close():
     m.close()  # idempotent
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a short fd is mapped and SIGBUSes later")
 def test_caller_fd_shorter_than_the_region_is_refused():
     """Mapping past the end of a file succeeds but the first access raises SIGBUS and kills the
     VMM; a too-short fd must be a ConfigError up front."""

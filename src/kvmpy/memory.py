@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -61,6 +62,20 @@ def format_size(n: int) -> str:
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift}{unit}"
     return str(n)
+
+
+def _check_backing(fd: int, offset: int, size: int, name: str) -> None:
+    """A file mapped past its end maps fine, but touching those pages raises SIGBUS and kills
+    the VMM; refuse a caller's file that is shorter than the region up front."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise ConfigError(f"memory region {name!r}: fd {fd} is not usable: {e.strerror}") from None
+    if stat.S_ISREG(st.st_mode) and st.st_size < offset + size:
+        raise ConfigError(
+            f"memory region {name!r} needs {offset + size:#x} bytes of its file (offset "
+            f"{offset:#x} + size {size:#x}) but the file has only {st.st_size:#x}"
+        )
 
 
 @dataclass(eq=False)
@@ -137,6 +152,8 @@ class GuestMemory:
             except OSError:
                 os.close(fd)
                 raise
+        else:
+            _check_backing(fd, fd_offset, size, name)
         prot = _sys.PROT_READ | _sys.PROT_WRITE
         try:
             hva = _sys.mmap(size, prot, _sys.MAP_SHARED | _sys.MAP_NORESERVE, fd, fd_offset)
