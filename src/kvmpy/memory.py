@@ -40,18 +40,22 @@ def parse_size(text: str | int) -> int:
     """'64M', '1G', '4096', '2MiB' -> bytes."""
     if isinstance(text, int):
         return text
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    s = text.strip().upper()
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     mult = 1
-    if s and s[-1] in units:
-        mult = units[s[-1]]
-        s = s[:-1]
     try:
-        value = int(s, 0)
+        value = int(s, 0)  # a bare number first: in '0x1B' the B is a hex digit, not bytes
     except ValueError:
-        raise ConfigError(
-            f"not a size: {text!r} (use a number with an optional K, M, G suffix)"
-        ) from None
+        s = s.removesuffix("B").removesuffix("I")
+        if s and s[-1] in units:
+            mult = units[s[-1]]
+            s = s[:-1]
+        try:
+            value = int(s, 0)
+        except ValueError:
+            raise ConfigError(
+                f"not a size: {text!r} (use a number with an optional K, M, G suffix)"
+            ) from None
     if value < 0:
         raise ConfigError(f"size must not be negative: {text!r}")
     return value * mult
