@@ -526,7 +526,6 @@ def test_parse_size_rejects_negative_strings(text):
         parse_size(text)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: negative ints pass through")
 def test_parse_size_rejects_negative_integers():
     with pytest.raises(ConfigError, match="negative"):
         parse_size(-4096)

@@ -39,6 +39,8 @@ _U64 = struct.Struct("<Q")
 def parse_size(text: str | int) -> int:
     """'64M', '1G', '4096', '2MiB' -> bytes."""
     if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"size must not be negative: {text}")
         return text
     s = text.strip().upper()
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
