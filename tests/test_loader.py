@@ -239,7 +239,6 @@ def test_load_file_fifo(tmp_path):
         load_file(p)  # must not block reading the FIFO
 
 
-@pytest.mark.xfail(strict=True, reason="bug: only ENOENT/EISDIR/EACCES become BadImage")
 def test_load_file_through_a_file(tmp_path):
     """A path whose parent is a file fails with ENOTDIR, not ENOENT."""
     f = tmp_path / "file"
@@ -248,7 +247,6 @@ def test_load_file_through_a_file(tmp_path):
         load_file(f / "guest")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: only ENOENT/EISDIR/EACCES become BadImage")
 def test_load_file_symlink_loop(tmp_path):
     p = tmp_path / "loop"
     p.symlink_to(p)
@@ -256,7 +254,6 @@ def test_load_file_symlink_loop(tmp_path):
         load_file(p)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: only ENOENT/EISDIR/EACCES become BadImage")
 def test_load_file_name_too_long(tmp_path):
     with pytest.raises(BadImage):
         load_file(tmp_path / ("x" * 300))

@@ -115,6 +115,9 @@ def load_file(
         raise BadImage(f"{p} is a directory, not a guest image") from None
     except PermissionError:
         raise BadImage(f"{p}: permission denied") from None
+    except OSError as e:
+        # ENOTDIR (a file used as a directory), ELOOP, ENAMETOOLONG, EIO...
+        raise BadImage(f"{p}: cannot read the image: {e.strerror or e}") from None
     if data[:4] == ELF_MAGIC:
         if load_addr is not None:
             raise BadImage("--load-addr applies to raw images; an ELF loads at its own addresses")
