@@ -159,7 +159,7 @@ def load_elf(data: bytes, path: str | None = None) -> Image:
             filesz, memsz, off = ph["p_filesz"], ph["p_memsz"], ph["p_offset"]
             if filesz > memsz:
                 raise BadImage(f"{name}: a segment's file size exceeds its memory size")
-            if off + filesz > len(data):
+            if filesz and off + filesz > len(data):  # no file bytes: p_offset is unused
                 raise BadImage(f"{name} is truncated: a segment extends past the end of the file")
             if memsz == 0:
                 continue
