@@ -117,6 +117,9 @@ def load_file(
         raise BadImage(f"{p} is a directory, not a guest image") from None
     except PermissionError:
         raise BadImage(f"{p}: permission denied") from None
+    except OSError as e:
+        # ENOTDIR (a file used as a directory), ELOOP, ENAMETOOLONG, EIO...
+        raise BadImage(f"{p}: cannot read the image: {e.strerror or e}") from None
     if data[:4] == ELF_MAGIC:
         if load_addr is not None:
             raise BadImage("--load-addr applies to raw images; an ELF loads at its own addresses")
@@ -158,7 +161,7 @@ def load_elf(data: bytes, path: str | None = None) -> Image:
             filesz, memsz, off = ph["p_filesz"], ph["p_memsz"], ph["p_offset"]
             if filesz > memsz:
                 raise BadImage(f"{name}: a segment's file size exceeds its memory size")
-            if off + filesz > len(data):
+            if filesz and off + filesz > len(data):  # no file bytes: p_offset is unused
                 raise BadImage(f"{name} is truncated: a segment extends past the end of the file")
             if memsz == 0:
                 continue

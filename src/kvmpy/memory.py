@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,19 +39,25 @@ _U64 = struct.Struct("<Q")
 def parse_size(text: str | int) -> int:
     """'64M', '1G', '4096', '2MiB' -> bytes."""
     if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"size must not be negative: {text}")
         return text
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    s = text.strip().upper()
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     mult = 1
-    if s and s[-1] in units:
-        mult = units[s[-1]]
-        s = s[:-1]
     try:
-        value = int(s, 0)
+        value = int(s, 0)  # a bare number first: in '0x1B' the B is a hex digit, not bytes
     except ValueError:
-        raise ConfigError(
-            f"not a size: {text!r} (use a number with an optional K, M, G suffix)"
-        ) from None
+        s = s.removesuffix("B").removesuffix("I")
+        if s and s[-1] in units:
+            mult = units[s[-1]]
+            s = s[:-1]
+        try:
+            value = int(s, 0)
+        except ValueError:
+            raise ConfigError(
+                f"not a size: {text!r} (use a number with an optional K, M, G suffix)"
+            ) from None
     if value < 0:
         raise ConfigError(f"size must not be negative: {text!r}")
     return value * mult
@@ -61,6 +68,20 @@ def format_size(n: int) -> str:
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift}{unit}"
     return str(n)
+
+
+def _check_backing(fd: int, offset: int, size: int, name: str) -> None:
+    """A file mapped past its end maps fine, but touching those pages raises SIGBUS and kills
+    the VMM; refuse a caller's file that is shorter than the region up front."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise ConfigError(f"memory region {name!r}: fd {fd} is not usable: {e.strerror}") from None
+    if stat.S_ISREG(st.st_mode) and st.st_size < offset + size:
+        raise ConfigError(
+            f"memory region {name!r} needs {offset + size:#x} bytes of its file (offset "
+            f"{offset:#x} + size {size:#x}) but the file has only {st.st_size:#x}"
+        )
 
 
 @dataclass(eq=False)
@@ -117,6 +138,10 @@ class GuestMemory:
                 f"memory region {name!r} must be a positive multiple of 4 KiB at a 4 KiB-aligned "
                 f"address (got {size:#x} bytes at {gpa:#x})"
             )
+        if gpa < 0:
+            raise ConfigError(
+                f"memory region {name!r} cannot start at a negative address ({gpa:#x})"
+            )
         if gpa + size > MAX_GPA:
             raise ConfigError(f"memory region {name!r} ends above the 2^46 guest-physical limit")
         for r in self.regions:
@@ -133,6 +158,8 @@ class GuestMemory:
             except OSError:
                 os.close(fd)
                 raise
+        else:
+            _check_backing(fd, fd_offset, size, name)
         prot = _sys.PROT_READ | _sys.PROT_WRITE
         try:
             hva = _sys.mmap(size, prot, _sys.MAP_SHARED | _sys.MAP_NORESERVE, fd, fd_offset)

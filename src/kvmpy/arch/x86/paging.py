@@ -190,6 +190,23 @@ class TableAllocator:
         return page
 
 
+def _checked(ranges: Sequence[MapRange]) -> list[MapRange]:
+    """The ranges sorted by start, if each is page-aligned and none overlaps another. (A page
+    only partly inside a range, or inside two, would otherwise be left out of the map.)"""
+    ordered = sorted(ranges, key=lambda r: r.start)
+    for r in ordered:
+        if r.start % PAGE_4K or r.end % PAGE_4K:
+            raise ValueError(f"map range [{r.start:#x}, {r.end:#x}) is not 4 KiB-aligned")
+        if r.end < r.start:
+            raise ValueError(f"map range [{r.start:#x}, {r.end:#x}) ends before it starts")
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        if b.start < a.end:
+            raise ValueError(
+                f"map ranges [{a.start:#x}, {a.end:#x}) and [{b.start:#x}, {b.end:#x}) overlap"
+            )
+    return ordered
+
+
 def _flags_for(ranges: Sequence[MapRange], start: int, end: int) -> int | None:
     """The flags if [start, end) lies inside exactly one range; -1 if it is mixed; None if none."""
     found: int | None = None
@@ -212,13 +229,14 @@ def build_identity_map_64(
     write_u64: Callable[[int, int], None],
     use_1g: bool = False,
 ) -> int:
-    """4-level identity map of `ranges`; returns the PML4 address (CR3).
+    """4-level identity map of `ranges` (page-aligned, not overlapping; else ValueError);
+    returns the PML4 address (CR3).
 
     The largest page that covers memory with uniform flags is used (1 GiB if allowed, else
     2 MiB, else 4 KiB), so a 64 MiB guest needs three table pages and an odd-sized or
     mixed-permission area costs a page table only where it is odd.
     """
-    ranges = sorted(ranges, key=lambda r: r.start)
+    ranges = _checked(ranges)
     pml4 = alloc.alloc()
     top = max(r.end for r in ranges)
 
@@ -255,7 +273,7 @@ def build_identity_map_32(
     write_u32: Callable[[int, int], None],
 ) -> int:
     """Two-level 32-bit identity map (CR4.PSE, 4 MiB pages where uniform); returns CR3."""
-    ranges = sorted(ranges, key=lambda r: r.start)
+    ranges = _checked(ranges)
     pd = alloc.alloc()
     top = min(max(r.end for r in ranges), 1 << 32)
     for i in range(1024):
