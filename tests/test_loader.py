@@ -172,8 +172,8 @@ def test_raw_load_addr_and_entry():
     assert img.segments[0].gpa == 0x7C00 and img.entry == 0x7C00  # entry follows the load
     img = load_raw(b"abcd", load_addr=0x7C00, entry=0x7C02)
     assert img.entry == 0x7C02 and img.ranges() == [(0x7C00, 0x7C04)]
-    img = load_raw(b"abcd", entry=0x10)
-    assert img.segments[0].gpa == 0 and img.entry == 0x10
+    with pytest.raises(BadImage, match="outside the image"):
+        load_raw(b"abcd", entry=0x10)  # an entry point must lie inside the image
 
 
 @pytest.mark.parametrize(
@@ -764,3 +764,11 @@ def test_fuzz_hand_made_elf(bits, segs, entry, etype, note):
     else:
         with pytest.raises(BadImage):
             load_elf(data)
+
+
+def test_entry_outside_a_raw_image_is_refused(tmp_path):
+    p = tmp_path / "raw.bin"
+    p.write_bytes(b"\x90" * 16)
+    with pytest.raises(BadImage, match="outside the image"):
+        loader.load_file(p, load_addr=0x1000, entry=0x2000)
+    assert loader.load_file(p, load_addr=0x1000, entry=0x100F).entry == 0x100F

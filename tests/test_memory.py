@@ -580,3 +580,20 @@ def test_parse_size_hex_digit_b(text, value):
 def test_parse_size_hex_round_trip(n):
     assert parse_size(hex(n)) == n
     assert parse_size(hex(n).upper()) == n
+
+
+def test_own_memfd_is_sealed_against_shrinking():
+    """A process that receives the region's fd cannot truncate it under our mapping."""
+    import fcntl
+    import os
+
+    mem = GuestMemory()
+    try:
+        region = mem.add_region(0, 1 << 20)
+        assert fcntl.fcntl(region.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        with pytest.raises(PermissionError):
+            os.ftruncate(region.fd, 4096)
+        mem.write(0xFF000, b"still mapped")
+        assert mem.read(0xFF000, 12) == b"still mapped"
+    finally:
+        mem.close()

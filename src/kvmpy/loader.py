@@ -125,6 +125,8 @@ def load_file(
             raise BadImage("--load-addr applies to raw images; an ELF loads at its own addresses")
         img = load_elf(data, str(p))
         if entry is not None:
+            if not any(seg.gpa <= entry < seg.end for seg in img.segments):
+                raise BadImage(f"entry point {entry:#x} is outside every loadable segment of {p}")
             img = Image(img.kind, img.segments, entry, img.mode_hint, img.path, img.symbols)
         return img
     return load_raw(data, load_addr or 0, entry, str(p))
@@ -138,6 +140,11 @@ def load_raw(
     if load_addr < 0 or (entry is not None and entry < 0):
         raise BadImage("load address and entry point must be non-negative")
     seg = ImageSegment(load_addr, bytes(data), len(data))
+    if entry is not None and not seg.gpa <= entry < seg.end:
+        raise BadImage(
+            f"entry point {entry:#x} is outside the image, which loads at "
+            f"[{seg.gpa:#x}, {seg.end:#x})"
+        )
     return Image("raw", (seg,), load_addr if entry is None else entry, None, path)
 
 

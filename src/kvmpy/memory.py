@@ -9,6 +9,7 @@ address that is not RAM raises `GuestMemoryError`, which hypercalls turn into -E
 from __future__ import annotations
 
 import bisect
+import fcntl
 import logging
 import os
 import stat
@@ -152,9 +153,12 @@ class GuestMemory:
                 )
         owns = fd is None
         if fd is None:
-            fd = os.memfd_create(f"kvmpy-{name}", os.MFD_CLOEXEC)
+            fd = os.memfd_create(f"kvmpy-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
                 os.ftruncate(fd, size)
+                # Sealed against shrinking: whoever else gets this fd (another VMM process
+                # sharing the region) cannot truncate it under our mapping and SIGBUS us.
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
             except OSError:
                 os.close(fd)
                 raise
