@@ -12,7 +12,7 @@ import sys
 from ..errors import KvmpyError
 
 # Subcommand modules, in the order `kvmpy --help` lists them.
-COMMANDS = ["run", "doctor"]
+COMMANDS = ["run", "doctor", "bench"]
 
 
 def make_parser() -> argparse.ArgumentParser:
