@@ -56,9 +56,9 @@ MODES = ("long", "long-user")
 MEMORY = "16M"
 SIDES = ("c", "python_floor", "kvmpy")
 LABELS = {
-    "c": "C (exitloop, gcc -O2)",
-    "python_floor": "Python floor (bare ioctl loop)",
-    "kvmpy": "kvmpy (Machine.run)",
+    "c": "C exitloop (gcc -O2)",
+    "python_floor": "Python floor",
+    "kvmpy": "kvmpy",
 }
 HC_PORT = 0x500
 HC_EXIT, HC_NUM_EXITS = 0, 3
@@ -231,6 +231,8 @@ def run(
         raise BenchmarkError(
             f"CPU {cpu} is not one this process may use (allowed: {format_cpus(allowed)})"
         )
+    # Other work on a 2-core host is the main source of noise; record how busy it was.
+    load = os.getloadavg()[0]
     image = guest_image(exits)
     binary = build_c("exitloop.c", cc)
     image_path = write_cached(f"exits-guest-{exits}.bin", image)
@@ -254,7 +256,9 @@ def run(
                 samples[side].append(sample)
                 if on_run:
                     on_run(side, i, sample)
-    return build_report(samples, mode=mode, exits=total, runs=runs, cpu=cpu)
+    doc = build_report(samples, mode=mode, exits=total, runs=runs, cpu=cpu)
+    doc["load_average_at_start"] = round(load, 2)
+    return doc
 
 
 def build_report(
@@ -325,21 +329,21 @@ def render(doc: dict, console) -> None:
     mode = doc["mode"]
     cpl = "CPL3" if mode == "long-user" else "CPL0"
     table = Table(
-        title=f"Hypercall round trip, {mode} mode ({cpl}): {doc['exits_per_run']:,} exits "
-        f"× {doc['runs']} runs on CPU {doc['cpu']}",
+        title=f"Hypercall round trip (µs/exit): {mode} ({cpl}), "
+        f"{doc['exits_per_run']:,} exits × {doc['runs']} runs, CPU {doc['cpu']}",
         title_justify="left",
     )
     table.add_column("VMM")
-    table.add_column("median / exit", justify="right")
+    table.add_column("median", justify="right")
     table.add_column("vs C", justify="right")
-    table.add_column("runs (µs / exit)", justify="left")
+    table.add_column("each run, in order")
     c = doc["c"]["ns_per_exit_median"]
     for side in SIDES:
         d = doc[side]
         m = d["ns_per_exit_median"]
         table.add_row(
             LABELS[side],
-            _us(m),
+            f"{m / 1e3:.2f}",
             f"{m / c:.3f}×",
             " ".join(f"{v / 1e3:.2f}" for v in d["runs_ns_per_exit"]),
             style="bold" if side == "kvmpy" else None,
