@@ -329,7 +329,7 @@ def render(doc: dict, console) -> None:
     mode = doc["mode"]
     cpl = "CPL3" if mode == "long-user" else "CPL0"
     table = Table(
-        title=f"Hypercall round trip (µs/exit): {mode} ({cpl}), "
+        title=f"Exit round trip (µs): {mode} ({cpl}), "
         f"{doc['exits_per_run']:,} exits × {doc['runs']} runs, CPU {doc['cpu']}",
         title_justify="left",
     )
