@@ -236,6 +236,7 @@ def test_cli_json(cache):
         ["--cpu", "-1"],
         ["--cpu", str(max(os.sched_getaffinity(0)) + 1000)],
         ["--plot", "out.txt"],
+        ["--plot", "/nonexistent/dir/out.png"],
     ],
 )
 def test_bad_arguments_are_usage_errors(args, capsys):

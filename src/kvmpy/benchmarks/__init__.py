@@ -180,4 +180,10 @@ def plot_path(text: str) -> Path:
         raise argparse.ArgumentTypeError(
             f"plot file must end in {', '.join(PLOT_FORMATS)} (got {text!r})"
         )
+    # Checked before the benchmark runs, not after minutes of measuring.
+    parent = path.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(
+            f"cannot write {text!r}: {parent} is not a writable directory"
+        )
     return path

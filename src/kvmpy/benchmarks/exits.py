@@ -529,13 +529,14 @@ def cmd_exits(args) -> int:
     except KeyboardInterrupt:
         err.print("kvmpy: interrupted")
         return 130
-    if args.plot:
-        plot(doc, args.plot)
+    # Results first: a plot that cannot be written must not cost the user the figures.
     if args.json:
         sys.stdout.write(json.dumps(doc) + "\n")
         sys.stdout.flush()
     else:
         render(doc, Console(highlight=False))
-        if args.plot:
+    if args.plot:
+        plot(doc, args.plot)
+        if not args.json:
             Console(highlight=False).print(f"plot: {args.plot}")
     return 0
