@@ -99,7 +99,7 @@ class Sample:
 
 
 def run_c(binary: Path, image: Path, mode: str, exits: int) -> Sample:
-    # Even at ~70 µs per exit (CPL3 on KVM-PVM) a run takes a tenth of this.
+    # Even at ~70 µs per exit (CPL3 on KVM-PVM) a run takes less than a tenth of this.
     timeout = 60 + exits * 1e-3
     try:
         proc = subprocess.run(
@@ -180,6 +180,8 @@ def run_floor(image: bytes, mode: str, exits: int) -> Sample:
                 u64[dirty] = sync
             ioctl(fd, kvm_run)
             elapsed = now() - t0
+        except OSError as e:
+            raise BenchmarkError(f"KVM_RUN failed in the Python floor loop: {e.strerror}") from None
         finally:
             u64.release()
         run = vcpu.run_struct
