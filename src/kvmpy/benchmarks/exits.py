@@ -371,7 +371,10 @@ def render(doc: dict, console) -> None:
     bt.add_row(
         "kvmpy's loop (kvmpy − floor)",
         _us(b["kvmpy_loop_ns_per_exit"]),
-        _share(b["kvmpy_loop_share_of_gap"]),
+        # The complement, so the two shares add up to 100 % after rounding.
+        _share(
+            None if b["interpreter_share_of_gap"] is None else 1 - b["interpreter_share_of_gap"]
+        ),
     )
     bt.add_row("  kvmpy's ExitStats VMM time", _us(b["kvmpy_vmm_ns_per_exit"]), "")
     console.print(bt)
