@@ -68,8 +68,12 @@ int main(int argc, char **argv) {
 	FILE *f = fopen(argv[1], "rb");
 	if (!f) die(argv[1]);
 	size_t n = fread(mem, 1, PML4 - 0x20000, f);
+	int too_big = fgetc(f) != EOF;
 	fclose(f);
-	if (n == 0) die("empty image");
+	if (n == 0 || too_big) { /* not errno failures: perror would print "Success" */
+		fprintf(stderr, "%s: %s\n", argv[1], n ? "image too large" : "empty image");
+		return 2;
+	}
 
 	/* Identity map of all memory with 2 MiB pages, user-accessible. */
 	uint64_t *pml4 = (uint64_t *)(mem + PML4), *pdpt = (uint64_t *)(mem + PDPT),
