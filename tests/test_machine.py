@@ -268,3 +268,21 @@ def test_result_json_shape(kvm):
     assert doc["stop_reason"] == "hlt" and doc["exit_code"] == 0
     assert doc["exits"] == {"hlt": 1}
     assert doc["regs"]["rip"] == 1
+
+
+@pytest.mark.kvm
+def test_yield_on_io_yields_at_hypercalls_too(kvm):
+    """The on-io scheduler switches at every port-I/O exit, hypercalls included."""
+    # out 0xe9, al; hypercall 3 (num_exits) twice; exit.
+    code = bytes.fromhex("e6e9b80300000066ba0005efef31c031ffef")
+    with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
+        m.load(load_raw(code))
+        m.vcpu.yield_on_io = True
+        results = []
+        for _ in range(10):
+            stop = m.vcpu.run()
+            results.append(stop.reason if stop else None)
+            if stop:
+                break
+        assert results == [None, None, None, StopReason.EXIT]
+        assert m.result(m.vcpu.stopped).regs["rax"] == 0

@@ -209,12 +209,10 @@ class Vcpu:
         rax, rbx, rcx, rsi, rdi, dirty = _RAX, _RBX, _RCX, _RSI, _RDI, _DIRTY
         sync_regs = K.KVM_SYNC_X86_REGS
         exit_io, exit_hlt, max_reason = _IO, _HLT, MAX_REASON
-        hc_out32, io_word, io_count, io_data_offset = (
-            _HC_OUT32,
-            _IO_WORD,
-            _IO_COUNT,
-            _IO_DATA_OFFSET,
-        )
+        io_word, io_data_offset = _IO_WORD, _IO_DATA_OFFSET
+        # Tracing and yielding after every I/O exit send hypercalls down the slow path (which
+        # does both), so the fast path carries no per-exit test for them.
+        hc_out32 = -1 if (trace or yield_on_io) else _HC_OUT32
         mask64, enosys, efault = MASK64, ENOSYS, -14
         n = stats.total
         t_loop = now()
@@ -237,11 +235,10 @@ class Vcpu:
                 if reason >= max_reason:
                     reason = 0
                 counts[reason] += 1
-                if trace:
-                    self._trace(reason)
-                # Hypercall fast path: a 32-bit `out` to port 0x500, one item. Direction, size
-                # and port are the first four bytes of the io exit: one read tests all three.
-                if reason == exit_io and u32[io_word] == hc_out32 and u32[io_count] == 1:
+                # Hypercall fast path: a 32-bit `out` to port 0x500. Direction, size and port
+                # are the first four bytes of the io exit: one read tests all three. (A
+                # `rep outsd` to the port is taken as one hypercall with its first dword.)
+                if reason == exit_io and u32[io_word] == hc_out32:
                     t_exit = now() if not n & sample_mask or n < exact_first else 0
                     hc_stats.writes += 1
                     nr = u32[u64[io_data_offset] >> 2]
@@ -266,6 +263,8 @@ class Vcpu:
                         hc_stats.timed += 1
                     continue
                 t_exit = now()
+                if trace:
+                    self._trace(reason)
                 if reason == exit_io:
                     stop = port_io()
                     if stop is not None:
@@ -304,9 +303,10 @@ class Vcpu:
         else:
             ps.reads += 1
         try:
-            if port == HC_PORT and out and count == 1:
-                # An 8- or 16-bit hypercall (mode-neutral code); the 32-bit ones take the fast path.
-                return self._hypercall(int.from_bytes(data, "little"))
+            if port == HC_PORT and out:
+                # An 8- or 16-bit hypercall (mode-neutral code), or any hypercall while tracing
+                # or yielding on I/O; otherwise 32-bit ones take the fast path.
+                return self._hypercall(int.from_bytes(data[:size], "little"))
             if entry is None:
                 if port == FAULT_PORT and out:
                     return self._check_fault_stub()
