@@ -1,4 +1,4 @@
-"""Controlling a vCPU from outside its run loop: yielding on I/O."""
+"""Controlling a vCPU from outside its run loop: yielding on I/O, withdrawing a pause."""
 
 from __future__ import annotations
 
@@ -43,3 +43,28 @@ def test_without_yield_on_io_the_same_guest_runs_to_its_stop(assemble, kvm):
         m.load(load_raw(assemble(THREE_IO_EXITS)))
         stop = m.vcpu.run()
         assert stop.reason is StopReason.EXIT and stop.exit_code == 2
+
+
+@pytest.mark.kvm
+def test_cancel_pause_withdraws_a_pending_pause(assemble, kvm):
+    with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
+        m.load(load_raw(assemble(THREE_IO_EXITS)))
+        vcpu = m.vcpu
+        assert vcpu.cancel_pause() is False
+        vcpu.request_pause()
+        assert vcpu.cancel_pause() is True
+        assert vcpu.fd.run_struct.immediate_exit == 0
+        stop = vcpu.run()  # not paused at once: the guest runs to its exit
+        assert stop is not None and stop.reason is StopReason.EXIT
+
+
+@pytest.mark.kvm
+def test_cancel_pause_leaves_a_requested_stop_alone(assemble, kvm):
+    with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
+        m.load(load_raw(assemble(THREE_IO_EXITS)))
+        vcpu = m.vcpu
+        vcpu.request_pause()
+        vcpu.request_stop(StopReason.INTERRUPTED, "host says stop")
+        vcpu.cancel_pause()
+        stop = vcpu.run()
+        assert stop.reason is StopReason.INTERRUPTED and stop.message == "host says stop"
