@@ -241,7 +241,7 @@ def test_display_ticks_pause_without_switching(example, machines):
     result = Scheduler(vms, "on-io").run(0.4, on_tick=ticks.append, tick_interval=0.05)
     assert len(ticks) >= 3
     assert result.switches == 0 and result.vms[1].progress == 0
-    assert [t.vms[0].host_s for t in ticks] == sorted(t.vms[0].host_s for t in ticks)
+    assert [t.vms[0].cpu_s for t in ticks] == sorted(t.vms[0].cpu_s for t in ticks)
 
 
 @pytest.mark.kvm

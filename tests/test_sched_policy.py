@@ -195,7 +195,7 @@ def test_samples_keep_exact_mean_and_bounded_memory():
 
 def test_timeline_shares():
     tl = Timeline([0.1, 0.2], [[0.0, 3.0], [0.0, 1.0]], [[0, 0], [0, 0]])
-    assert tl.shares(tl.host_s) == [[None, 0.75], [None, 0.25]]
+    assert tl.shares(tl.cpu_s) == [[None, 0.75], [None, 0.25]]
 
 
 # --- the progress page ---------------------------------------------------------------------------

@@ -51,10 +51,10 @@ class Samples:
 
 @dataclass
 class Timeline:
-    """Cumulative host time (s) and progress of every VM, sampled while the schedule runs."""
+    """Cumulative host CPU time (s) and progress of every VM, sampled while the schedule runs."""
 
     t_s: list[float] = field(default_factory=list)
-    host_s: list[list[float]] = field(default_factory=list)
+    cpu_s: list[list[float]] = field(default_factory=list)
     progress: list[list[int]] = field(default_factory=list)
 
     def shares(self, series: list[list[float]] | list[list[int]]) -> list[list[float | None]]:
@@ -73,14 +73,15 @@ class VMReport:
     image: str | None
     weight: float
     target_share: float
-    #: Host time the VM held the CPU: inside Vcpu.run(), i.e. KVM_RUN plus the handling of the
-    #: VM's own exits (threads policy: the vCPU thread's CPU time).
+    #: Host-clock time inside Vcpu.run() for this VM: KVM_RUN plus the handling of its own exits
+    #: (threads policy: the vCPU thread's whole time in run(), waiting for the CPU included).
     host_s: float
     #: The part of host_s inside KVM_RUN (host_s minus the VMM's time on the VM's exits).
     kvm_run_s: float
-    #: CPU time of the host thread while it ran this VM (differs from host_s when the host
-    #: took the CPU away from the scheduler).
+    #: Host CPU time spent running the VM (the thread's CPU clock around its slices; threads
+    #: policy: the vCPU thread's CPU time). Below host_s when the host lent the CPU to others.
     cpu_s: float
+    #: The VM's share of the host CPU time all VMs got (cpu_s over their sum).
     host_share: float | None
     progress: int | None
     progress_share: float | None
@@ -138,6 +139,9 @@ class ScheduleResult:
     switch_cost_us_mean: float | None
     #: Median time from a slice's timer expiring to KVM_RUN returning to the scheduler.
     exit_latency_us: float | None
+    #: Host CPU time of the whole schedule: the VMs' slices and, on one thread, the
+    #: scheduler's own work between them.
+    cpu_total_s: float
     cpu: int | None
     interrupted: bool = False
     timeline: Timeline = field(default_factory=Timeline, repr=False)
@@ -163,6 +167,7 @@ class ScheduleResult:
             "switch_cost_us_mean": _r(self.switch_cost_us_mean, 2),
             "exit_latency_us": _r(self.exit_latency_us, 2),
             "switches": self.switches,
+            "cpu_total_s": _r(self.cpu_total_s),
             "cpu": self.cpu,
             "interrupted": self.interrupted,
         }
@@ -190,7 +195,7 @@ class ScheduleResult:
             "progress\nshare",
             "switches",
             "mean\nswitch",
-            "host\ntime",
+            "CPU\ntime",
         ):
             table.add_column(col, justify="right", no_wrap=True)
         table.add_column("state")
@@ -205,7 +210,7 @@ class ScheduleResult:
                 _pct(v.progress_share),
                 str(v.switches),
                 f"{v.switch_cost_us_mean:.1f} µs" if v.switch_cost_us_mean is not None else "–",
-                f"{v.host_s:.3f} s",
+                f"{v.cpu_s:.3f} s",
                 state,
             )
         return table
@@ -274,7 +279,7 @@ def plot(result: ScheduleResult, path: str | Path) -> Path:
         p if v.progress is not None else [0] * len(p)
         for v, p in zip(result.vms, tl.progress, strict=True)
     ]
-    panels = [("host time", tl.shares(tl.host_s))]
+    panels = [("host CPU time", tl.shares(tl.cpu_s))]
     if has_progress:
         panels.append(("guest progress", tl.shares(prog_series)))
     colors = [f"C{i % 10}" for i in range(len(result.vms))]

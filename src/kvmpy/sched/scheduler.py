@@ -14,10 +14,11 @@ EINTR), so even a guest that never exits gives the CPU back. `threads` runs each
 own host thread, all pinned to one CPU, and leaves the choice to the host's scheduler (CFS or
 EEVDF), with the weights turned into nice values: the baseline.
 
-Accounting, per VM: host time (the host clock around each `Vcpu.run()`), the part of it inside
-KVM_RUN, the thread's CPU time, the guest's own progress counter (kvmpy.sched.progress),
-slices and switches; per switch, the time from the preemption (the timer's expiry, or the
-VM's exit) to the next VM's entry.
+Accounting, per VM: host CPU time (the thread's CPU clock around each slice: what shares are
+computed from and what the weighted policy charges), host-clock time inside `Vcpu.run()` and
+the part of it inside KVM_RUN, the guest's own progress counter (kvmpy.sched.progress), slices
+and switches; per switch, the time from the preemption (the timer's expiry, or the VM's exit)
+to the next VM's entry. docs/sched.md defines every figure.
 
 Signals are process-wide and Python runs their handlers in the main thread, so the scheduler
 runs in the main thread (it raises SchedError elsewhere), owns SIGALRM and ITIMER_REAL while
@@ -194,6 +195,7 @@ class Scheduler:
         self._interrupted = False
         self._ending = False
         self._t_start = 0
+        self._cpu_start = self._cpu_total = 0
         self._timeline = Timeline()
         self._sample_ns = int(SAMPLE_INTERVAL * 1e9)
         self._switch_cost = Samples()
@@ -269,9 +271,11 @@ class Scheduler:
                 end = self._run_threads(length, on_tick, tick_ns)
             else:
                 stack.enter_context(self._single_thread_setup())
+                self._cpu_start = time.thread_time_ns()
                 self._t_start = time.perf_counter_ns()
                 deadline = self._t_start + length if length is not None else None
                 end = self._run_one_thread(deadline, on_tick, tick_ns)
+                self._cpu_total = time.thread_time_ns() - self._cpu_start
         self._sample(end)
         return self._result(end, duration)
 
@@ -330,7 +334,7 @@ class Scheduler:
             counts = vcpu.stats.counts
             switched = prev is not None and i != prev
             first = True
-            ran = 0
+            ran = used = 0
             by_timer = False
             expiry = 0
             slice_end = None if quantum is None else now() + quantum
@@ -369,7 +373,7 @@ class Scheduler:
                     setitimer(ITIMER_REAL, 0)
                 vcpu.cancel_pause()  # a signal that landed after run() returned
                 ran += t_ret - t_enter
-                vm.cpu_ns += c1 - c0
+                used += c1 - c0
                 if stop is not None:
                     vm.stop = stop
                     vm.stopped_at_ns = t_ret - start
@@ -396,8 +400,11 @@ class Scheduler:
             if first:
                 break  # interrupted before the slice began
             vm.host_ns += ran
+            vm.cpu_ns += used
             vm.slices += 1
-            picker.charge(i, ran, runnable)
+            # CPU time, not wall time: if the host lends our CPU to another process during a
+            # slice, the VM is charged only for what it got.
+            picker.charge(i, used, runnable)
             if vm.stop is not None:
                 runnable.remove(i)
             prev = i
@@ -489,6 +496,7 @@ class Scheduler:
             barrier.wait(timeout=30)
             ctxt0 = _ctxt_switches()
             c0 = vm.cpu_start_ns = time.thread_time_ns()
+            t0 = time.perf_counter_ns()
             try:
                 while not self._ending:
                     stop = vcpu.run()
@@ -497,7 +505,8 @@ class Scheduler:
                         vm.stopped_at_ns = time.perf_counter_ns() - self._t_start
                         break
             finally:
-                vm.cpu_ns = vm.host_ns = time.thread_time_ns() - c0
+                vm.cpu_ns = time.thread_time_ns() - c0
+                vm.host_ns = time.perf_counter_ns() - t0
                 vm.ctxt_switches = vm.switches = _ctxt_switches() - ctxt0
         except BaseException as e:  # reported by the main thread
             vm.error = e
@@ -506,30 +515,36 @@ class Scheduler:
             except threading.BrokenBarrierError:
                 pass
 
-    def _thread_cpu_ns(self, vm: _VM) -> int:
+    # --- figures -------------------------------------------------------------------------------
+
+    def _cpu_ns(self, vm: _VM) -> int:
+        """Host CPU time spent running the VM so far (of a vCPU thread that is still running,
+        read from its CPU clock)."""
         t = vm.thread
         if t is not None and t.is_alive() and vm.cpu_clock is not None and vm.cpu_start_ns:
             try:
                 return time.clock_gettime_ns(vm.cpu_clock) - vm.cpu_start_ns
             except OSError:
                 pass
+        return vm.cpu_ns
+
+    def _host_ns(self, vm: _VM, t: int) -> int:
+        """Host-clock time the VM spent inside Vcpu.run() so far."""
+        th = vm.thread
+        if th is not None and th.is_alive() and self.policy is Policy.THREADS:
+            return t - self._t_start
         return vm.host_ns
-
-    # --- figures -------------------------------------------------------------------------------
-
-    def _host_ns(self, vm: _VM) -> int:
-        return self._thread_cpu_ns(vm) if self.policy is Policy.THREADS else vm.host_ns
 
     def _sample(self, t: int) -> None:
         tl = self._timeline
         tl.t_s.append((t - self._t_start) / 1e9)
         for vm in self._vms:
-            tl.host_s[vm.index].append(self._host_ns(vm) / 1e9)
+            tl.cpu_s[vm.index].append(self._cpu_ns(vm) / 1e9)
             tl.progress[vm.index].append(vm.progress() or 0)
         if len(tl.t_s) > MAX_SAMPLES:
             # Thin out by half and sample half as often: bounded memory however long the run.
             tl.t_s[:] = tl.t_s[::2]
-            for series in (*tl.host_s, *tl.progress):
+            for series in (*tl.cpu_s, *tl.progress):
                 series[:] = series[::2]
             self._sample_ns *= 2
 
@@ -539,13 +554,14 @@ class Scheduler:
     def _result(self, end: int, duration: float | None, live: bool = False) -> ScheduleResult:
         threads = self.policy is Policy.THREADS
         targets = target_shares(self.policy, self.weights)
-        host = [self._host_ns(vm) for vm in self._vms]
-        host_total = sum(host)
+        cpu = [self._cpu_ns(vm) for vm in self._vms]
+        cpu_total = sum(cpu)
         progress = [vm.progress() for vm in self._vms]
         prog_total = sum(p for p in progress if p is not None)
         reports = []
-        for vm, h, p, target in zip(self._vms, host, progress, targets, strict=True):
+        for vm, c, p, target in zip(self._vms, cpu, progress, targets, strict=True):
             vmm = max(0.0, vm.vcpu.stats.est_total_vmm_ns - vm.vmm_start_ns)
+            h = self._host_ns(vm, end)
             stop = vm.stop
             reports.append(
                 VMReport(
@@ -555,8 +571,8 @@ class Scheduler:
                     target_share=target,
                     host_s=h / 1e9,
                     kvm_run_s=max(0.0, h - vmm) / 1e9,
-                    cpu_s=(self._thread_cpu_ns(vm) if threads else vm.cpu_ns) / 1e9,
-                    host_share=h / host_total if host_total else None,
+                    cpu_s=c / 1e9,
+                    host_share=c / cpu_total if cpu_total else None,
                     progress=p,
                     progress_share=(p / prog_total if prog_total else None)
                     if p is not None
@@ -574,6 +590,7 @@ class Scheduler:
                 )
             )
         sc, el = self._switch_cost, self._exit_latency
+        cpu_all = cpu_total if threads or live else self._cpu_total
         return ScheduleResult(
             policy=self.policy.value,
             quantum_s=self.quantum if self.policy in (Policy.TIMER, Policy.WEIGHTED) else None,
@@ -583,6 +600,7 @@ class Scheduler:
             switch_cost_us=None if sc.median is None else sc.median / 1e3,
             switch_cost_us_mean=None if sc.mean is None else sc.mean / 1e3,
             exit_latency_us=None if el.median is None else el.median / 1e3,
+            cpu_total_s=cpu_all / 1e9,
             cpu=self.cpu,
             interrupted=self._interrupted,
             timeline=self._timeline if not live else Timeline(),
