@@ -145,3 +145,31 @@ def test_vm_argument(tmp_path):
     odd.write_bytes(b"")
     assert _vm_arg(str(odd)) == VmArg(str(odd), 1.0)  # an existing file wins over IMAGE:WEIGHT
     assert _vm_arg(f"{odd}:2") == VmArg(str(odd), 2.0)
+
+
+@pytest.mark.kvm
+def test_live_view_draws_every_vm(gcc_available, kvm):
+    import io
+
+    from rich.console import Console
+
+    from kvmpy.cli.sched import _LiveView
+    from kvmpy.machine import Machine, MachineConfig
+    from kvmpy.sched import Scheduler
+    from kvmpy.sdk.examples import find_example
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=100)
+    with (
+        Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as a,
+        Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as b,
+    ):
+        a.load_file(find_example("neo").build())
+        b.load_file(find_example("spin").build())
+        with _LiveView(console, 0.3) as live:
+            Scheduler([a, b], "timer", names=["[bold]neo", "spin"]).run(
+                0.3, on_tick=live.update, tick_interval=0.05
+            )
+    text = out.getvalue()
+    assert "timer:" in text and "/ 0.3 s" in text
+    assert "[bold]neo" in text and "spin" in text  # names are text, not markup

@@ -276,6 +276,7 @@ class _LiveView:
     def render(self, snap):
         from rich.progress_bar import ProgressBar
         from rich.table import Table
+        from rich.text import Text
 
         total = f" / {self.duration:g} s" if self.duration else ""
         table = Table(
@@ -291,7 +292,7 @@ class _LiveView:
         for v in snap.vms:
             share = v.host_share or 0.0
             table.add_row(
-                v.name,
+                Text(v.name),
                 f"{v.target_share * 100:.1f} %",
                 ProgressBar(total=1.0, completed=share, width=24),
                 f"{share * 100:.1f} %",

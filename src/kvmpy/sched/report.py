@@ -177,6 +177,7 @@ class ScheduleResult:
     def rich_table(self, title: str | None = None):
         from rich import box
         from rich.table import Table
+        from rich.text import Text
 
         q = f", quantum {format_seconds(self.quantum_s)}" if self.quantum_s else ""
         table = Table(
@@ -204,7 +205,7 @@ class ScheduleResult:
             if v.state != "running" and v.stopped_at_s is not None:
                 state = f"{v.state} at {v.stopped_at_s:.2f} s"
             table.add_row(
-                v.name,
+                Text(v.name),  # a file name, not rich markup
                 _pct(v.target_share),
                 _pct(v.host_share),
                 _pct(v.progress_share),

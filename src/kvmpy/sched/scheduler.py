@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -103,7 +104,9 @@ class _VM:
         self.switches = 0
         self.switch_ns = 0
         self.progress_start = self.counter.read() if self.counter else 0
-        self.vmm_start_ns = self.vcpu.stats.est_total_vmm_ns
+        # Raw sums, not ExitStats' estimate: during a schedule every exit is timed
+        # (exact_timing), so the difference is exactly the VMM's time on this run's exits.
+        self.vmm_start_ns = sum(self.vcpu.stats.vmm_ns)
         # threads policy
         self.nice: int | None = None
         self.thread: threading.Thread | None = None
@@ -124,7 +127,7 @@ class Scheduler:
     `vms` are Machines (with images loaded) or SchedVMs; `weights` (or each SchedVM's weight)
     matter to the `weighted` and `threads` policies; `quantum` (seconds) is the slice length
     of `timer` and `weighted`; `cpu` is the host CPU everything is pinned to (default: the
-    last one this process may use; None in a SchedVM list means the same).
+    last one this process may use; `pin=False`: no pinning).
     """
 
     def __init__(
@@ -260,6 +263,8 @@ class Scheduler:
         self._sample_ns = int(SAMPLE_INTERVAL * 1e9)
         self._switch_cost = Samples()
         self._exit_latency = Samples()
+        if on_tick is not None and not tick_interval > 0:
+            raise SchedError(f"the tick interval must be positive (got {tick_interval!r})")
         tick_ns = int(tick_interval * 1e9) if on_tick else None
         with ExitStack() as stack:
             if handle_sigint:
@@ -560,7 +565,7 @@ class Scheduler:
         prog_total = sum(p for p in progress if p is not None)
         reports = []
         for vm, c, p, target in zip(self._vms, cpu, progress, targets, strict=True):
-            vmm = max(0.0, vm.vcpu.stats.est_total_vmm_ns - vm.vmm_start_ns)
+            vmm = max(0, sum(vm.vcpu.stats.vmm_ns) - vm.vmm_start_ns)
             h = self._host_ns(vm, end)
             stop = vm.stop
             reports.append(
@@ -618,17 +623,18 @@ def nice_values(weights: Sequence[float]) -> list[int]:
     return out
 
 
+# A bundled example's cached build: NAME-MODE-HASH.elf (kvmpy.sdk.examples).
+_EXAMPLE_BUILD = re.compile(r"^(.+)-(?:real|protected|paged32|long|long-user)-[0-9a-f]{16}$")
+
+
 def _default_name(machine: Machine, index: int) -> str:
+    """The image's file name without its suffix (an example's name for a bundled one)."""
     image = machine.image
-    if image is not None and image.path:
-        base = os.path.basename(image.path)
-        stem = base.split(".")[0] or base
-        # Bundled examples are cached as NAME-MODE-HASH.elf: show NAME.
-        for mode in ("-long-user-", "-long-", "-protected-", "-paged32-", "-real-"):
-            if mode in stem:
-                return stem.split(mode)[0]
-        return stem
-    return f"vm{index}"
+    if image is None or not image.path:
+        return f"vm{index}"
+    stem = os.path.basename(image.path).split(".")[0] or f"vm{index}"
+    m = _EXAMPLE_BUILD.match(stem)
+    return m.group(1) if m else stem
 
 
 def _ctxt_switches() -> int:
