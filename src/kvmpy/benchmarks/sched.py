@@ -327,6 +327,8 @@ def plot(doc: dict, path: Path) -> None:
     ax2.set_ylabel("µs")
     ax2.set_xlabel("quantum (ms)")
     ax2.set_xscale("log")
+    ax2.set_xticks(qs, [f"{q:g}" for q in qs])
+    ax2.minorticks_off()
     ax2.legend(fontsize="small")
     ax2.grid(alpha=0.3)
     ax1.set_title(f"kvmpy bench sched: weighted 70/30, {doc['duration_s']:g} s per run")

@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
         "sched",
         help="run several VMs on one host CPU under a scheduling policy",
         description="Run several VMs (one vCPU each) on one host CPU and measure what each "
-        "gets: its share of host time and of guest progress, its switches and what a switch "
-        "costs. Policies: on-io (switch at every port-I/O exit), timer (round robin, "
+        "gets: its share of host CPU time and of guest progress, its switches and what a "
+        "switch costs. Policies: on-io (switch at every port-I/O exit), timer (round robin, "
         "preempted by a host timer), weighted (shares in proportion to the weights, "
         "deficit-based), threads (one host thread per vCPU; the host's scheduler decides). "
         "IMAGE is a file or a bundled example (neo, morpheus, spin, io-heavy...).",
