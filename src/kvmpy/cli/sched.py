@@ -226,7 +226,8 @@ def _sched(args) -> int:
         for v in result.vms:
             if v.state != "running":
                 # Plain writes: guest-controlled text (disassembly) must not meet rich markup.
-                sys.stdout.write(f"{v.name}: {v.state}: {v.message}\n")
+                when = f" at {v.stopped_at_s:.2f} s" if v.stopped_at_s is not None else ""
+                sys.stdout.write(f"{v.name}: {v.state}{when}: {v.message}\n")
         for v, data in zip(result.vms, outputs, strict=True):
             if data:
                 text = data.decode("utf-8", "replace").rstrip("\n")

@@ -201,9 +201,6 @@ class ScheduleResult:
             table.add_column(col, justify="right", no_wrap=True)
         table.add_column("state")
         for v in self.vms:
-            state = v.state
-            if v.state != "running" and v.stopped_at_s is not None:
-                state = f"{v.state} at {v.stopped_at_s:.2f} s"
             table.add_row(
                 Text(v.name),  # a file name, not rich markup
                 _pct(v.target_share),
@@ -212,7 +209,7 @@ class ScheduleResult:
                 str(v.switches),
                 f"{v.switch_cost_us_mean:.1f} µs" if v.switch_cost_us_mean is not None else "–",
                 f"{v.cpu_s:.3f} s",
-                state,
+                v.state,
             )
         return table
 
