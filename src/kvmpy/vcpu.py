@@ -134,6 +134,18 @@ class Vcpu:
         if kick:
             self.kick()
 
+    def cancel_pause(self) -> bool:
+        """Withdraw a pause that run() has not consumed yet; returns whether one was pending.
+
+        A timer signal can land just after run() returned for another reason (a stop, an I/O
+        yield); its pause would then end the vCPU's next run() at once. A scheduler that has
+        disarmed its timer calls this before the next run(). Not for signal handlers."""
+        pending = self._pause_requested
+        self._pause_requested = False
+        if self._stop_requested is None:
+            self.fd.run_struct.immediate_exit = 0
+        return pending
+
     def kick(self) -> None:
         """Interrupt KVM_RUN in the thread running this vCPU with KICK_SIGNAL.
 
@@ -261,6 +273,8 @@ class Vcpu:
                         timed[reason] += 1
                         hc_stats.time_ns += dt
                         hc_stats.timed += 1
+                    if yield_on_io:
+                        return None  # a hypercall is a port-I/O exit too
                     continue
                 t_exit = now()
                 if trace:
