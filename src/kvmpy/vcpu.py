@@ -273,8 +273,6 @@ class Vcpu:
                         timed[reason] += 1
                         hc_stats.time_ns += dt
                         hc_stats.timed += 1
-                    if yield_on_io:
-                        return None  # a hypercall is a port-I/O exit too
                     continue
                 t_exit = now()
                 if trace:
