@@ -212,10 +212,12 @@ class Machine:
         if fd.set_msrs({MSR_IA32_APIC_BASE: base}) != 1:
             raise ConfigError("KVM refused to switch the LAPIC to x2APIC mode")
         lapic = fd.get_lapic()
-        raw = bytearray(lapic.regs)
+        # Through the raw buffer: ctypes hands a c_char array field out as bytes cut at the
+        # first NUL (offset 0 of the LAPIC page is zero), so `lapic.regs` is empty.
+        raw = memoryview(lapic).cast("B")
         svr = int.from_bytes(raw[APIC_REG_SVR : APIC_REG_SVR + 4], "little")
         raw[APIC_REG_SVR : APIC_REG_SVR + 4] = (svr | APIC_SVR_ENABLE | 0xFF).to_bytes(4, "little")
-        lapic.regs = bytes(raw)
+        raw.release()
         fd.set_lapic(lapic)
 
     # --- output --------------------------------------------------------------------------------
