@@ -49,7 +49,10 @@ def add_parser(sub) -> None:
         help="shm-irq: sleep in hlt until the doorbell (default) or spin on the interrupt count",
     )  # fmt: skip
     p.add_argument(
-        "--shm-size", default="1M", metavar="SIZE", help="shared region size (default 1M)"
+        "--shm-size",
+        default="2M",
+        metavar="SIZE",
+        help="shared region size; two rings get the largest power of two that fits (default 2M)",
     )
     p.add_argument(
         "--vectors", type=positive_int, default=2, help="doorbell vectors per peer (2-4)"

@@ -176,8 +176,18 @@ def _nonzero(layers: dict) -> dict:
 # --- the report -------------------------------------------------------------------------------
 
 
+def ring_size(doc: dict) -> int:
+    for r in _ok(doc.get("throughput", [])):
+        if r["options"]["ring_size"]:
+            return r["options"]["ring_size"]
+    return 0
+
+
 def render(doc: dict, images: list[str]) -> str:
     h = doc["host"]
+    ring = ring_size(doc)
+    shm = next((r["options"]["shm_size"] for r in _ok(doc.get("throughput", []))
+                if r["options"]["shm_size"]), 0)  # fmt: skip
     refs = doc["references"]
     ert = refs["exit_round_trip"]
     thr = _ok(doc.get("throughput", []))
@@ -247,7 +257,7 @@ def render(doc: dict, images: list[str]) -> str:
         "byte against it and a Fletcher checksum against its closed form, and the VMMs count "
         "the bytes that went through the ring or the relay.")  # fmt: skip
     add("- Each VM: 32 MiB of RAM, long-user mode (the guest runs at CPL3), the example guests "
-        "`ipc-pio` and `ipc-shm`; shared region 1 MiB (two rings of 256 KiB).")  # fmt: skip
+        f"`ipc-pio` and `ipc-shm`; shared region {_size(shm)} (two rings of {_size(ring)}).")  # fmt: skip
     add("")
     add("## 3. The mechanisms and their data paths")
     add("")
@@ -339,7 +349,7 @@ def render(doc: dict, images: list[str]) -> str:
     add("")
     ft = [r["first_touch_seconds"] for r in thr if r["mechanism"] == "shm-poll"]
     if ft:
-        add(f"First touch of the 2 × 256 KiB of rings (before the runs): "
+        add(f"First touch of the 2 × {_size(ring)} of rings (before the runs): "
             f"{_t(ft[0]['sender'])} in the sender, {_t(ft[0]['receiver'])} in the receiver.")  # fmt: skip
         add("")
     add("## 6. Latency")
@@ -527,7 +537,7 @@ def render_discussion(doc: dict) -> str:
         text = ("**shm-poll runs at cache speed.** Neither VMM nor KVM is involved once the "
                 "region is mapped: the sender writes the pattern into the ring, the receiver's "
                 "CPU pulls the cache lines across, and the only synchronization is a store and "
-                "a load of an index on its own cache line. The 256 KiB rings stay in the CPUs' "
+                f"a load of an index on its own cache line. The {_size(ring_size(doc))} rings stay in the CPUs' "
                 "caches, while a 1 GiB host memcpy reads and writes DRAM; shm-poll moved 1 GiB "
                 f"at {_pct(poll['ratio_to_memcpy'])} of that memcpy.")  # fmt: skip
         if key in bd:
