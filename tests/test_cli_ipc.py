@@ -78,3 +78,28 @@ def test_ipc_bad_arguments_are_one_line_errors(args):
 def test_ipc_needs_a_known_mechanism():
     r = kvmpy("ipc", "--mechanism", "smoke-signals")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("mechanism", ["pio", "shm-poll", "shm-irq"])
+def test_ipc_runs_a_users_guest_in_both_vms(mechanism):
+    r = kvmpy("ipc", "--guest", "ipc-hello", "--mechanism", mechanism)
+    assert r.returncode == 0, r.stderr
+    assert "[sender] peer 0 got: hello back from peer 1" in r.stdout
+    assert f"[receiver] peer 1 got: hello from peer 0 over {mechanism}" in r.stdout
+
+
+@pytest.mark.kvm
+def test_ipc_user_guest_that_faults_is_reported(tmp_path):
+    src = tmp_path / "bad.c"
+    src.write_text(
+        "#include <kvmpy.h>\n#include <kvmpy/ipc.h>\n"
+        "int main(void) { if (kvmpy_ipc_info()->peer_id == 1) *(volatile int *)0x7fffffff0 = 1;"
+        " return 0; }\n"
+    )
+    elf = tmp_path / "bad.elf"
+    assert kvmpy("build", str(src), "-o", str(elf), "--mode", "long-user").returncode == 0
+    r = kvmpy("ipc", "--guest", str(elf), "--mechanism", "shm-poll")
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("kvmpy: error: the receiver VMM") and "page fault" in last

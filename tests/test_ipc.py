@@ -68,6 +68,7 @@ def test_coalescing_saves_exits():
     plain = run(PIO, 4096, pio_width=PioWidth.DWORD, pio_coalesce=False)
     ring = run(PIO, 4096, pio_width=PioWidth.DWORD)
     assert plain["checksum_ok"] and ring["checksum_ok"]
+    assert ring["options"]["pio_coalesced"] and not plain["options"]["pio_coalesced"]
     # One exit per dword without it; one per ~170 dwords (KVM's ring) with it.
     assert plain["userspace_exits_by_side"]["sender"] >= 1024
     assert ring["userspace_exits_by_side"]["sender"] < 1024 // 100

@@ -63,6 +63,11 @@ def add_parser(sub) -> None:
     )
     pin.add_argument("--no-pin", action="store_true", help="leave the VMMs unpinned")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long")
+    p.add_argument(
+        "--guest", metavar="IMAGE",
+        help="instead of measuring, run IMAGE (a guest built with kvmpy/ipc.h, or a bundled "
+        "example such as ipc-hello) as both VMs and print what each prints",
+    )  # fmt: skip
     p.set_defaults(func=cmd_ipc)
 
 
@@ -107,6 +112,8 @@ def cmd_ipc(args) -> int:
     from ..ipc.bench import run_ipc, with_reference
 
     opts = options_from_args(args)
+    if args.guest:
+        return run_user_guest(opts, args)
     try:
         result = with_reference(opts, run_ipc(opts))
     except KeyboardInterrupt:
@@ -117,6 +124,29 @@ def cmd_ipc(args) -> int:
     else:
         print_result(result)
     return 0 if result["checksum_ok"] else 1
+
+
+def run_user_guest(opts, args) -> int:
+    from ..arch.x86.modes import Mode
+    from ..ipc.bench import run_guest
+    from .run import resolve_image
+
+    path, _mode = resolve_image(args.guest, Mode.LONG_USER)
+    try:
+        result = run_guest(opts, str(path))
+    except KeyboardInterrupt:
+        print("kvmpy: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        sys.stdout.write(json.dumps({"mechanism": opts.mechanism.label, **result}) + "\n")
+    else:
+        for role in ("sender", "receiver"):
+            r = result[role]
+            for line in r["output"].splitlines():
+                print(f"[{role}] {line}")
+            print(f"[{role}] (peer {r['peer_id']}) exit code {r['exit_code']}, "
+                  f"{r['userspace_exits']} userspace exits", file=sys.stderr)  # fmt: skip
+    return max(result[role]["exit_code"] & 0xFF for role in result)
 
 
 def _rate(bps: float) -> str:

@@ -15,7 +15,7 @@ import json
 import os
 import statistics
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..benchmarks import BenchmarkError, build_c
 from ..errors import ConfigError
@@ -179,6 +179,29 @@ def run_ipc(opts: IpcOptions) -> dict:
     return summarize(opts, raw["sender"], raw["receiver"])
 
 
+def run_guest(opts: IpcOptions, image: str) -> dict:
+    """Run a user's guest (built with kvmpy/ipc.h) as both sender and receiver, connected by
+    `opts.mechanism`; no measurement. Returns each side's stop, exit code and output."""
+    opts = replace(opts, images={"sender": image, "receiver": image}).validated()
+    raw = Session(
+        specs_for(opts),
+        same_process=opts.same_process,
+        start_timeout=opts.start_timeout,
+        timeout=opts.timeout or 120.0,
+        any_exit_code=True,
+    ).run()
+    return {
+        role: {
+            "peer_id": r["peer_id"],
+            "stop_reason": r["stop_reason"],
+            "exit_code": r["exit_code"],
+            "output": r["output"],
+            "userspace_exits": r["stats"]["total"],
+        }
+        for role, r in raw.items()
+    }
+
+
 def _ticks_to_s(ticks: float, khz: int) -> float:
     return ticks / (khz * 1e3)
 
@@ -260,6 +283,8 @@ def summarize(opts: IpcOptions, s: dict, r: dict) -> dict:
         options={
             "pio_width": opts.pio_width.label,
             "pio_coalesce": opts.pio_coalesce,
+            # What KVM granted: coalescing needs KVM_CAP_COALESCED_PIO.
+            "pio_coalesced": bool(s.get("pio_coalesced")),
             "wait_mode": opts.wait_mode.name.lower(),
             "shm_size": opts.shm_size if opts.mechanism.shared_memory else 0,
             "ring_size": SharedLayout.for_size(opts.shm_size).ring_size

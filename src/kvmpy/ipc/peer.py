@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from ..devices import Device
 from ..errors import KvmError, KvmpyError
-from ..kvm.constants import ExitReason
+from ..kvm.constants import Cap, ExitReason
 from ..loader import load_file
 from ..result import StopReason
 from . import doorbell
@@ -214,7 +214,8 @@ class Peer:
         if self.mechanism is Mechanism.PIO:
             relay_sock = socket.socket(fileno=self.fds.pop("relay"))
             self.relay = Relay(relay_sock, spec.io_timeout, self.abort_fd)
-            if spec.pio_coalesce:
+            # Without KVM_CAP_COALESCED_PIO (Linux < 4.20) every `out` exits; still correct.
+            if spec.pio_coalesce and m.kvm.check_extension(Cap.COALESCED_PIO):
                 m.vm.register_coalesced_mmio(PORT_DATA, 4, pio=True)
                 page = fd.run_view[2 * 4096 : 3 * 4096]
                 self.ring = CoalescedRing(page, PORT_DATA)
@@ -426,6 +427,7 @@ class Peer:
             "stats": m.vcpu.stats.to_dict(),
             "elapsed_s": elapsed,
             "doorbells_unmatched": self.doorbells.unmatched,
+            "pio_coalesced": self.ring is not None,
             "coalesced_stray": self.ring.stray if self.ring is not None else 0,
             "pio_stray": self.data_port.stray if self.data_port is not None else 0,
         }

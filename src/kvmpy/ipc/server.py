@@ -101,8 +101,11 @@ class Session:
         same_process: bool = False,
         start_timeout: float = START_TIMEOUT,
         timeout: float = 600.0,
+        any_exit_code: bool = False,
     ):
         self.specs = specs
+        #: A guest that exits with a nonzero code is a result, not a failure (user guests).
+        self.any_exit_code = any_exit_code
         self.mechanism = Mechanism.parse(specs["sender"].mechanism)
         self.same_process = same_process
         self.start_timeout = start_timeout
@@ -251,7 +254,9 @@ class Session:
             h.result = msg
             if msg.get("error"):
                 self._fail(h, f"stopped: {msg['error']}", started=True, result=msg)
-            elif msg.get("stop_reason") != "exit" or msg.get("exit_code") != 0:
+            elif msg.get("stop_reason") != "exit" or (
+                msg.get("exit_code") != 0 and not self.any_exit_code
+            ):
                 why = msg.get("message") or msg.get("stop_reason")
                 code = msg.get("guest_error") or 0
                 if code:
@@ -268,7 +273,8 @@ class Session:
     ) -> None:
         """Stop the other peer(s), wait briefly for their reports, raise one clear error."""
         others = [x for x in self.peers.values() if x is not h and x.result is None]
-        reason = f"{h.describe()} {what}" if h is not None else what
+        sep = "" if what.startswith("'") else " "
+        reason = f"{h.describe()}{sep}{what}" if h is not None else what
         for o in others:
             try:
                 o.link.send({"op": "abort", "reason": f"stopped because {reason}"})
