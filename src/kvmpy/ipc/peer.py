@@ -38,6 +38,7 @@ from .layout import (
     INFO_RUNS,
     INFO_RUNS_DONE,
     INFO_SIZE,
+    MASK64,
     MAX_GUEST_RAM,
     MAX_SAMPLES,
     PORT_DATA,
@@ -301,7 +302,8 @@ class Peer:
             # VMM time of the window's exits; the barrier exit's own time (mostly waiting for
             # the peer) lands in it and is taken out.
             "vmm_io_ns": max(0, stats.vmm_ns[io] - w.io_ns0 - w.barrier_ns),
-            **{k: c1[k] - w.counters0.get(k, 0) for k in c1},
+            # Ring indices run modulo 2^64 like the guest's; the other counters are ours.
+            **{k: (c1[k] - w.counters0.get(k, 0)) & MASK64 for k in c1},
         }
 
     # --- monitoring (its own thread) ---------------------------------------------------------

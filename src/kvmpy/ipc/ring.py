@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 
 from .control import IpcError
-from .layout import RING_HEAD, RING_TAIL
+from .layout import MASK64, RING_HEAD, RING_TAIL
 
 _U64 = struct.Struct("<Q")
 
@@ -48,13 +48,13 @@ class Ring:
         return _U64.unpack_from(self.ctl, RING_TAIL)[0]
 
     def indices(self) -> tuple[int, int]:
-        """(head, tail), checked: 0 <= head - tail <= size."""
+        """(head, tail), checked: 0 <= head - tail <= size, modulo 2^64."""
         # Tail first: the consumer only moves it towards the head, so a head read after it
         # is never behind it in an honest ring.
         tail = self.tail
         head = self.head
-        used = head - tail
-        if not 0 <= used <= self.size:
+        used = (head - tail) & MASK64  # indices wrap at 2^64, as in the guest's C
+        if used > self.size:
             raise RingCorrupt(
                 f"{self.name}: impossible indices head={head:#x} tail={tail:#x} "
                 f"(ring of {self.size} bytes)"
@@ -63,25 +63,25 @@ class Ring:
 
     def used(self) -> int:
         head, tail = self.indices()
-        return head - tail
+        return (head - tail) & MASK64
 
     def read(self, limit: int) -> bytes:
         """Consume up to `limit` bytes (as the ring's consumer)."""
         head, tail = self.indices()
-        n = min(head - tail, max(0, limit))
+        n = min((head - tail) & MASK64, max(0, limit))
         out = self._copy_out(tail, n)
-        _U64.pack_into(self.ctl, RING_TAIL, tail + n)
+        _U64.pack_into(self.ctl, RING_TAIL, (tail + n) & MASK64)
         return out
 
     def write(self, data: bytes) -> int:
         """Produce as much of `data` as fits (as the ring's producer); returns the count."""
         head, tail = self.indices()
-        n = min(self.size - (head - tail), len(data))
+        n = min(self.size - ((head - tail) & MASK64), len(data))
         off = head & self.mask
         first = min(n, self.size - off)
         self.data[off : off + first] = data[:first]
         self.data[: n - first] = data[first:n]
-        _U64.pack_into(self.ctl, RING_HEAD, head + n)
+        _U64.pack_into(self.ctl, RING_HEAD, (head + n) & MASK64)
         return n
 
     def _copy_out(self, index: int, n: int) -> bytes:
