@@ -121,11 +121,15 @@ def plots(doc: dict, out: Path) -> list[Path]:
             axes = [axes]
         for ax, (title, layers) in zip(axes, panels, strict=True):
             names = list(dict.fromkeys([*layers["sender"], *layers["receiver"]]))
+            longest = max(sum(layers[side].values()) for side in ("sender", "receiver"))
+            unit, scale = (
+                ("s", 1.0) if longest >= 2 else ("ms", 1e3) if longest >= 2e-3 else ("µs", 1e6)
+            )
             shown: set[str] = set()
             for y, side in enumerate(("sender", "receiver")):
                 left = 0.0
                 for name in names:
-                    v = layers[side].get(name, 0.0) * 1e3
+                    v = layers[side].get(name, 0.0) * scale
                     if v <= 0:
                         continue
                     ax.barh(y, v, left=left, color=layer_color(name),
@@ -133,7 +137,7 @@ def plots(doc: dict, out: Path) -> list[Path]:
                     shown.add(name)
                     left += v
             ax.set_yticks([0, 1], ["sender", "receiver"])
-            ax.set_xlabel("ms per run")
+            ax.set_xlabel(f"{unit} per run")
             ax.set_title(title, fontsize=10)
             ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
