@@ -100,3 +100,13 @@ def test_lab_refuses_fewer_than_five_runs(tmp_path):
         capture_output=True, text=True, env=dict(os.environ), timeout=60,
     )  # fmt: skip
     assert r.returncode == 1 and "kvmpy: error:" in r.stderr and "at least 5" in r.stderr
+
+
+def test_lab_refuses_an_unwritable_output_before_measuring(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = subprocess.run(
+        [sys.executable, "-m", "kvmpy", "lab", "ipc", "--out", str(blocker / "sub")],
+        capture_output=True, text=True, env=dict(os.environ), timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 1 and r.stderr.startswith("kvmpy: error: cannot write to --out")

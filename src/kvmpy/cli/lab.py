@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..benchmarks import positive_int
 
-# Labs under `kvmpy lab`, in the order its help lists them: name -> (help, add_arguments, run).
+# Labs under `kvmpy lab`, in the order its help lists them; each has an `_add_<name>(labs)`
+# below that adds its subcommand.
 LABS = ["ipc"]
 
 
@@ -51,6 +52,13 @@ def cmd_lab_ipc(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
+    # Checked before minutes of measuring, not after.
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".kvmpy-write-test").touch()
+        (out / ".kvmpy-write-test").unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to --out {out}: {e.strerror}") from None
     progress = _progress() if sys.stderr.isatty() else None
     try:
         doc, files = main_study(out, args.full, args.runs, progress)
