@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import logging
 import signal
+import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from .arch.x86 import gdt as G
 from .arch.x86 import modes
 from .arch.x86.cpuid import vcpu_cpuid
 from .arch.x86.modes import BootState, Mode, SystemLayout
@@ -184,8 +186,11 @@ class Machine:
         self.load(image)
         return image
 
-    def load(self, image: Image) -> None:
-        """Put `image` in RAM, build the mode's structures around it and set the entry state."""
+    def load(self, image: Image, reserved: Sequence[tuple[int, int]] = ()) -> None:
+        """Put `image` in RAM, build the mode's structures around it and set the entry state.
+
+        kvmpy's structures also stay out of the `reserved` [start, end) ranges: memory the
+        caller gives a meaning, such as a region shared with another VM."""
         image.check_mode(self.mode)
         image.place(self.memory)
         self.image = image
@@ -193,7 +198,7 @@ class Machine:
             self.mode,
             self.memory,
             image.entry,
-            image.ranges(),
+            [*image.ranges(), *reserved],
             interrupts=self.config.irqchip,
             use_1g_pages=self.kvm.cpuid_supports_1g_pages(),
         )
@@ -212,11 +217,44 @@ class Machine:
         if fd.set_msrs({MSR_IA32_APIC_BASE: base}) != 1:
             raise ConfigError("KVM refused to switch the LAPIC to x2APIC mode")
         lapic = fd.get_lapic()
-        raw = bytearray(lapic.regs)
+        # Through the raw buffer: ctypes hands a c_char array field out as bytes cut at the
+        # first NUL (offset 0 of the LAPIC page is zero), so `lapic.regs` is empty.
+        raw = memoryview(lapic).cast("B")
         svr = int.from_bytes(raw[APIC_REG_SVR : APIC_REG_SVR + 4], "little")
         raw[APIC_REG_SVR : APIC_REG_SVR + 4] = (svr | APIC_SVR_ENABLE | 0xFF).to_bytes(4, "little")
-        lapic.regs = bytes(raw)
+        raw.release()
         fd.set_lapic(lapic)
+
+    def set_interrupt_handler(self, vector: int, address: int, *, dpl: int = 0) -> None:
+        """Point IDT vector `vector` at guest code at `address` (after `load`), in place of
+        kvmpy's stub that stops the VM.
+
+        The handler runs in ring 0 on kvmpy's code segment, through an interrupt gate (IF
+        clear on entry) and, in long modes, on the ring-0 stack of the TSS (no IST). `dpl=3`
+        lets CPL3 code reach it with a software interrupt (`int3`). A guest publishes its
+        handler's address through an ELF symbol; kvmpy installs it, because a CPL3 guest
+        cannot write its IDT (long-user maps it supervisor-only) or run `lidt`."""
+        if self.layout is None:
+            raise ConfigError("load an image before installing interrupt handlers")
+        if not 0 <= vector <= 255:
+            raise ConfigError(f"interrupt vector {vector} is outside 0..255")
+        if not 0 <= dpl <= 3:
+            raise ConfigError(f"gate DPL {dpl} is outside 0..3")
+        if not self.memory.is_ram(address):
+            raise ConfigError(f"interrupt handler address {address:#x} is not guest RAM")
+        bits = self.mode.bits
+        if bits == 64:
+            gate = G.gate64(address, modes.SEL_KCODE, dpl=dpl)
+        elif bits == 32:
+            if address >= 1 << 32:
+                raise ConfigError(f"interrupt handler address {address:#x} is above 4 GiB")
+            gate = G.gate32(address, modes.SEL_KCODE, dpl=dpl)
+        else:
+            if address >= 1 << 20:
+                raise ConfigError(f"real-mode handler address {address:#x} is above 1 MiB")
+            segment = (address >> 4) & 0xF000
+            gate = struct.pack("<HH", address - (segment << 4), segment)
+        self.memory.write(self.layout.idt + vector * len(gate), gate)
 
     # --- output --------------------------------------------------------------------------------
 

@@ -340,6 +340,10 @@ class Vcpu:
                         effect = device.write(offset, bytes(data[i * size : (i + 1) * size]))
                         if effect is not None:
                             self._apply(effect)
+            elif count > 1 and hasattr(device, "read_string"):
+                effect = device.read_string(offset, size, data)
+                if effect is not None:
+                    self._apply(effect)
             else:
                 for i in range(count):
                     value = device.read(offset, size)

@@ -39,6 +39,9 @@ class Device:
     # Optional: `write_string(offset, size, data)` takes a whole `rep outs` (count items of
     # `size` bytes in `data`) in one call and returns one effect. Without it the run loop calls
     # `write` once per item.
+    # Optional: `read_string(offset, size, data)` answers a whole `rep ins` batch (KVM hands
+    # over up to 1 KiB per exit) by filling the writable view `data` in place, and returns one
+    # effect or None. Without it the run loop calls `read` once per item.
 
     def state(self) -> dict:
         return {}

@@ -116,6 +116,9 @@ KVM_KVMCLOCK_CTRL = _IO(0xAD)
 KVM_GET_XSAVE2 = _IOR(0xCF, S.kvm_xsave)
 KVM_SET_TSC_KHZ = _IO(0xA2)
 KVM_GET_TSC_KHZ = _IO(0xA3)
+KVM_SET_DEVICE_ATTR = _IOW(0xE1, S.kvm_device_attr)
+KVM_GET_DEVICE_ATTR = _IOW(0xE2, S.kvm_device_attr)
+KVM_HAS_DEVICE_ATTR = _IOW(0xE3, S.kvm_device_attr)
 
 # Every ioctl number kvmpy uses, for the layout test.
 IOCTLS: dict[str, int] = {
@@ -265,6 +268,10 @@ KVM_CLOCK_TSC_STABLE = 2
 
 KVM_X2APIC_API_USE_32BIT_IDS = 1 << 0
 KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK = 1 << 1
+
+# vCPU device attributes (x86): the guest TSC offset, in group KVM_VCPU_TSC_CTRL.
+KVM_VCPU_TSC_CTRL = 0
+KVM_VCPU_TSC_OFFSET = 0
 
 KVM_PIO_PAGE_OFFSET = 1
 KVM_COALESCED_MMIO_PAGE_OFFSET = 2

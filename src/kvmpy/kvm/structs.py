@@ -367,6 +367,12 @@ class kvm_clock_data(Struct):
     ]
 
 
+class kvm_device_attr(Struct):
+    """KVM_{SET,GET,HAS}_DEVICE_ATTR on a device or vCPU fd; `addr` points at the value."""
+
+    _fields_ = [("flags", u32), ("group", u32), ("attr", u64), ("addr", u64)]
+
+
 class kvm_irqfd(Struct):
     _fields_ = [
         ("fd", u32),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes as C
 import os
 
+from ..errors import KvmError
 from . import constants as K
 from . import structs as S
 from ._sys import MAP_SHARED, PROT_READ, PROT_WRITE, ioctl, mmap, munmap, view
@@ -155,6 +156,34 @@ class VcpuFd:
 
     def set_tsc_khz(self, khz: int) -> None:
         ioctl(self.fd, K.KVM_SET_TSC_KHZ, khz, "KVM_SET_TSC_KHZ")
+
+    def has_device_attr(self, group: int, attr: int) -> bool:
+        try:
+            ioctl(self.fd, K.KVM_HAS_DEVICE_ATTR, S.kvm_device_attr(group=group, attr=attr))
+        except KvmError:
+            return False
+        return True
+
+    def get_device_attr_u64(self, group: int, attr: int) -> int:
+        value = C.c_uint64()
+        da = S.kvm_device_attr(group=group, attr=attr, addr=C.addressof(value))
+        ioctl(self.fd, K.KVM_GET_DEVICE_ATTR, da, "KVM_GET_DEVICE_ATTR")
+        return value.value
+
+    def set_device_attr_u64(self, group: int, attr: int, value: int) -> None:
+        v = C.c_uint64(value & 0xFFFF_FFFF_FFFF_FFFF)
+        da = S.kvm_device_attr(group=group, attr=attr, addr=C.addressof(v))
+        ioctl(self.fd, K.KVM_SET_DEVICE_ATTR, da, "KVM_SET_DEVICE_ATTR")
+
+    def get_tsc_offset(self) -> int:
+        """The guest TSC's offset from the host's (signed), KVM_VCPU_TSC_OFFSET (Linux 5.16+)."""
+        raw = self.get_device_attr_u64(K.KVM_VCPU_TSC_CTRL, K.KVM_VCPU_TSC_OFFSET)
+        return raw - (1 << 64) if raw >> 63 else raw
+
+    def set_tsc_offset(self, offset: int) -> None:
+        """Set it: with offset 0 (and no TSC scaling) `rdtsc` in the guest reads the host's
+        TSC, so every VM on the host shares one timebase."""
+        self.set_device_attr_u64(K.KVM_VCPU_TSC_CTRL, K.KVM_VCPU_TSC_OFFSET, offset)
 
     def kvmclock_ctrl(self) -> None:
         ioctl(self.fd, K.KVM_KVMCLOCK_CTRL, 0, "KVM_KVMCLOCK_CTRL")
