@@ -268,3 +268,25 @@ def test_result_json_shape(kvm):
     assert doc["stop_reason"] == "hlt" and doc["exit_code"] == 0
     assert doc["exits"] == {"hlt": 1}
     assert doc["regs"]["rip"] == 1
+
+
+@pytest.mark.kvm
+def test_mark_restored_runs_a_machine_set_up_by_hand(gcc_available, kvm):
+    """The construction path for snapshots and migrations: copy memory and registers from one
+    machine into a fresh one, mark it restored, and it runs the same guest to the same end."""
+    from kvmpy.sdk.examples import find_example
+
+    image = find_example("hello").build()
+    with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as a:
+        a.load_file(image)
+        with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as b:
+            b.memory.write(0, a.memory.read(0, 16 << 20))
+            b.vcpu.fd.set_sregs(a.vcpu.fd.get_sregs())
+            b.vcpu.fd.set_regs(a.vcpu.fd.get_regs())
+            b.mark_restored(a.layout, a.entry_ip)
+            assert b.boot.regs.rip == a.entry_ip and b.layout is a.layout
+            copy = b.run(timeout=30)
+        original = a.run(timeout=30)
+    assert copy.stop_reason is original.stop_reason is StopReason.EXIT
+    assert copy.output == original.output and b"Hello" in copy.output
+    assert b.output_bytes == a.output_bytes == len(original.output)

@@ -132,6 +132,8 @@ class Machine:
         self.entry_ip = 0
         self._output = bytearray() if capture_output else None
         self._sink = _sink(console)
+        #: Bytes the guest has output so far (a restored machine continues the count).
+        self.output_bytes = 0
         try:
             self._build()
         except BaseException:
@@ -207,6 +209,16 @@ class Machine:
         if self.config.irqchip:
             self._enable_x2apic(fd)
 
+    def mark_restored(self, layout: SystemLayout, entry_ip: int) -> None:
+        """Make the machine runnable without `load()`: the caller (kvmpy.persist, restoring a
+        snapshot or receiving a migration) has put back guest memory and the vCPU state, so
+        the vCPU goes on where it was. `layout` and `entry_ip` are what `load()` recorded in
+        the original machine; fault reports and the paged32 host check need them."""
+        self.layout = layout
+        self.entry_ip = entry_ip
+        fd = self.vcpu.fd
+        self.boot = BootState(self.mode, fd.get_regs(), fd.get_sregs(), layout)
+
     def _enable_x2apic(self, fd) -> None:
         base = APIC_DEFAULT_BASE | APIC_BASE_ENABLE | APIC_BASE_EXTD | APIC_BASE_BSP
         if fd.set_msrs({MSR_IA32_APIC_BASE: base}) != 1:
@@ -221,6 +233,7 @@ class Machine:
     # --- output --------------------------------------------------------------------------------
 
     def console_write(self, data: bytes) -> None:
+        self.output_bytes += len(data)
         if self._output is not None:
             self._output += data
         if self._sink is not None:
