@@ -13,7 +13,7 @@ from kvmpy.devices.debugcon import DebugConsole
 from kvmpy.errors import ConfigError
 from kvmpy.loader import load_raw
 from kvmpy.machine import Machine, MachineConfig, ram_layout
-from kvmpy.result import StopReason
+from kvmpy.result import Stop, StopReason
 
 # --- sans-IO devices and buses (no KVM) ------------------------------------------------------
 
@@ -271,6 +271,29 @@ def test_result_json_shape(kvm):
 
 
 @pytest.mark.kvm
+def test_on_pause_sees_a_paused_vcpu_and_can_end_the_run(assemble, kvm):
+    """run(on_pause=) hands each pause to the caller (the control channel's hook); returning
+    None goes on, a Stop ends the run."""
+    code = assemble("1: inc %rbx\n jmp 1b")
+    pauses = []
+
+    def on_pause():
+        pauses.append(m.vcpu.fd.get_regs().rbx)
+        if len(pauses) == 1:
+            threading.Timer(0.05, m.vcpu.request_pause, kwargs={"kick": True}).start()
+            return None
+        return Stop(StopReason.INTERRUPTED, 0, "ended by on_pause")
+
+    with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as m:
+        m.load(load_raw(code))
+        threading.Timer(0.05, m.vcpu.request_pause, kwargs={"kick": True}).start()
+        result = m.run(timeout=30, on_pause=on_pause)
+        assert m.vcpu.stopped.message == "ended by on_pause"
+    assert result.stop_reason is StopReason.INTERRUPTED and result.message == "ended by on_pause"
+    assert len(pauses) == 2 and 0 < pauses[0] < pauses[1] <= result.regs["rbx"]
+
+
+@pytest.mark.kvm
 def test_mark_restored_runs_a_machine_set_up_by_hand(gcc_available, kvm):
     """The construction path for snapshots and migrations: copy memory and registers from one
     machine into a fresh one, mark it restored, and it runs the same guest to the same end."""
@@ -290,3 +313,11 @@ def test_mark_restored_runs_a_machine_set_up_by_hand(gcc_available, kvm):
     assert copy.stop_reason is original.stop_reason is StopReason.EXIT
     assert copy.output == original.output and b"Hello" in copy.output
     assert b.output_bytes == a.output_bytes == len(original.output)
+
+
+def test_migrated_is_a_clean_stop():
+    from kvmpy.result import RunResult
+    from kvmpy.stats import ExitStats
+
+    r = RunResult(StopReason.MIGRATED, 0, "migrated", {}, {}, ExitStats())
+    assert StopReason.MIGRATED.ok and r.process_exit_status == 0

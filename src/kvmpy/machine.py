@@ -248,9 +248,20 @@ class Machine:
 
     # --- running -------------------------------------------------------------------------------
 
-    def run(self, timeout: float | None = None, *, handle_sigint: bool = False) -> RunResult:
+    def run(
+        self,
+        timeout: float | None = None,
+        *,
+        handle_sigint: bool = False,
+        on_pause: Callable[[], Stop | None] | None = None,
+    ) -> RunResult:
         """Run until the guest stops. `timeout` (seconds) and `handle_sigint` use signals and
-        so work from the main thread only."""
+        so work from the main thread only.
+
+        A pause (`vcpu.request_pause`) normally just re-enters the guest. With `on_pause`, it
+        is called instead, with the vCPU out of KVM_RUN and its pending I/O completed, so it
+        can read or save the vCPU's state and block until the VM should go on; a Stop it
+        returns ends the run (a control channel pausing, snapshotting or migrating the VM)."""
         if self.boot is None:
             raise ConfigError("load an image before running the machine")
         vcpu = self.vcpu
@@ -276,6 +287,11 @@ class Machine:
             stop = None
             while stop is None:
                 stop = vcpu.run()
+                if stop is None and on_pause is not None:
+                    vcpu.complete_pending_io()
+                    stop = on_pause()
+                    if stop is not None:
+                        vcpu.stopped = stop
         finally:
             if timeout:
                 signal.setitimer(signal.ITIMER_REAL, 0)
