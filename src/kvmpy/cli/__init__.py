@@ -12,7 +12,7 @@ import sys
 from ..errors import KvmpyError
 
 # Subcommand modules, in the order `kvmpy --help` lists them.
-COMMANDS = ["run", "build", "examples", "doctor", "bench"]
+COMMANDS = ["run", "build", "examples", "doctor", "bench", "ctl", "restore", "migrate-receive"]
 
 
 def make_parser() -> argparse.ArgumentParser:
