@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from ..errors import KvmpyError
@@ -28,6 +29,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The run loop relies on these signals (Ctrl-C, --timeout, vCPU kicks, child exits), and a
+    # signal mask is inherited: a parent that spawned kvmpy from a thread blocking them would
+    # leave a VM that no timeout can stop.
+    signal.pthread_sigmask(
+        signal.SIG_UNBLOCK,
+        {signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD, signal.SIGUSR1},
+    )
     parser = make_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
