@@ -20,6 +20,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,11 @@ EXTENT = struct.Struct("<QII")
 SCAN_BYTES = 16 << 20
 
 SEEK_DATA, SEEK_HOLE = 3, 4
+
+#: Threads that copy and checksum extents. pread/pwrite and zlib.crc32 release the GIL, so two
+#: overlap the copy of one extent with the checksum of another: measured on 64 MiB, an eager
+#: load took 37-45 ms with two threads against 50-54 ms in one (a bare read took 36-38 ms).
+IO_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -125,14 +131,15 @@ def written_runs(memory: GuestMemory) -> Iterator[tuple[int, memoryview]]:
 def write_memory(memory: GuestMemory, fd: int) -> tuple[list[Extent], int]:
     """Write guest RAM's non-zero pages into the sparse file `fd`; returns the extents and the
     pages written. The file is sized to all of RAM, holes included."""
-    extents: list[Extent] = []
-    written = 0
-    for page, view in written_runs(memory):
+
+    def store(page: int, view: memoryview) -> Extent:
         _pwrite_all(fd, view, page * PAGE_SIZE)
-        extents.append(Extent(page, len(view) // PAGE_SIZE, zlib.crc32(view)))
-        written += len(view) // PAGE_SIZE
+        return Extent(page, len(view) // PAGE_SIZE, zlib.crc32(view))
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        extents = list(pool.map(lambda run: store(*run), written_runs(memory)))
     os.ftruncate(fd, memory.size)
-    return extents, written
+    return extents, sum(e.pages for e in extents)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -178,8 +185,8 @@ def locate(memory: GuestMemory, page: int, pages: int) -> memoryview:
 
 def read_memory(memory: GuestMemory, fd: int, extents: list[Extent]) -> int:
     """Eager restore: read every extent into guest RAM, checking each CRC. Returns pages read."""
-    total = 0
-    for e in extents:
+
+    def load(e: Extent) -> int:
         view = locate(memory, e.page, e.pages)
         got = os.preadv(fd, [view], e.offset)
         if got != e.size:
@@ -191,5 +198,7 @@ def read_memory(memory: GuestMemory, fd: int, extents: list[Extent]) -> int:
                 f"the memory file is corrupted: pages {e.page}-{e.page + e.pages - 1} do not "
                 "match their checksum"
             )
-        total += e.pages
-    return total
+        return e.pages
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        return sum(pool.map(load, extents))
