@@ -55,6 +55,11 @@ DEFAULT_MAX_ROUNDS = 30
 #: What the stop-and-copy phase costs besides sending pages (state capture and transfer,
 #: restore on the destination, the GO round trip); measured ~3-6 ms on loopback here.
 FIXED_STOP_COST_MS = 8.0
+#: Only this share of the downtime budget is planned for pages: the final round gathers
+#: scattered pages and runs while the destination also applies the state.
+BUDGET_SAFETY = 0.5
+#: A round must send at least this much for its rate to replace the estimate.
+RATE_MIN_BYTES = 1 << 20
 #: Most pages in one PAGESET message (16 MiB): bounds the receiver's buffer.
 SET_PAGES = 4096
 CONNECT_TIMEOUT_S = 10.0
@@ -67,9 +72,8 @@ RUN = struct.Struct("<QII")  # first logical page, page count, round
 SET = struct.Struct("<II")  # round, page count; then u64 page numbers, then the pages
 
 # Message types.
-HELLO, READY, PING, PAGES, PAGESET, ZEROSET, ROUND_END, STATE, READY_TO_RUN, GO, RUNNING, ERROR = (
-    b"HRTPAZDSKGOE"
-)
+HELLO, READY, PING, PAGES, PAGESET, ZEROSET, ROUND_END, ROUND_ACK = b"HRTPAZDa"
+STATE, READY_TO_RUN, GO, RUNNING, ERROR = b"SKGOE"
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -307,10 +311,10 @@ def migrate(
         sender = _Sender(link, machine.memory)
         tracker.start()
         rounds: list[dict[str, Any]] = []
-        rate = None  # bytes per second, the best round so far
+        rate = None  # bytes per second, end to end, of the last round that said much
         rnd = 0
         dirty = np.empty(0, dtype=np.int64)
-        budget_s = max(goal_ms - FIXED_STOP_COST_MS, 1.0) / 1e3
+        budget_s = max(goal_ms - FIXED_STOP_COST_MS, 1.0) / 1e3 * BUDGET_SAFETY
         while True:
             if session.state == "stopped":
                 raise MigrationError("the VM stopped during the migration")
@@ -319,10 +323,13 @@ def migrate(
                 pages, sent = sender.send_all(rnd)
             else:
                 pages, sent = sender.send_pages(dirty, rnd)
-            dt = time.monotonic() - t
+            # The destination acknowledges each round once it has stored it: the rate is then
+            # what the whole path sustains, and no backlog is left for the stop-and-copy.
             link.send(ROUND_END, RUN.pack(0, pages, rnd))
-            if sent and dt > 0:
-                rate = sent / dt if rate is None else max(rate, sent / dt)
+            link.expect(ROUND_ACK)
+            dt = time.monotonic() - t
+            if dt > 0 and (rate is None or sent >= RATE_MIN_BYTES):
+                rate = max(sent, 1) / dt
             info = {"round": rnd, "pages": pages, "bytes": sent, "seconds": round(dt, 6)}
             rounds.append(info)
             rnd += 1
@@ -351,6 +358,7 @@ def migrate(
             st = state.capture(machine)
             marks["state_captured"] = time.monotonic()
             link.send_json(STATE, st)
+            link.expect(ROUND_ACK)  # the last round's, sent before the state was read
             ready = link.expect(READY_TO_RUN)
             t_go = marks["ready_to_run"] = time.monotonic()
             source_ms = (t_go - t_stop) * 1e3
@@ -556,6 +564,7 @@ class Incoming:
                 link.recv_into(memoryview(run))
                 _, pages, rnd = RUN.unpack(run)
                 per_round[rnd] = pages
+                link.send_json(ROUND_ACK, {})
             elif kind == STATE:
                 st = json.loads(link.recv_bytes(length))
                 t = time.monotonic()
