@@ -95,43 +95,69 @@ def _show(op: str, r: dict) -> None:
 
 
 class _MigrationProgress:
-    """A progress display for `ctl migrate` on stderr: a live line on a terminal, one line per
-    round otherwise."""
+    """`ctl migrate`'s display on stderr: on a terminal a bar for the round being sent (pages
+    of the round, rate of the last round), otherwise one line per round."""
 
     def __enter__(self):
         from rich.console import Console
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.console = Console(stderr=True, highlight=False)
-        self.live = self.console.is_terminal
         self.progress = None
-        if self.live:
+        if self.console.is_terminal:
             self.progress = Progress(
-                SpinnerColumn(),
                 TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("pages  {task.fields[note]}"),
                 TimeElapsedColumn(),
                 console=self.console,
-                transient=False,
             )
             self.progress.start()
-            self.task = self.progress.add_task("migrating: connecting", total=None)
+            self.task = self.progress.add_task("migrating", total=None, note="")
         self.sent = 0
+        self.note = ""
         return self
 
     def update(self, p: dict) -> None:
-        self.sent += p.get("pages", 0)
-        if p.get("phase") == "done":
+        phase = p.get("phase")
+        bar = self.progress
+        if phase == "round" and bar is not None:
+            bar.update(self.task, description=f"round {p['round']}", total=p["total"] or 1,
+                       completed=0, note=self.note)  # fmt: skip
+        elif phase == "sending" and bar is not None:
+            bar.update(self.task, completed=p["sent"])
+        elif phase == "pre-copy":
+            self.sent += p["pages"]
+            self.note = f"last round {p['rate_mib_s']:.0f} MiB/s, {p['dirty']} dirtied meanwhile"
+            if bar is not None:
+                bar.update(
+                    self.task, completed=p["pages"], total=max(p["pages"], 1), note=self.note
+                )
+            else:
+                self._line(
+                    f"round {p['round']}: {p['pages']} pages at {p['rate_mib_s']:.0f} MiB/s, "
+                    f"{p['dirty']} dirtied meanwhile; {self.sent} sent"
+                )
+        elif phase == "done":
+            self.sent += p["pages"]
             text = f"round {p['round']} (stop-and-copy): {p['pages']} pages; {self.sent} sent"
-        else:
-            text = (
-                f"round {p['round']}: {p['pages']} pages at {p.get('rate_mib_s', 0):.0f} MiB/s, "
-                f"{p.get('dirty', 0)} dirtied meanwhile; {self.sent} sent"
-            )
-        if self.progress is not None:
-            self.progress.update(self.task, description=text)
-        else:
-            sys.stderr.write(f"kvmpy: migrate: {text}\n")
-            sys.stderr.flush()
+            if bar is not None:
+                bar.update(self.task, description=f"round {p['round']} (stop-and-copy)",
+                           completed=p["pages"], total=max(p["pages"], 1), note="")  # fmt: skip
+            else:
+                self._line(text)
+
+    @staticmethod
+    def _line(text: str) -> None:
+        sys.stderr.write(f"kvmpy: migrate: {text}\n")
+        sys.stderr.flush()
 
     def __exit__(self, *exc) -> None:
         if self.progress is not None:

@@ -60,6 +60,8 @@ FIXED_STOP_COST_MS = 8.0
 BUDGET_SAFETY = 0.5
 #: A round must send at least this much for its rate to replace the estimate.
 RATE_MIN_BYTES = 1 << 20
+#: Pages between two progress reports within a round (16 MiB).
+PROGRESS_PAGES = 4096
 #: Most pages in one PAGESET message (16 MiB): bounds the receiver's buffer.
 SET_PAGES = 4096
 CONNECT_TIMEOUT_S = 10.0
@@ -216,17 +218,31 @@ def _page_arrays(memory: GuestMemory) -> list[tuple[int, int, np.ndarray]]:
 
 
 class _Sender:
-    def __init__(self, link: Link, memory: GuestMemory):
+    def __init__(self, link: Link, memory: GuestMemory, tick: Callable[[int], None] | None = None):
         self.link = link
         self.memory = memory
         self.arrays = _page_arrays(memory)
+        #: Called with the pages sent so far in the round, every PROGRESS_PAGES or so.
+        self.tick = tick
+        self._next_tick = PROGRESS_PAGES
+
+    def _progress(self, done: int) -> None:
+        if self.tick is not None and done >= self._next_tick:
+            self._next_tick = done + PROGRESS_PAGES
+            self.tick(done)
+
+    def round_total(self) -> int:
+        """Pages round 0 will look at (the data the memfds hold; zero pages are skipped)."""
+        return sum(n for r, _ in memfile.logical_layout(self.memory)
+                   for _, n in memfile.data_ranges(r)) // PAGE_SIZE  # fmt: skip
 
     def send_pages(self, pages: np.ndarray, rnd: int) -> tuple[int, int]:
         """Send the (sorted) logical `pages`: non-zero ones with their contents (PAGESET), zero
         ones by number (ZEROSET; the destination may hold older data there). Dirty pages are
         scattered, so they are gathered with one numpy copy per message rather than sent one
         small message each. Returns (pages, bytes of page data sent)."""
-        sent = 0
+        sent = done = 0
+        self._next_tick = PROGRESS_PAGES
         for first, count, arr in self.arrays:
             lo, hi = np.searchsorted(pages, [first, first + count])
             local = pages[lo:hi] - first
@@ -243,15 +259,19 @@ class _Sender:
                 if not nonzero.all():
                     nums = numbers[~nonzero]
                     self.link.send(ZEROSET, SET.pack(rnd, len(nums)), nums.tobytes())
+                done += len(part)
+                self._progress(done)
         return len(pages), sent
 
     def send_all(self, rnd: int) -> tuple[int, int]:
         """Round 0: every non-zero page (the destination's memory starts zero)."""
         pages = sent = 0
+        self._next_tick = PROGRESS_PAGES
         for page, view in memfile.written_runs(self.memory):
             self.link.send(PAGES, RUN.pack(page, len(view) // PAGE_SIZE, rnd), view)
             pages += len(view) // PAGE_SIZE
             sent += len(view)
+            self._progress(pages)
         return pages, sent
 
 
@@ -308,7 +328,13 @@ def migrate(
             link.expect(PING)
             trips.append(time.monotonic() - t_ping)
         one_way_ms = min(trips) * 1e3 / 2
-        sender = _Sender(link, machine.memory)
+        current = {"round": 0}
+
+        def tick(done: int) -> None:
+            if progress is not None:
+                progress({"phase": "sending", "round": current["round"], "sent": done})
+
+        sender = _Sender(link, machine.memory, tick)
         tracker.start()
         rounds: list[dict[str, Any]] = []
         rate = None  # bytes per second, end to end, of the last round that said much
@@ -318,6 +344,10 @@ def migrate(
         while True:
             if session.state == "stopped":
                 raise MigrationError("the VM stopped during the migration")
+            current["round"] = rnd
+            if progress is not None:
+                total = sender.round_total() if rnd == 0 else len(dirty)
+                progress({"phase": "round", "round": rnd, "total": total})
             t = time.monotonic()
             if rnd == 0:
                 pages, sent = sender.send_all(rnd)
