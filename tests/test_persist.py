@@ -555,3 +555,50 @@ def test_a_lazily_restored_vm_can_be_migrated(images, reference, tmp_path):
     assert src.returncode == 0 and dst.returncode == 0, (src_err, dst_err)
     assert before + middle + after == reference["longer"]
     assert middle and after  # it ran in both places
+
+
+def test_lazy_restore_serves_kvms_own_accesses(tmp_path, gcc_available):
+    """A ring-0 guest: on a host that emulates ring 0 (KVM-PVM) every instruction is fetched
+    and decoded by KVM's emulator from guest memory, so the faults are KVM's, not the guest's;
+    on VT-x/AMD-V KVM still walks the page tables the guest's first fetch needs."""
+    from kvmpy.arch.x86.modes import Mode
+    from kvmpy.sdk.examples import find_example
+
+    image = find_example("hello").build(Mode.LONG)
+    with Machine(MachineConfig(mode="long", memory="16M")) as m:
+        m.load_file(image)
+        snapshot.take(m, tmp_path / "s")
+        expected = m.run(timeout=60).output
+    proc = kvmpy("restore", tmp_path / "s", "--lazy", "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    out, doc = split_json(proc.stdout)
+    assert out == expected and b"long mode" in out
+    assert doc["restore"]["pages_faulted"] >= 3  # code, stack and page tables at least
+
+
+def test_a_destination_that_refuses_leaves_the_source_running(images, reference, tmp_path):
+    """A destination that answers HELLO with an error (as a kvmpy that cannot build the
+    machine does): the error reaches the user, the VM goes on at the source."""
+    from kvmpy.persist import migration
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def refuse():
+        conn, _ = listener.accept()
+        link = migration.Link(conn)
+        link.expect(migration.HELLO)
+        link.send_json(migration.ERROR, {"error": "no room for a 16 MiB guest here"})
+        link.close()
+
+    threading.Thread(target=refuse, daemon=True).start()
+    sock = tmp_path / "vm.sock"
+    with running(images["longer"], sock) as src:
+        mig = kvmpy("ctl", sock, "migrate", f"127.0.0.1:{port}")
+        err = mig.stderr.decode()
+        assert mig.returncode == 1, err
+        assert "the destination failed: no room for a 16 MiB guest here" in err
+        assert "the VM keeps running here" in err
+        out, _ = src.communicate(timeout=60)
+    listener.close()
+    assert src.returncode == 0 and out == reference["longer"]
