@@ -390,7 +390,8 @@ def test_ctl_pause_stats_snapshot_resume(images, reference, tmp_path):
         time.sleep(0.1)
         again = json.loads(kvmpy("ctl", sock, "stats", "--json").stdout)
         assert again["exits"]["total"] == stats["exits"]["total"]  # really paused
-        taken = kvmpy("ctl", sock, "snapshot", snap, "--json")
+        # A relative path is the ctl user's, not the VMM's (which runs elsewhere).
+        taken = kvmpy("ctl", sock, "snapshot", snap.name, "--json", cwd=tmp_path)
         assert taken.returncode == 0, taken.stderr.decode()
         info = json.loads(taken.stdout)
         assert json.loads(kvmpy("ctl", sock, "stats", "--json").stdout)["state"] == "paused"
@@ -602,3 +603,49 @@ def test_a_destination_that_refuses_leaves_the_source_running(images, reference,
         out, _ = src.communicate(timeout=60)
     listener.close()
     assert src.returncode == 0 and out == reference["longer"]
+
+
+def test_one_migration_at_a_time(images):
+    from kvmpy.persist.errors import MigrationError
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted = threading.Event()
+    release = threading.Event()
+
+    def stall():  # accepts, never answers HELLO until released, then hangs up
+        conn, _ = listener.accept()
+        accepted.set()
+        release.wait(30)
+        conn.close()
+
+    threading.Thread(target=stall, daemon=True).start()
+    outcome = {}
+    with Machine(MachineConfig(mode="long-user", memory="16M")) as m:
+        m.load_file(images["longer"])
+        s = VmSession(m)
+
+        def first():
+            try:
+                control.migrate(s, f"127.0.0.1:{port}")
+            except MigrationError as e:
+                outcome["first"] = str(e)
+
+        def second():
+            s.wait_started()
+            assert accepted.wait(30)
+            try:
+                control.migrate(s, f"127.0.0.1:{port}")
+            except ControlError as e:
+                outcome["second"] = str(e)
+            release.set()
+            t.join(30)
+            control.stop(s)
+
+        t = helper_thread(lambda: (s.wait_started(), first()), name="first")
+        helper_thread(second, name="second")
+        result = s.run(timeout=60)
+    listener.close()
+    assert outcome["second"] == "a migration is under way; try again when it is over"
+    assert "the VM keeps running here" in outcome["first"]
+    assert result.stop_reason is StopReason.INTERRUPTED  # stopped by us, not migrated

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..result import RunResult, StopReason
@@ -52,7 +53,7 @@ def cmd_ctl(args) -> int:
 
     op_args = {}
     if args.op == "snapshot":
-        op_args["path"] = args.dir
+        op_args["path"] = os.path.abspath(args.dir)  # the VMM's working directory may differ
     elif args.op == "migrate":
         op_args["address"] = args.address
         if args.downtime_ms is not None:

@@ -291,6 +291,11 @@ def migrate(
         raise MigrationError("the downtime goal and the round limit must be positive")
     if threading.get_ident() == session._vcpu_thread:
         raise MigrationError("migrate from another thread than the vCPU's")
+    with session.exclusive("a migration"):
+        return _migrate(session, host, port, progress, goal_ms, rounds_limit)
+
+
+def _migrate(session, host, port, progress, goal_ms, rounds_limit) -> dict[str, Any]:
     machine = session.machine
     session.check_live()
     t0 = time.monotonic()

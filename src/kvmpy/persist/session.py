@@ -63,6 +63,7 @@ class VmSession:
         self._held = False  # paused by request, until resume()
         self._in_pause = False
         self._end: Stop | None = None
+        self._busy: str | None = None
         self._vcpu_thread: int | None = None
         #: Called (in the vCPU thread) just before the first KVM_RUN.
         self.before_first_run: Callable[[], None] | None = None
@@ -169,6 +170,19 @@ class VmSession:
             self._ask_pause()
             self._cond.notify_all()
         return fut.result(timeout)
+
+    @contextlib.contextmanager
+    def exclusive(self, what: str):
+        """Hold the session for one long operation (a migration) at a time."""
+        with self._cond:
+            if self._busy is not None:
+                raise ControlError(f"{self._busy} is under way; try again when it is over")
+            self._busy = what
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = None
 
     def end_run(self, stop: Stop) -> None:
         """From a job: end the run with `stop` once the job returns."""
