@@ -43,6 +43,10 @@ def cmd_migrate_receive(args) -> int:
         sys.stderr.flush()
         out = sys.stdout.buffer
         machine = incoming.receive(console=out, capture_output=False)
+    except KeyboardInterrupt:
+        incoming.close()
+        sys.stderr.write("kvmpy: interrupted; nothing runs here\n")
+        return 130
     except BaseException:
         incoming.close()
         raise

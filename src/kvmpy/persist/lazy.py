@@ -81,10 +81,15 @@ class LazyLoader:
         snap: Snapshot,
         on_error: Callable[[str], None] | None = None,
     ):
+        if threading.current_thread() is not threading.main_thread():
+            # Without the SIGCHLD handler a dead handler process would go unnoticed and the
+            # guest would read zero pages where its memory should be.
+            raise SnapshotError("a lazy restore must be set up from the main thread")
         self.memory = memory
         self.closed = False
         self.on_error = on_error
         self._expect_exit = False
+        self.pid = 0
         self._status = mmap.mmap(-1, PAGE_SIZE)  # anonymous and MAP_SHARED: seen by both
         uffd = Userfaultfd.open()
         try:
@@ -99,6 +104,8 @@ class LazyLoader:
             # a garbage collection would write to every tracked object. Freezing them keeps
             # the collector off the pages the two processes share.
             gc.freeze()
+            # Installed before the fork, so a child that dies at once is noticed too.
+            self._old_sigchld = signal.signal(signal.SIGCHLD, self._child_changed)
             self.pid = os.fork()
             if self.pid == 0:  # the handler process; it never returns
                 code = 1
@@ -113,15 +120,12 @@ class LazyLoader:
             # The parent keeps no reference: if the child dies, the registration goes with it.
             uffd.close()
         child_ctrl.close()
-        self._old_sigchld = None
-        if threading.current_thread() is threading.main_thread():
-            self._old_sigchld = signal.signal(signal.SIGCHLD, self._child_changed)
         _active[memory] = self
 
     # --- parent side ---------------------------------------------------------------------------
 
     def _child_changed(self, signum, frame) -> None:
-        if self._expect_exit or self.closed:
+        if self._expect_exit or self.closed or self.pid <= 0:
             return
         try:
             pid, _ = os.waitpid(self.pid, os.WNOHANG)
@@ -180,8 +184,7 @@ class LazyLoader:
         except ChildProcessError:
             pass
         self.pid = 0
-        if self._old_sigchld is not None:
-            signal.signal(signal.SIGCHLD, self._old_sigchld)
+        signal.signal(signal.SIGCHLD, self._old_sigchld)
 
 
 class _Handler:

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import KvmpyError
 from ..machine import Machine
 from ..memory import PAGE_SIZE, GuestMemory
 from ..result import Stop, StopReason
@@ -519,17 +520,20 @@ class Incoming:
         t0 = time.monotonic()
         try:
             machine = self._receive(link, kvm, console, capture_output, setup)
-        except (OSError, ConnectionError) as e:
-            self._discard()
-            raise MigrationError(
-                f"the migration from {peer[0]}:{peer[1]} was aborted: "
-                f"{getattr(e, 'strerror', None) or e}; nothing runs here"
-            ) from None
-        except (MigrationError, SnapshotError) as e:
+        except KvmpyError as e:  # this side cannot take the VM (KVM refused its state, ...)
             with contextlib.suppress(OSError):
                 link.send_json(ERROR, {"error": str(e)})
             self._discard()
             raise MigrationError(f"the migration was refused: {e}") from None
+        except OSError as e:  # the link failed
+            self._discard()
+            raise MigrationError(
+                f"the migration from {peer[0]}:{peer[1]} was aborted: "
+                f"{e.strerror or e}; nothing runs here"
+            ) from None
+        except BaseException:
+            self._discard()
+            raise
         self.info["total_s"] = time.monotonic() - t0
         self.info["source"] = f"{peer[0]}:{peer[1]}"
         return machine
@@ -601,7 +605,7 @@ class Incoming:
                 per_round[rnd] = pages
                 link.send_json(ROUND_ACK, {})
             elif kind == STATE:
-                st = json.loads(link.recv_bytes(length))
+                st = link.recv_json(length)
                 t = time.monotonic()
                 state.apply(machine, st)
                 restore_ms = (time.monotonic() - t) * 1e3
