@@ -248,7 +248,6 @@ class _Handler:
                 for event, _flags, address in _MSG.iter_unpack(data):
                     if event == UFFD_EVENT_PAGEFAULT:
                         self._fault(address)
-                self._publish()
 
     def _where(self, address: int) -> tuple[int, int, int]:
         """(region hva, region size, logical page) of a faulting address."""
@@ -281,6 +280,7 @@ class _Handler:
         in_chunk = page % memfile.CHUNK_PAGES
         start = max(hva, page_hva - in_chunk * PAGE_SIZE)
         end = min(hva + size, page_hva + (memfile.CHUNK_PAGES - in_chunk) * PAGE_SIZE)
+        self._publish()  # before the wake: whoever faulted may read the counters at once
         self.uffd.wake(start, end - start)
 
     def _load_chunk(self, chunk: int) -> None:
