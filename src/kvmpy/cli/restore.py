@@ -28,6 +28,20 @@ def add_parser(sub) -> None:
 
 
 def cmd_restore(args) -> int:
+    handler = None
+    if args.lazy:
+        # Started first, so the handler's interpreter starts while this one imports the rest.
+        from ..persist.handler import HandlerProcess
+
+        handler = HandlerProcess.start()
+    try:
+        return _restore(args, handler)
+    finally:
+        if handler is not None:
+            handler.close()  # if restore() never took it over
+
+
+def _restore(args, handler) -> int:
     # Everything the run needs is imported before restore() starts its clock.
     from ..errors import ConfigError
     from ..persist import control, session  # noqa: F401
@@ -38,7 +52,9 @@ def cmd_restore(args) -> int:
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be positive")
     out = sys.stdout.buffer
-    restored = restore(args.dir, lazy_memory=args.lazy, console=out, capture_output=False)
+    restored = restore(
+        args.dir, lazy_memory=args.lazy, console=out, capture_output=False, handler=handler
+    )
     mode = restored.machine.mode
     try:
         result = run_with_control(

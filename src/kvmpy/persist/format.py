@@ -217,6 +217,7 @@ class Snapshot:
     extents: list[memfile.Extent]
     memory_fd: int
     memory_size: int
+    index: bytes  # memory.index as read and checked (the lazy handler parses it again)
 
     @property
     def pages_written(self) -> int:
@@ -320,4 +321,4 @@ def open_snapshot(path: str | os.PathLike) -> Snapshot:
             f"{MEMORY} is {'truncated' if actual < size else 'too long'} ({actual} bytes, "
             f"expected {size})",
         )
-    return Snapshot(path, manifest, state, extents, fd, size)
+    return Snapshot(path, manifest, state, extents, fd, size, index_raw)

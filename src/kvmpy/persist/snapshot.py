@@ -20,6 +20,7 @@ from ..memory import PAGE_SIZE
 from ..result import StopReason
 from . import format, lazy, memfile, state
 from .errors import SnapshotError
+from .handler import HandlerProcess
 
 
 def take(machine: Machine, path: str | os.PathLike) -> dict[str, Any]:
@@ -69,7 +70,10 @@ class Restored:
         if self.loader is not None:
             s = self.loader.stats()
             first = s.pop("first_fault_ns")
+            ready = s.pop("handler_ready_ns")
             d.update(s)
+            if ready:  # negative: the handler was waiting before the restore began
+                d["handler_ready_ms"] = round((ready - self.started_ns) / 1e6, 3)
             d["pages_loaded"] = s["pages_copied"] + s["pages_zeroed"]
             if first:
                 d["first_fault_served_ms"] = round((first - self.started_ns) / 1e6, 3)
@@ -92,13 +96,17 @@ def restore(
     console: Callable[[bytes], None] | BinaryIO | None = None,
     capture_output: bool = True,
     setup: Callable[[Machine], None] | None = None,
+    handler: HandlerProcess | None = None,
 ) -> Restored:
     """Build a machine from the snapshot at `path` and put its state back.
 
     Eagerly, all of guest RAM is read (and checked) before this returns; with `lazy_memory`,
     RAM starts empty and a page-fault handler brings each chunk in when it is first touched.
     `setup(machine)` runs before the state is applied: add the devices the original machine
-    had there (the snapshot holds their state, not their code)."""
+    had there (the snapshot holds their state, not their code). `handler`, for a lazy restore,
+    is a page-fault handler process started beforehand (`HandlerProcess.start()`), so it is
+    ready when the VM starts; without one, one is started here and the first fault waits
+    for it."""
     t0 = time.monotonic_ns()
     snap = format.open_snapshot(path)
     machine = loader = None
@@ -121,7 +129,8 @@ def restore(
             def stop_vm(message: str) -> None:
                 m.vcpu.request_stop(StopReason.VMM_ERROR, message, kick=True)
 
-            loader = lazy.LazyLoader(machine.memory, snap, on_error=stop_vm)
+            loader = lazy.LazyLoader(machine.memory, snap, on_error=stop_vm, process=handler)
+            handler = None  # the loader owns it now
             loaded = 0
         else:
             loaded = memfile.read_memory(machine.memory, snap.memory_fd, snap.extents)
@@ -129,6 +138,8 @@ def restore(
         state.apply(machine, snap.state)
         t_end = time.monotonic_ns()
     except BaseException:
+        if handler is not None:
+            handler.close()
         if loader is not None:
             loader.close()
         if machine is not None:

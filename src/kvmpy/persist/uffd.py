@@ -17,8 +17,14 @@ import ctypes as C
 import errno
 import os
 
-from ..kvm._sys import libc
 from .errors import LazyRestoreUnavailable
+
+# The C library from the process's own namespace, not kvmpy.kvm's handle: the page-fault
+# handler process imports this module and must start fast (kvmpy.kvm takes ~80 ms to import).
+libc = C.CDLL(None, use_errno=True)
+libc.syscall.restype = C.c_long
+libc.ioctl.restype = C.c_int
+libc.ioctl.argtypes = [C.c_int, C.c_ulong, C.c_ulong]
 
 SYS_userfaultfd = 323  # x86-64
 O_CLOEXEC = 0o2000000
@@ -73,8 +79,6 @@ UFFDIO_WAKE = _ioc(_IOR, 0x02, C.sizeof(uffdio_range))
 UFFDIO_COPY = _ioc(_IOR | _IOW, 0x03, C.sizeof(uffdio_copy))
 UFFDIO_ZEROPAGE = _ioc(_IOR | _IOW, 0x04, C.sizeof(uffdio_zeropage))
 USERFAULTFD_IOC_NEW = (0xAA << 8) | 0x00  # _IO(0xAA, 0x00) on /dev/userfaultfd
-
-libc.syscall.restype = C.c_long
 
 
 def _ioctl(fd: int, request: int, arg: C.Structure) -> int:
