@@ -51,6 +51,7 @@ def test_mmio_bus():
     assert bus.lookup(0x2010) is None and bus.lookup(0xFFF) is None
     with pytest.raises(ConfigError, match="overlaps"):
         bus.register(0x10F0, 0x20, Device())
+    assert bus.ranges() == [(0x1000, 0x1100, a), (0x2000, 0x2010, b)]
 
 
 def test_ram_layout_leaves_the_mmio_hole():
