@@ -204,7 +204,7 @@ def devices(machine: Machine) -> dict[str, Any]:
     for port, entry in machine.pio_bus.entries.items():
         if entry.offset == 0:
             found[_device_key("pio", port, entry.device.name)] = entry.device
-    for base, _end, device in machine.mmio_bus._ranges:
+    for base, _end, device in machine.mmio_bus.ranges():
         found[_device_key("mmio", base, device.name)] = device
     return found
 
