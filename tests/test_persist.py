@@ -649,3 +649,43 @@ def test_one_migration_at_a_time(images):
     assert outcome["second"] == "a migration is under way; try again when it is over"
     assert "the VM keeps running here" in outcome["first"]
     assert result.stop_reason is StopReason.INTERRUPTED  # stopped by us, not migrated
+
+
+def test_device_states_travel_with_the_snapshot(images, tmp_path):
+    from kvmpy.devices import Device
+
+    class Counter(Device):
+        name = "counter"
+
+        def __init__(self):
+            self.count = 0
+
+        def state(self):
+            return {"count": self.count}
+
+        def restore_state(self, state):
+            self.count = int(state["count"])
+
+    with Machine(MachineConfig(mode="long-user", memory="16M")) as m:
+        pio, mmio = Counter(), Counter()
+        m.add_pio_device(0x600, 2, pio)
+        m.add_mmio_device(0xD000_0000, 0x1000, mmio)
+        m.load_file(images["short"])
+        pio.count, mmio.count = 5, 7
+        snapshot.take(m, tmp_path / "s")
+    saved = json.loads((tmp_path / "s" / "state.json").read_text())["vmm"]["devices"]
+    assert saved["pio:0x600:counter"] == {"count": 5}
+    assert saved["mmio:0xd0000000:counter"] == {"count": 7}
+    assert saved["pio:0xe9:debugcon"] == {"bytes_written": 0}
+    fresh = {}
+
+    def setup(machine):
+        fresh["pio"], fresh["mmio"] = Counter(), Counter()
+        machine.add_pio_device(0x600, 2, fresh["pio"])
+        machine.add_mmio_device(0xD000_0000, 0x1000, fresh["mmio"])
+
+    r = snapshot.restore(tmp_path / "s", setup=setup)
+    r.close()
+    assert (fresh["pio"].count, fresh["mmio"].count) == (5, 7)
+    with pytest.raises(SnapshotError, match="lacks: mmio:0xd0000000:counter, pio:0x600:counter"):
+        snapshot.restore(tmp_path / "s")
