@@ -47,6 +47,11 @@ def test_report_structure(report):
         assert m["rounds_median"] == len(m["pages_per_round_last_run"]) >= 2
         assert m["pages_per_round_last_run"][0] == s["pages_written"]
     assert report["migrate_dirty"]["dirtying"] == "16 pages per ms"
+    sample = report["samples"][0]["migrate_dirty"]
+    assert sample["achieved_dirty_mib_s"] == round(
+        sample["pages_per_round"][1] / sample["seconds_per_round"][0] / 256, 1
+    )
+    assert len(sample["seconds_per_round"]) == len(sample["pages_per_round"])
 
 
 def test_ratios_follow_from_the_medians(report):

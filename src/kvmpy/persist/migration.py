@@ -6,7 +6,8 @@ Source (`migrate`, run from a thread other than the vCPU's, e.g. a control conne
   2. Round 0 sends every non-zero page while the guest runs; KVM logs the pages it dirties
      meanwhile (KVM_MEM_LOG_DIRTY_PAGES), and GuestMemory.on_write those the VMM writes.
   3. Each further round sends the pages dirtied during the previous one, until what remains
-     would take less than the downtime goal at the measured rate, or the round limit is hit.
+     would take less than the downtime goal at the measured rate (and is small, or stopped
+     shrinking), or the round limit is hit.
   4. The vCPU is paused (stop-and-copy): the last dirty pages and the whole vCPU, VM and VMM
      state go over; the destination puts the state in and answers READY_TO_RUN.
   5. The source sends GO and ends its run (StopReason.MIGRATED); the destination runs the VM.
@@ -59,6 +60,8 @@ FIXED_STOP_COST_MS = 8.0
 #: Only this share of the downtime budget is planned for pages: the final round gathers
 #: scattered pages and runs while the destination also applies the state.
 BUDGET_SAFETY = 0.5
+#: A final round this small (1 MiB) is not worth another pre-copy round.
+SMALL_FINAL_PAGES = 256
 #: A round must send at least this much for its rate to replace the estimate.
 RATE_MIN_BYTES = 1 << 20
 #: Pages between two progress reports within a round (16 MiB).
@@ -346,6 +349,7 @@ def _migrate(session, host, port, progress, goal_ms, rounds_limit) -> dict[str, 
         rate = None  # bytes per second, end to end, of the last round that said much
         rnd = 0
         dirty = np.empty(0, dtype=np.int64)
+        previous: int | None = None
         budget_s = max(goal_ms - FIXED_STOP_COST_MS, 1.0) / 1e3 * BUDGET_SAFETY
         while True:
             if session.state == "stopped":
@@ -375,7 +379,12 @@ def _migrate(session, host, port, progress, goal_ms, rounds_limit) -> dict[str, 
                 progress({**info, "phase": "pre-copy", "rate_mib_s": _mib_s(sent, dt),
                           "dirty": len(dirty)})  # fmt: skip
             fits = rate is not None and len(dirty) * PAGE_SIZE <= rate * budget_s
-            if fits or rnd >= rounds_limit:
+            # While rounds still halve what is left, one more is cheap and shortens the
+            # stop-and-copy further, which keeps the downtime low on a busy host too.
+            shrinking = previous is None or len(dirty) <= previous // 2
+            previous = len(dirty)
+            small = len(dirty) <= SMALL_FINAL_PAGES
+            if rnd >= rounds_limit or (fits and (small or not shrinking)):
                 tracker.carried = dirty  # the stop-and-copy round sends them
                 break
 
@@ -398,7 +407,13 @@ def _migrate(session, host, port, progress, goal_ms, rounds_limit) -> dict[str, 
             ready = link.expect(READY_TO_RUN)
             t_go = marks["ready_to_run"] = time.monotonic()
             source_ms = (t_go - t_stop) * 1e3
-            all_rounds = [*rounds, {"round": rnd, "pages": pages, "bytes": sent}]
+            last = {
+                "round": rnd,
+                "pages": pages,
+                "bytes": sent,
+                "seconds": round(marks["pages_sent"] - marks["dirty_log"], 6),
+            }
+            all_rounds = [*rounds, last]
             link.send_json(
                 GO,
                 {
@@ -473,6 +488,7 @@ def _report(final, t0, one_way_ms, goal_ms, where, rounds_limit, rate, machine) 
         "rounds": len(final["rounds"]),
         "pages_per_round": [r["pages"] for r in final["rounds"]],
         "bytes_per_round": [r["bytes"] for r in final["rounds"]],
+        "seconds_per_round": [r["seconds"] for r in final["rounds"]],
         "pages_total": machine.memory.size // PAGE_SIZE,
         "round_limit_hit": len(final["rounds"]) - 1 >= rounds_limit,
         "rate_mib_s": round(rate / (1 << 20), 1) if rate else None,
