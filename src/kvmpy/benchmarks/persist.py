@@ -397,7 +397,8 @@ def plot(doc: dict, path: Path) -> None:
     ax.set_ylabel("ms")
     ax.set_title(
         f"kvmpy bench persist: {format_size(doc['memory'])} guest, {format_size(doc['touch'])} "
-        "touched (bars: medians; dashed: C reference; red: goals)"
+        "touched\nbars: medians, dots: runs, dashed: C reference, red: goals",
+        fontsize="medium",
     )
     try:
         fig.savefig(path, format=path.suffix.lstrip(".").lower(), dpi=120)
