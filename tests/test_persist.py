@@ -350,7 +350,7 @@ def raw_exchange(sock: Path, payload: bytes) -> list[dict]:
 
 def test_control_channel_rejects_malformed_commands(images, reference, tmp_path):
     sock = tmp_path / "vm.sock"
-    with running(images["long"], sock) as proc:
+    with running(images["longer"], sock) as proc:
         bad = [
             b"not json",
             b"[]",
@@ -377,13 +377,13 @@ def test_control_channel_rejects_malformed_commands(images, reference, tmp_path)
         assert good[1]["result"]["state"] == "paused"
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()
-    assert out == reference["long"]
+    assert out == reference["longer"]
     assert not sock.exists()
 
 
 def test_ctl_pause_stats_snapshot_resume(images, reference, tmp_path):
     sock, snap = tmp_path / "vm.sock", tmp_path / "snap"
-    with running(images["long"], sock) as proc:
+    with running(images["longer"], sock) as proc:
         assert kvmpy("ctl", sock, "pause").stdout == b"paused\n"
         stats = json.loads(kvmpy("ctl", sock, "stats", "--json").stdout)
         assert stats["state"] == "paused" and stats["mode"] == "long-user"
@@ -397,10 +397,10 @@ def test_ctl_pause_stats_snapshot_resume(images, reference, tmp_path):
         assert json.loads(kvmpy("ctl", sock, "stats", "--json").stdout)["state"] == "paused"
         assert kvmpy("ctl", sock, "resume").stdout == b"running\n"
         out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and out == reference["long"]
+    assert proc.returncode == 0 and out == reference["longer"]
     restored = kvmpy("restore", snap)
     assert restored.returncode == 0
-    assert out[: info["output_bytes"]] + restored.stdout == reference["long"]
+    assert out[: info["output_bytes"]] + restored.stdout == reference["longer"]
     gone = kvmpy("ctl", sock, "stats")
     assert gone.returncode == 1 and b"no VM serves it" in gone.stderr
 
@@ -452,7 +452,7 @@ def receiver(*extra):
 
 def test_migration_between_two_processes(images, reference, tmp_path):
     sock = tmp_path / "vm.sock"
-    with receiver("--json") as (dst, port), running(images["long"], sock, "--json") as src:
+    with receiver("--json") as (dst, port), running(images["longer"], sock, "--json") as src:
         time.sleep(0.3)
         mig = kvmpy("ctl", sock, "migrate", f"127.0.0.1:{port}", "--json")
         assert mig.returncode == 0, mig.stderr.decode()
@@ -461,8 +461,8 @@ def test_migration_between_two_processes(images, reference, tmp_path):
     assert src.returncode == 0 and dst.returncode == 0, (src_err, dst_err)
     before, src_doc = split_json(src_out)
     after, dst_doc = split_json(dst_out)
-    assert before + after == reference["long"]
-    assert 0 < len(before) < len(reference["long"])  # it really moved mid-run
+    assert before + after == reference["longer"]
+    assert 0 < len(before) < len(reference["longer"])  # it really moved mid-run
     assert src_doc["stop_reason"] == "migrated" and dst_doc["stop_reason"] == "exit"
     assert b"the VM runs there now" in src_err
     for doc in (json.loads(mig.stdout), src_doc["migration"], dst_doc["migration"]):
