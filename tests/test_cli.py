@@ -237,3 +237,32 @@ def test_doctor_without_kvm(tmp_path):
     assert r.returncode == 1
     assert "not usable" in r.stdout
     no_traceback(r)
+
+
+@pytest.mark.kvm
+def test_an_inherited_signal_mask_does_not_stop_timeouts(tmp_path):
+    """A parent thread that blocks SIGALRM (kvmpy's own helper threads do) passes its mask on to
+    the processes it starts; kvmpy unblocks the signals its run loop needs, so --timeout still
+    stops a guest that never exits."""
+    import signal
+    import threading
+
+    spin = tmp_path / "spin.bin"
+    spin.write_bytes(b"\xeb\xfe")  # 1: jmp 1b
+    result = {}
+
+    def spawn():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGUSR1})
+        try:
+            result["proc"] = subprocess.run(
+                [sys.executable, "-m", "kvmpy", "run", str(spin), "--mode", "long-user",
+                 "--timeout", "0.2"],
+                capture_output=True, timeout=30,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as e:
+            result["proc"] = e
+
+    t = threading.Thread(target=spawn)
+    t.start()
+    t.join()
+    assert getattr(result["proc"], "returncode", None) == 124, result["proc"]

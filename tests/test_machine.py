@@ -13,7 +13,7 @@ from kvmpy.devices.debugcon import DebugConsole
 from kvmpy.errors import ConfigError
 from kvmpy.loader import load_raw
 from kvmpy.machine import Machine, MachineConfig, ram_layout
-from kvmpy.result import StopReason
+from kvmpy.result import Stop, StopReason
 
 # --- sans-IO devices and buses (no KVM) ------------------------------------------------------
 
@@ -51,6 +51,7 @@ def test_mmio_bus():
     assert bus.lookup(0x2010) is None and bus.lookup(0xFFF) is None
     with pytest.raises(ConfigError, match="overlaps"):
         bus.register(0x10F0, 0x20, Device())
+    assert bus.ranges() == [(0x1000, 0x1100, a), (0x2000, 0x2010, b)]
 
 
 def test_ram_layout_leaves_the_mmio_hole():
@@ -286,3 +287,56 @@ def test_yield_on_io_yields_at_hypercalls_too(kvm):
                 break
         assert results == [None, None, None, StopReason.EXIT]
         assert m.result(m.vcpu.stopped).regs["rax"] == 0
+
+
+@pytest.mark.kvm
+def test_on_pause_sees_a_paused_vcpu_and_can_end_the_run(assemble, kvm):
+    """run(on_pause=) hands each pause to the caller (the control channel's hook); returning
+    None goes on, a Stop ends the run."""
+    code = assemble("1: inc %rbx\n jmp 1b")
+    pauses = []
+
+    def on_pause():
+        pauses.append(m.vcpu.fd.get_regs().rbx)
+        if len(pauses) == 1:
+            threading.Timer(0.05, m.vcpu.request_pause, kwargs={"kick": True}).start()
+            return None
+        return Stop(StopReason.INTERRUPTED, 0, "ended by on_pause")
+
+    with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as m:
+        m.load(load_raw(code))
+        threading.Timer(0.05, m.vcpu.request_pause, kwargs={"kick": True}).start()
+        result = m.run(timeout=30, on_pause=on_pause)
+        assert m.vcpu.stopped.message == "ended by on_pause"
+    assert result.stop_reason is StopReason.INTERRUPTED and result.message == "ended by on_pause"
+    assert len(pauses) == 2 and 0 < pauses[0] < pauses[1] <= result.regs["rbx"]
+
+
+@pytest.mark.kvm
+def test_mark_restored_runs_a_machine_set_up_by_hand(gcc_available, kvm):
+    """The construction path for snapshots and migrations: copy memory and registers from one
+    machine into a fresh one, mark it restored, and it runs the same guest to the same end."""
+    from kvmpy.sdk.examples import find_example
+
+    image = find_example("hello").build()
+    with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as a:
+        a.load_file(image)
+        with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as b:
+            b.memory.write(0, a.memory.read(0, 16 << 20))
+            b.vcpu.fd.set_sregs(a.vcpu.fd.get_sregs())
+            b.vcpu.fd.set_regs(a.vcpu.fd.get_regs())
+            b.mark_restored(a.layout, a.entry_ip)
+            assert b.boot.regs.rip == a.entry_ip and b.layout is a.layout
+            copy = b.run(timeout=30)
+        original = a.run(timeout=30)
+    assert copy.stop_reason is original.stop_reason is StopReason.EXIT
+    assert copy.output == original.output and b"Hello" in copy.output
+    assert b.output_bytes == a.output_bytes == len(original.output)
+
+
+def test_migrated_is_a_clean_stop():
+    from kvmpy.result import RunResult
+    from kvmpy.stats import ExitStats
+
+    r = RunResult(StopReason.MIGRATED, 0, "migrated", {}, {}, ExitStats())
+    assert StopReason.MIGRATED.ok and r.process_exit_status == 0

@@ -597,3 +597,19 @@ def test_own_memfd_is_sealed_against_shrinking():
         assert mem.read(0xFF000, 12) == b"still mapped"
     finally:
         mem.close()
+
+
+def test_on_write_sees_every_write_but_views(mem):
+    seen = []
+    mem.on_write = lambda gpa, n: seen.append((gpa, n))
+    mem.write(0x10, b"abc")
+    mem.fill(0x100, 32, 7)
+    mem.fill(0x200, 8)
+    mem.write_u16(0x300, 1)
+    mem.write_u32(0x304, 1)
+    mem.write_u64(0x308, 1)
+    mem.view(0x400, 4)[:] = b"zzzz"  # raw views are the caller's business
+    assert seen == [(0x10, 3), (0x100, 32), (0x200, 8), (0x300, 2), (0x304, 4), (0x308, 8)]
+    with pytest.raises(GuestMemoryError):
+        mem.write(200 * K, b"x")  # a refused write is not reported
+    assert len(seen) == 6

@@ -52,6 +52,10 @@ class MmioBus:
         self._starts.insert(i, base)
         self._ranges.insert(i, (base, base + length, device))
 
+    def ranges(self) -> list[tuple[int, int, Device]]:
+        """(base, end, device) of every registered range, in address order."""
+        return list(self._ranges)
+
     def lookup(self, addr: int) -> tuple[Device, int] | None:
         i = bisect.bisect(self._starts, addr) - 1
         if i >= 0:

@@ -134,6 +134,8 @@ class Machine:
         self.entry_ip = 0
         self._output = bytearray() if capture_output else None
         self._sink = _sink(console)
+        #: Bytes the guest has output so far (a restored machine continues the count).
+        self.output_bytes = 0
         try:
             self._build()
         except BaseException:
@@ -212,6 +214,16 @@ class Machine:
         if self.config.irqchip:
             self._enable_x2apic(fd)
 
+    def mark_restored(self, layout: SystemLayout, entry_ip: int) -> None:
+        """Make the machine runnable without `load()`: the caller (kvmpy.persist, restoring a
+        snapshot or receiving a migration) has put back guest memory and the vCPU state, so
+        the vCPU goes on where it was. `layout` and `entry_ip` are what `load()` recorded in
+        the original machine; fault reports and the paged32 host check need them."""
+        self.layout = layout
+        self.entry_ip = entry_ip
+        fd = self.vcpu.fd
+        self.boot = BootState(self.mode, fd.get_regs(), fd.get_sregs(), layout)
+
     def _enable_x2apic(self, fd) -> None:
         base = APIC_DEFAULT_BASE | APIC_BASE_ENABLE | APIC_BASE_EXTD | APIC_BASE_BSP
         if fd.set_msrs({MSR_IA32_APIC_BASE: base}) != 1:
@@ -259,6 +271,7 @@ class Machine:
     # --- output --------------------------------------------------------------------------------
 
     def console_write(self, data: bytes) -> None:
+        self.output_bytes += len(data)
         if self._output is not None:
             self._output += data
         if self._sink is not None:
@@ -273,9 +286,20 @@ class Machine:
 
     # --- running -------------------------------------------------------------------------------
 
-    def run(self, timeout: float | None = None, *, handle_sigint: bool = False) -> RunResult:
+    def run(
+        self,
+        timeout: float | None = None,
+        *,
+        handle_sigint: bool = False,
+        on_pause: Callable[[], Stop | None] | None = None,
+    ) -> RunResult:
         """Run until the guest stops. `timeout` (seconds) and `handle_sigint` use signals and
-        so work from the main thread only."""
+        so work from the main thread only.
+
+        A pause (`vcpu.request_pause`) normally just re-enters the guest. With `on_pause`, it
+        is called instead, with the vCPU out of KVM_RUN and its pending I/O completed, so it
+        can read or save the vCPU's state and block until the VM should go on; a Stop it
+        returns ends the run (a control channel pausing, snapshotting or migrating the VM)."""
         if self.boot is None:
             raise ConfigError("load an image before running the machine")
         vcpu = self.vcpu
@@ -301,6 +325,11 @@ class Machine:
             stop = None
             while stop is None:
                 stop = vcpu.run()
+                if stop is None and on_pause is not None:
+                    vcpu.complete_pending_io()
+                    stop = on_pause()
+                    if stop is not None:
+                        vcpu.stopped = stop
         finally:
             if timeout:
                 signal.setitimer(signal.ITIMER_REAL, 0)

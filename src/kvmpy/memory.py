@@ -14,7 +14,7 @@ import logging
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -120,6 +120,10 @@ class GuestMemory:
         self._starts: list[int] = []
         self._vm: VmFd | None = None
         self._next_slot = 0
+        #: Called as on_write(gpa, length) after each write through `write`, `fill` and
+        #: `write_u*` (not through a `view`). KVM's dirty log sees only the guest's own writes,
+        #: so a live migration learns of the VMM's writes (hypercall results) here.
+        self.on_write: Callable[[int, int], None] | None = None
 
     # --- layout --------------------------------------------------------------------------------
 
@@ -265,6 +269,8 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
+        if self.on_write is not None:
+            self.on_write(gpa, len(data))
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         v = self.view(gpa, length)
@@ -272,6 +278,8 @@ class GuestMemory:
             v[:] = bytes(length)
         else:
             v[:] = bytes([byte]) * length
+        if self.on_write is not None:
+            self.on_write(gpa, length)
 
     def read_u8(self, gpa: int) -> int:
         return self.view(gpa, 1)[0]
@@ -287,9 +295,15 @@ class GuestMemory:
 
     def write_u16(self, gpa: int, value: int) -> None:
         _U16.pack_into(self.view(gpa, 2), 0, value)
+        if self.on_write is not None:
+            self.on_write(gpa, 2)
 
     def write_u32(self, gpa: int, value: int) -> None:
         _U32.pack_into(self.view(gpa, 4), 0, value)
+        if self.on_write is not None:
+            self.on_write(gpa, 4)
 
     def write_u64(self, gpa: int, value: int) -> None:
         _U64.pack_into(self.view(gpa, 8), 0, value)
+        if self.on_write is not None:
+            self.on_write(gpa, 8)

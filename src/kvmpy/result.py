@@ -22,10 +22,11 @@ class StopReason(enum.StrEnum):
     INTERRUPTED = "interrupted"  # stopped from the host (Ctrl-C, request_stop)
     TIMEOUT = "timeout"  # the run's time limit passed
     VMM_ERROR = "vmm_error"  # KVM_RUN itself failed
+    MIGRATED = "migrated"  # the VM went on in another process (kvmpy.persist)
 
     @property
     def ok(self) -> bool:
-        return self in (StopReason.EXIT, StopReason.HLT)
+        return self in (StopReason.EXIT, StopReason.HLT, StopReason.MIGRATED)
 
 
 # Process exit status of `kvmpy run` for stops that carry no guest exit code.
@@ -113,7 +114,7 @@ class RunResult:
     def process_exit_status(self) -> int:
         if self.stop_reason is StopReason.EXIT:
             return self.exit_code & 0xFF
-        if self.stop_reason is StopReason.HLT:
+        if self.stop_reason in (StopReason.HLT, StopReason.MIGRATED):
             return 0
         return EXIT_STATUS.get(self.stop_reason, EXIT_STATUS_CRASH)
 

@@ -7,12 +7,25 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from ..errors import KvmpyError
 
 # Subcommand modules, in the order `kvmpy --help` lists them.
-COMMANDS = ["run", "build", "examples", "doctor", "bench", "sched", "ipc", "lab"]
+COMMANDS = [
+    "run",
+    "build",
+    "examples",
+    "doctor",
+    "bench",
+    "sched",
+    "ipc",
+    "lab",
+    "ctl",
+    "restore",
+    "migrate-receive",
+]
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -28,6 +41,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The run loop relies on these signals (Ctrl-C, --timeout, vCPU kicks, child exits), and a
+    # signal mask is inherited: a parent that spawned kvmpy from a thread blocking them would
+    # leave a VM that no timeout can stop.
+    signal.pthread_sigmask(
+        signal.SIG_UNBLOCK,
+        {signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD, signal.SIGUSR1},
+    )
     parser = make_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

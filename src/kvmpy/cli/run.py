@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--irqchip", action="store_true", help="create the in-kernel irqchip (LAPIC in x2APIC mode)"
     )
+    p.add_argument(
+        "--control", metavar="SOCK", help="serve a control channel on this unix socket (kvmpy ctl)"
+    )
     p.set_defaults(func=cmd_run)
 
 
@@ -82,7 +85,12 @@ def cmd_run(args) -> int:
         vcpu = machine.vcpu
         vcpu.trace = args.trace_exits
         machine.load(image)
-        result = machine.run(timeout=args.timeout, handle_sigint=True)
+        if args.control:
+            from .ctl import run_with_control
+
+            result = run_with_control(machine, args.control, args.timeout)
+        else:
+            result = machine.run(timeout=args.timeout, handle_sigint=True)
     out.flush()
     report(result, stats=args.stats, as_json=args.json, image=str(path), mode=mode)
     return result.process_exit_status

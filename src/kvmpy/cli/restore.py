@@ -1,0 +1,68 @@
+"""kvmpy restore: continue a snapshot in this process."""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "restore",
+        help="continue a VM from a snapshot",
+        description="Continue the VM saved in the snapshot directory DIR ('kvmpy ctl SOCK "
+        "snapshot DIR'), exactly where it stopped. Guest output goes to stdout and the exit "
+        "status is the guest's, as with 'kvmpy run'. --lazy starts the VM at once and reads "
+        "each part of its memory from the snapshot when it is first touched (userfaultfd).",
+    )
+    p.add_argument("dir", metavar="DIR", help="a snapshot directory")
+    p.add_argument(
+        "--lazy", action="store_true", help="bring memory in on first touch (userfaultfd)"
+    )
+    p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
+    p.add_argument("--stats", action="store_true", help="print exit statistics (stderr)")
+    p.add_argument("--control", metavar="SOCK", help="serve a control channel (kvmpy ctl)")
+    p.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="stop the guest after this long"
+    )
+    p.set_defaults(func=cmd_restore)
+
+
+def cmd_restore(args) -> int:
+    handler = None
+    if args.lazy:
+        # Started first, so the handler's interpreter starts while this one imports the rest.
+        from ..persist.handler import HandlerProcess
+
+        handler = HandlerProcess.start()
+    try:
+        return _restore(args, handler)
+    finally:
+        if handler is not None:
+            handler.close()  # if restore() never took it over
+
+
+def _restore(args, handler) -> int:
+    # Everything the run needs is imported before restore() starts its clock.
+    from ..errors import ConfigError
+    from ..persist import control, session  # noqa: F401
+    from ..persist.snapshot import restore
+    from .ctl import run_with_control
+    from .run import report
+
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError("--timeout must be positive")
+    out = sys.stdout.buffer
+    restored = restore(
+        args.dir, lazy_memory=args.lazy, console=out, capture_output=False, handler=handler
+    )
+    mode = restored.machine.mode
+    try:
+        result = run_with_control(
+            restored.machine, args.control, args.timeout, before_first_run=restored.mark_first_run
+        )
+        result.extra["restore"] = restored.report()
+    finally:
+        restored.close()
+    out.flush()
+    report(result, stats=args.stats, as_json=args.json, image=str(args.dir), mode=mode)
+    return result.process_exit_status
