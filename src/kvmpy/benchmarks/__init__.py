@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
+from .. import plotting
 from ..errors import KvmpyError
 
 # The C references are built the way the issue states ("built with gcc"); -O2 because a
@@ -172,6 +173,10 @@ def cpu_number(text: str) -> int:
 
 
 PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    return plotting.save_figure(fig, path, dpi, error=BenchmarkError)
 
 
 def plot_path(text: str) -> Path:

@@ -40,6 +40,7 @@ from . import (
     pinned,
     plot_path,
     positive_int,
+    save_figure,
     write_cached,
 )
 
@@ -433,10 +434,7 @@ def plot(doc: dict, path: Path) -> None:
         f"ratio {doc['ratio']:.3f}"
     )
     ax.legend(loc="lower right", fontsize="small")
-    try:
-        fig.savefig(path, format=path.suffix.lstrip(".").lower(), dpi=120)
-    except OSError as e:
-        raise BenchmarkError(f"cannot write the plot to {path}: {e.strerror or e}") from None
+    save_figure(fig, path, dpi=120)
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..memory import format_size, parse_size
-from . import BenchmarkError, build_c, median, plot_path, positive_int
+from . import BenchmarkError, build_c, median, plot_path, positive_int, save_figure
 
 LAZY_GOAL_MS = 10.0
 DOWNTIME_GOAL_MS = 30.0
@@ -400,10 +400,7 @@ def plot(doc: dict, path: Path) -> None:
         "touched\nbars: medians, dots: runs, dashed: C reference, red: goals",
         fontsize="medium",
     )
-    try:
-        fig.savefig(path, format=path.suffix.lstrip(".").lower(), dpi=120)
-    except OSError as e:
-        raise BenchmarkError(f"cannot write the plot to {path}: {e.strerror or e}") from None
+    save_figure(fig, path, dpi=120)
 
 
 # --- command line --------------------------------------------------------------------------------

@@ -26,7 +26,16 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import BenchmarkError, cpu_number, default_cpu, format_cpus, median, plot_path, positive_int
+from . import (
+    BenchmarkError,
+    cpu_number,
+    default_cpu,
+    format_cpus,
+    median,
+    plot_path,
+    positive_int,
+    save_figure,
+)
 
 WEIGHTS = (7, 3)
 DEFAULT_QUANTA = (0.001, 0.005, 0.010, 0.050)
@@ -332,10 +341,7 @@ def plot(doc: dict, path: Path) -> None:
     ax2.legend(fontsize="small")
     ax2.grid(alpha=0.3)
     ax1.set_title(f"kvmpy bench sched: weighted 70/30, {doc['duration_s']:g} s per run")
-    try:
-        fig.savefig(path, format=path.suffix.lstrip(".").lower(), dpi=110)
-    except OSError as e:
-        raise BenchmarkError(f"cannot write the plot to {path}: {e.strerror or e}") from None
+    save_figure(fig, path, dpi=110)
 
 
 # --- command line ------------------------------------------------------------------------------

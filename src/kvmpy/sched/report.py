@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..plotting import save_figure
 from .errors import SchedError
 
 
@@ -295,8 +296,4 @@ def plot(result: ScheduleResult, path: str | Path) -> Path:
     axes[-1].set_xlabel("time (s)")
     q = f", quantum {format_seconds(result.quantum_s)}" if result.quantum_s else ""
     axes[0].set_title(f"kvmpy sched: {result.policy}{q} (dotted: targets)")
-    try:
-        fig.savefig(path, format=path.suffix.lstrip(".").lower(), dpi=110)
-    except OSError as e:
-        raise SchedError(f"cannot write the plot to {path}: {e.strerror or e}") from None
-    return path
+    return save_figure(fig, path, 110, error=SchedError)
