@@ -340,3 +340,17 @@ def test_migrated_is_a_clean_stop():
 
     r = RunResult(StopReason.MIGRATED, 0, "migrated", {}, {}, ExitStats())
     assert StopReason.MIGRATED.ok and r.process_exit_status == 0
+
+
+@pytest.mark.kvm
+def test_captured_output_is_bounded(kvm, assemble):
+    """A guest that prints without end cannot grow the VMM's memory: the capture keeps a tail."""
+    code = assemble(
+        "mov $0x41, %al\n mov $20000, %ecx\n1: out %al, $0xe9\n dec %ecx\n jnz 1b\n hlt"
+    )
+    with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm, capture_limit=1000) as m:
+        m.load(load_raw(code))
+        result = m.run(timeout=60)
+        assert m.output_bytes == 20000
+        assert len(m._output) <= 2000
+    assert result.output == b"A" * 1000

@@ -117,6 +117,7 @@ class Machine:
         kvm: Kvm | None = None,
         console: Callable[[bytes], None] | BinaryIO | None = None,
         capture_output: bool = True,
+        capture_limit: int = 1 << 20,
     ):
         self.config = config = (config or MachineConfig()).validated()
         self.mode: Mode = config.mode  # type: ignore[assignment]
@@ -132,7 +133,10 @@ class Machine:
         self.boot: BootState | None = None
         self.image: Image | None = None
         self.entry_ip = 0
+        # The guest decides how much it prints: keep only the last `capture_limit` bytes so a
+        # guest that prints forever cannot grow the VMM's memory without bound.
         self._output = bytearray() if capture_output else None
+        self._capture_limit = max(0, capture_limit)
         self._sink = _sink(console)
         #: Bytes the guest has output so far (a restored machine continues the count).
         self.output_bytes = 0
@@ -272,14 +276,23 @@ class Machine:
 
     def console_write(self, data: bytes) -> None:
         self.output_bytes += len(data)
-        if self._output is not None:
-            self._output += data
+        out = self._output
+        if out is not None:
+            out += data
+            # Trim in big steps (not per write) so capturing stays amortized O(1) per byte.
+            if len(out) > 2 * self._capture_limit:
+                del out[: len(out) - self._capture_limit]
         if self._sink is not None:
             self._sink(data)
 
     @property
     def output(self) -> bytes:
-        return bytes(self._output or b"")
+        """What the guest printed: all of it, or the last `capture_limit` bytes if it printed
+        more (`output_bytes` counts everything)."""
+        out = self._output
+        if not out:
+            return b""
+        return bytes(out[-self._capture_limit :]) if self._capture_limit else b""
 
     def apply_effect(self, effect: Effect) -> None:
         raise NotImplementedError(f"no handler for device effect {effect!r}")
