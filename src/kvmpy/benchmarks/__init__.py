@@ -192,3 +192,25 @@ def plot_path(text: str) -> Path:
             f"cannot write {text!r}: {parent} is not a writable directory"
         )
     return path
+
+
+def report(args, doc: dict, render, plot, console=None) -> int:
+    """The end of every `kvmpy bench` command: the figures first (one JSON object with --json,
+    else the rich rendering), then the plot, so a plot that cannot be written never costs the
+    user the figures."""
+    import json
+    import sys
+
+    from rich.console import Console
+
+    console = console or Console(highlight=False)
+    if args.json:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.flush()
+    else:
+        render(doc, console)
+    if args.plot:
+        plot(doc, args.plot)
+        if not args.json:
+            console.print(f"plot: {args.plot}")
+    return 0

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from . import (
     pinned,
     plot_path,
     positive_int,
+    report,
     save_figure,
     write_cached,
 )
@@ -532,14 +532,4 @@ def cmd_exits(args) -> int:
     except KeyboardInterrupt:
         err.print("kvmpy: interrupted")
         return 130
-    # Results first: a plot that cannot be written must not cost the user the figures.
-    if args.json:
-        sys.stdout.write(json.dumps(doc) + "\n")
-        sys.stdout.flush()
-    else:
-        render(doc, Console(highlight=False))
-    if args.plot:
-        plot(doc, args.plot)
-        if not args.json:
-            Console(highlight=False).print(f"plot: {args.plot}")
-    return 0
+    return report(args, doc, render, plot)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..memory import format_size, parse_size
-from . import BenchmarkError, build_c, median, plot_path, positive_int, save_figure
+from . import BenchmarkError, build_c, median, plot_path, positive_int, report, save_figure
 
 LAZY_GOAL_MS = 10.0
 DOWNTIME_GOAL_MS = 30.0
@@ -454,13 +454,4 @@ def cmd_persist(args) -> int:
     out = Console(highlight=False)
     if not out.is_terminal:
         out = Console(highlight=False, width=110)  # rich's 80 columns would fold the tables
-    if args.json:
-        sys.stdout.write(json.dumps(doc) + "\n")
-        sys.stdout.flush()
-    else:
-        render(doc, out)
-    if args.plot:
-        plot(doc, args.plot)
-        if not args.json:
-            out.print(f"plot: {args.plot}")
-    return 0
+    return report(args, doc, render, plot, out)

@@ -19,10 +19,8 @@ and `goal_met` asks that every round met the goal.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from . import (
     median,
     plot_path,
     positive_int,
+    report,
     save_figure,
 )
 
@@ -418,13 +417,4 @@ def cmd_sched(args) -> int:
     except KeyboardInterrupt:
         err.print("kvmpy: interrupted")
         return 130
-    if args.json:
-        sys.stdout.write(json.dumps(doc) + "\n")
-        sys.stdout.flush()
-    else:
-        render(doc, Console(highlight=False))
-    if args.plot:
-        plot(doc, args.plot)
-        if not args.json:
-            Console(highlight=False).print(f"plot: {args.plot}")
-    return 0
+    return report(args, doc, render, plot)
