@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..benchmarks import positive_int
+from ..ipc.report import format_rate, format_time
 
 
 def add_parser(sub) -> None:
@@ -149,21 +150,6 @@ def run_user_guest(opts, args) -> int:
     return max(result[role]["exit_code"] & 0xFF for role in result)
 
 
-def _rate(bps: float) -> str:
-    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("KB/s", 1e3)):
-        if bps >= scale:
-            return f"{bps / scale:.2f} {unit}"
-    return f"{bps:.0f} B/s"
-
-
-def _time(s: float) -> str:
-    if s >= 1:
-        return f"{s:.3f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.3f} ms"
-    return f"{s * 1e6:.2f} µs"
-
-
 def print_result(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -179,18 +165,18 @@ def print_result(r: dict) -> None:
         rtt = r["rtt_us"]
         for k in ("median", "p10", "p90", "p99", "min"):
             t.add_row(k, f"{rtt[k]:.2f} µs")
-        t.add_row("eventfd ping-pong, 2 host threads", _time(r["eventfd_rtt_seconds"]))
+        t.add_row("eventfd ping-pong, 2 host threads", format_time(r["eventfd_rtt_seconds"]))
         t.add_row("ratio to eventfd", f"{r['ratio_to_eventfd']:.3f}")
     else:
         t = Table(title=f"{r['mechanism']}: {format_size(r['size'])} from VM to VM, {where}")
         t.add_column("")
         t.add_column("", justify="right")
-        t.add_row("median time", _time(r["seconds"]))
-        t.add_row("throughput", _rate(r["throughput_bytes_per_s"]))
-        t.add_row("host memcpy, same size, same run", _rate(r["memcpy_bytes_per_s"]))
+        t.add_row("median time", format_time(r["seconds"]))
+        t.add_row("throughput", format_rate(r["throughput_bytes_per_s"]))
+        t.add_row("host memcpy, same size, same run", format_rate(r["memcpy_bytes_per_s"]))
         t.add_row("ratio to memcpy", f"{r['ratio_to_memcpy']:.4f}")
-        t.add_row("each run", "  ".join(_time(x) for x in r["runs_seconds"]))
-        t.add_row("warm-up run", _time(r["warmup_seconds"]))
+        t.add_row("each run", "  ".join(format_time(x) for x in r["runs_seconds"]))
+        t.add_row("warm-up run", format_time(r["warmup_seconds"]))
     t.add_row(
         "userspace exits per run",
         f"{r['userspace_exits']} (sender {r['userspace_exits_by_side']['sender']}, "

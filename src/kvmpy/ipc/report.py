@@ -14,14 +14,14 @@ COLORS = {"pio": "#d62728", "shm-poll": "#1f77b4", "shm-irq": "#2ca02c", "memcpy
 GIB = 1 << 30
 
 
-def _rate(bps: float) -> str:
+def format_rate(bps: float) -> str:
     for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("KB/s", 1e3)):
         if bps >= scale:
             return f"{bps / scale:.3g} {unit}"
     return f"{bps:.0f} B/s"
 
 
-def _t(s: float) -> str:
+def format_time(s: float) -> str:
     if s >= 1:
         return f"{s:.2f} s"
     if s >= 1e-3:
@@ -216,13 +216,13 @@ def render(doc: dict, images: list[str]) -> str:
     if poll1g:
         parts.append(
             f"a ring in shared memory with spinning ends (shm-poll) moves 1 GiB at "
-            f"{_rate(poll1g['throughput_bytes_per_s'])}, {_pct(poll1g['ratio_to_memcpy'])} of a "
+            f"{format_rate(poll1g['throughput_bytes_per_s'])}, {_pct(poll1g['ratio_to_memcpy'])} of a "
             "host memcpy of the same size measured in the same run"
         )
     if irq1g:
         parts.append(
             f"the same ring with doorbell interrupts (shm-irq) reaches "
-            f"{_rate(irq1g['throughput_bytes_per_s'])} with "
+            f"{format_rate(irq1g['throughput_bytes_per_s'])} with "
             f"{g.get('shm_irq_zero_exits', {}).get('max_userspace_exits_per_run', '?')} "
             "userspace exits per transfer"
         )
@@ -230,7 +230,7 @@ def render(doc: dict, images: list[str]) -> str:
         best = g.get("pio_string_vs_exit_round_trip", {})
         parts.append(
             f"port I/O relayed by the VMMs (pio) manages "
-            f"{_rate(best.get('best_throughput_bytes_per_s', pio4k['throughput_bytes_per_s']))}, "
+            f"{format_rate(best.get('best_throughput_bytes_per_s', pio4k['throughput_bytes_per_s']))}, "
             "bounded by how KVM emulates string I/O rather than by the VMM's Python"
         )
     add("**Summary.** On this host " + "; ".join(parts) + ".")
@@ -334,9 +334,9 @@ def render(doc: dict, images: list[str]) -> str:
     for r in sorted(
         thr, key=lambda r: (["pio", "shm-poll", "shm-irq"].index(r["mechanism"]), r["size"])
     ):
-        each = " ".join(_t(x) for x in r["runs_seconds"])
-        add(f"| {r['mechanism']} | {_size(r['size'])} | {_t(r['seconds'])} | "
-            f"{_rate(r['throughput_bytes_per_s'])} | {_rate(r['memcpy_bytes_per_s'])} | "
+        each = " ".join(format_time(x) for x in r["runs_seconds"])
+        add(f"| {r['mechanism']} | {_size(r['size'])} | {format_time(r['seconds'])} | "
+            f"{format_rate(r['throughput_bytes_per_s'])} | {format_rate(r['memcpy_bytes_per_s'])} | "
             f"{r['ratio_to_memcpy']:.3g} | {r['userspace_exits']} | {each} |")  # fmt: skip
     for s in doc.get("skipped", []):
         add(f"| {s['mechanism']} | {_size(s['size'])} | not run: {s['why']} | | | | | |")
@@ -354,7 +354,7 @@ def render(doc: dict, images: list[str]) -> str:
     ft = [r["first_touch_seconds"] for r in thr if r["mechanism"] == "shm-poll"]
     if ft:
         add(f"First touch of the 2 × {_size(ring)} of rings (before the runs): "
-            f"{_t(ft[0]['sender'])} in the sender, {_t(ft[0]['receiver'])} in the receiver.")  # fmt: skip
+            f"{format_time(ft[0]['sender'])} in the sender, {format_time(ft[0]['receiver'])} in the receiver.")  # fmt: skip
         add("")
     add("## 6. Latency")
     add("")
@@ -407,13 +407,13 @@ def render_breakdown(doc: dict, bd: dict) -> str:
     L = []
     tables = []
     if "pio" in bd:
-        tables.append((f"pio, {_size(bd['pio']['size'])} (median run {_t(bd['pio']['seconds'])})",
+        tables.append((f"pio, {_size(bd['pio']['size'])} (median run {format_time(bd['pio']['seconds'])})",
                        bd["pio"]["layers"]))  # fmt: skip
     best = bd.get("best")
     for key in (f"{best}/{GIB}", f"shm-irq/{2 << 20}"):
         if key in bd:
             b = bd[key]
-            tables.append((f"{b['mechanism']}, {_size(b['size'])} (median run {_t(b['seconds'])})",
+            tables.append((f"{b['mechanism']}, {_size(b['size'])} (median run {format_time(b['seconds'])})",
                            b["layers"]))  # fmt: skip
     for title, layers in tables:
         layers = _nonzero(layers)
@@ -426,7 +426,7 @@ def render_breakdown(doc: dict, bd: dict) -> str:
         for n in names:
             s, r = layers["sender"].get(n), layers["receiver"].get(n)
             L.append(
-                f"| {n} | {_t(s) if s is not None else ''} | {_t(r) if r is not None else ''} |"
+                f"| {n} | {format_time(s) if s is not None else ''} | {format_time(r) if r is not None else ''} |"
             )
         L.append("")
     if "pio" in bd:
@@ -470,9 +470,9 @@ def render_variants(doc: dict) -> str:
             o = r["options"]
             ins = {"byte": "`out`/`in` al", "dword": "`out`/`in` eax",
                    "string": "`rep outsl`/`rep insl`"}[o["pio_width"]]  # fmt: skip
-            L.append(f"| {ins} | {'yes' if o['pio_coalesce'] else 'no'} | {_t(r['seconds'])} | "
-                     f"{_rate(r['throughput_bytes_per_s'])} | "
-                     f"{_t(r['layers']['sender']['run'])} | "
+            L.append(f"| {ins} | {'yes' if o['pio_coalesce'] else 'no'} | {format_time(r['seconds'])} | "
+                     f"{format_rate(r['throughput_bytes_per_s'])} | "
+                     f"{format_time(r['layers']['sender']['run'])} | "
                      f"{r['userspace_exits_by_side']['sender']} | "
                      f"{r['userspace_exits_by_side']['receiver']} |")  # fmt: skip
         L.append("")
@@ -484,8 +484,8 @@ def render_variants(doc: dict) -> str:
     ]
     if wm and base:
         L.append(f"**shm-irq, 2 MiB, waiting in `hlt` against spinning on the interrupt count:** "
-                 f"{_rate(base[0]['throughput_bytes_per_s'])} against "
-                 f"{_rate(wm[0]['throughput_bytes_per_s'])}.")  # fmt: skip
+                 f"{format_rate(base[0]['throughput_bytes_per_s'])} against "
+                 f"{format_rate(wm[0]['throughput_bytes_per_s'])}.")  # fmt: skip
         L.append("")
     sp = _ok(doc.get("same_process", []))
     if sp:
@@ -497,8 +497,8 @@ def render_variants(doc: dict) -> str:
         for r in sp:
             two = thr.get((r["mechanism"], r["size"]))
             L.append(f"| {r['mechanism']} | {_size(r['size'])} | "
-                     f"{_rate(two['throughput_bytes_per_s']) if two else '-'} | "
-                     f"{_rate(r['throughput_bytes_per_s'])} |")  # fmt: skip
+                     f"{format_rate(two['throughput_bytes_per_s']) if two else '-'} | "
+                     f"{format_rate(r['throughput_bytes_per_s'])} |")  # fmt: skip
         L.append("")
     return "\n".join(L) + "\n"
 
@@ -524,13 +524,13 @@ def render_discussion(doc: dict) -> str:
                 "VMM. KVM's emulator gives userspace one item of a `rep outs` per exit (it "
                 "batches only `rep ins`, up to 1 KiB, its read-ahead buffer)")  # fmt: skip
         if plain and coal:
-            text += (f": sending 4 KiB with plain `rep outsl` took {_t(plain['layers']['sender']['run'])} "
+            text += (f": sending 4 KiB with plain `rep outsl` took {format_time(plain['layers']['sender']['run'])} "
                      f"and {plain['userspace_exits_by_side']['sender']} exits; with the coalesced "
-                     f"ring {_t(coal['layers']['sender']['run'])} and "
+                     f"ring {format_time(coal['layers']['sender']['run'])} and "
                      f"{coal['userspace_exits_by_side']['sender']} exits")  # fmt: skip
         text += (". The coalesced ring removes most exits, but every dword still traps into "
                  f"KVM's instruction emulator; the sender's largest layer is \"{top}\" "
-                 f"({_t(sender[top])} of a {_t(bd['pio']['seconds'])} run), and the receiver's "
+                 f"({format_time(sender[top])} of a {format_time(bd['pio']['seconds'])} run), and the receiver's "
                  f"`rep insl` still costs an exit per KiB. Python adds {_us(pe['vmm_python_us'])} "
                  f"per exit ({_pct(python_share)} of a trip) and the relay socket "
                  f"{_us(pe['relay_us'])}.")  # fmt: skip
@@ -565,8 +565,8 @@ def render_discussion(doc: dict) -> str:
     n = bd.get("notification")
     if irq and poll:
         text = (f"**shm-irq pays for sleeping.** At 1 GiB it moved "
-                f"{_rate(irq['throughput_bytes_per_s'])} against shm-poll's "
-                f"{_rate(poll['throughput_bytes_per_s'])}: a side that finds the ring full or "
+                f"{format_rate(irq['throughput_bytes_per_s'])} against shm-poll's "
+                f"{format_rate(poll['throughput_bytes_per_s'])}: a side that finds the ring full or "
                 "empty goes to sleep and needs a doorbell to continue, and each sleep costs a "
                 "trap (`int3`), emulated ring-0 code and an interrupt injection on this host.")  # fmt: skip
         if n:
@@ -621,8 +621,8 @@ def render_goals(doc: dict) -> str:
     x = g.get("shm_poll_1g_vs_memcpy")
     if x:
         L.append(f"- **shm-poll at 1 GiB ≥ 85 % of the same-run host memcpy: "
-                 f"{'met' if x['met'] else 'not met'}** — {_rate(x['throughput_bytes_per_s'])} "
-                 f"against {_rate(x['memcpy_bytes_per_s'])}, {_pct(x['ratio'])}.")  # fmt: skip
+                 f"{'met' if x['met'] else 'not met'}** — {format_rate(x['throughput_bytes_per_s'])} "
+                 f"against {format_rate(x['memcpy_bytes_per_s'])}, {_pct(x['ratio'])}.")  # fmt: skip
     x = g.get("shm_irq_zero_exits")
     if x:
         by = ", ".join(f"{_size(int(k))}: {v}" for k, v in x["by_size"].items())
@@ -633,13 +633,13 @@ def render_goals(doc: dict) -> str:
         L.append(f"- **pio with string I/O at ≥ 70 % of 4 KiB per exit round trip: "
                  f"{'met' if x['met'] else 'not met'}** — the exit round trip is "
                  f"{_us(x['exit_round_trip_seconds'] * 1e6)}, so the target is "
-                 f"{_rate(x['target_bytes_per_s'])}; pio reached "
-                 f"{_rate(x['best_throughput_bytes_per_s'])} ({_size(x['best_size'])}), "
+                 f"{format_rate(x['target_bytes_per_s'])}; pio reached "
+                 f"{format_rate(x['best_throughput_bytes_per_s'])} ({_size(x['best_size'])}), "
                  f"{_pct(x['ratio'])} of 4 KiB per round trip. The goal assumes KVM hands a "
                  "string I/O instruction to the VMM a page per exit. It does not: `rep outs` "
                  "comes one item per exit (4 bytes with `rep outsl`), and `rep ins` 1 KiB per "
                  "exit at most: that alone caps the receiver at 1 KiB per round trip, "
-                 f"{_rate(x['ins_bound_bytes_per_s'])}, a quarter of what the goal assumes. "
+                 f"{format_rate(x['ins_bound_bytes_per_s'])}, a quarter of what the goal assumes. "
                  "kvmpy's answer, the coalesced ring, keeps the sender out of userspace for 169 "
                  "of every 170 items, so what remains is KVM's per-item emulation in the kernel "
                  "and one exit per KiB on the receiver: the channel is bounded by KVM, and "
