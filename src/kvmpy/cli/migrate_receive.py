@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from .run import add_result_options
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -15,12 +17,7 @@ def add_parser(sub) -> None:
         "a free port; the address is printed on stderr.",
     )
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="where to listen")
-    p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
-    p.add_argument("--stats", action="store_true", help="print exit statistics (stderr)")
-    p.add_argument("--control", metavar="SOCK", help="serve a control channel (kvmpy ctl)")
-    p.add_argument(
-        "--timeout", type=float, metavar="SECONDS", help="stop the guest after this long"
-    )
+    add_result_options(p)
     p.set_defaults(func=cmd_migrate_receive)
 
 

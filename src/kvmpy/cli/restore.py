@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from .run import add_result_options
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -18,12 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--lazy", action="store_true", help="bring memory in on first touch (userfaultfd)"
     )
-    p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
-    p.add_argument("--stats", action="store_true", help="print exit statistics (stderr)")
-    p.add_argument("--control", metavar="SOCK", help="serve a control channel (kvmpy ctl)")
-    p.add_argument(
-        "--timeout", type=float, metavar="SECONDS", help="stop the guest after this long"
-    )
+    add_result_options(p)
     p.set_defaults(func=cmd_restore)
 
 

@@ -29,19 +29,24 @@ def add_parser(sub) -> None:
         "--load-addr", type=_address, metavar="GPA", help="where a raw image loads (default 0)"
     )
     p.add_argument("--entry", type=_address, metavar="GPA", help="entry point (default: image's)")
+    add_result_options(p)
+    p.add_argument("--trace-exits", action="store_true", help="log every exit (stderr)")
+    p.add_argument(
+        "--irqchip", action="store_true", help="create the in-kernel irqchip (LAPIC in x2APIC mode)"
+    )
+    p.set_defaults(func=cmd_run)
+
+
+def add_result_options(p) -> None:
+    """The options of every command that runs a VM to its end (run, restore, migrate-receive)."""
     p.add_argument("--stats", action="store_true", help="print exit statistics (stderr)")
     p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
-    p.add_argument("--trace-exits", action="store_true", help="log every exit (stderr)")
     p.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="stop the guest after this long"
     )
     p.add_argument(
-        "--irqchip", action="store_true", help="create the in-kernel irqchip (LAPIC in x2APIC mode)"
-    )
-    p.add_argument(
         "--control", metavar="SOCK", help="serve a control channel on this unix socket (kvmpy ctl)"
     )
-    p.set_defaults(func=cmd_run)
 
 
 def _address(text: str) -> int:
