@@ -120,6 +120,19 @@ class Linear:
         return int.from_bytes(self.read(addr, 8), "little")
 
 
+CONTRIBUTORY = frozenset({0, 10, 11, 12, 13})
+
+
+def _double_fault(first: int, first_software: bool, second: int) -> bool:
+    """Whether `second`, raised while delivering `first`, makes a double fault (SDM vol. 3,
+    table 6-5): contributory after contributory, or #PF/contributory after #PF."""
+    if first_software:
+        return False
+    if first == 14:
+        return second == 14 or second in CONTRIBUTORY
+    return first in CONTRIBUTORY and second in CONTRIBUTORY
+
+
 def deliver(
     cpu: CpuState,
     memory: GuestMemory,
@@ -133,26 +146,32 @@ def deliver(
     result into the engine. RIP in the state is the return address (the faulting instruction
     for faults, the next one for traps, software interrupts and external interrupts).
 
-    A fault during delivery becomes #DF; a fault delivering #DF raises TripleFault."""
+    A fault during delivery is delivered instead, or becomes #DF by the architecture's rules;
+    a fault delivering #DF raises TripleFault."""
     rflags = cpu.read_rflags()
     snapshot = bytes(cpu.buf)
-    try:
-        _deliver_one(cpu, memory, vector, error_code, software, rflags, inside)
-    except Fault:
-        if vector == DF:
-            raise TripleFault() from None
-        cpu.buf[:] = snapshot
+    for _ in range(4):
         try:
-            _deliver_one(cpu, memory, DF, 0, False, rflags, inside)
-        except Fault:
-            raise TripleFault() from None
+            _deliver_one(cpu, memory, vector, error_code, software, rflags, inside)
+            break
+        except Fault as f:
+            if vector == DF:
+                raise TripleFault() from None
+            cpu.buf[:] = snapshot
+            if _double_fault(vector, software, f.vector):
+                vector, error_code = DF, 0
+            else:
+                vector, error_code = f.vector, f.error_code
+            software = False
+    else:
+        raise TripleFault()
     cpu.store()
 
 
 def _deliver_one(cpu, memory, vector, error_code, software, rflags, inside) -> None:
-    if software:
+    if software or vector not in VECTORS_WITH_ERROR_CODE:
         error_code = None
-    elif error_code is None and vector in VECTORS_WITH_ERROR_CODE:
+    elif error_code is None:
         error_code = 0
     if not cpu.cr(0) & 1:
         _deliver_real(cpu, memory, vector, rflags, inside)
@@ -168,7 +187,7 @@ def _deliver_real(cpu: CpuState, memory, vector: int, rflags: int, inside: bool)
     lin = Linear(memory, cpu)
     idt = cpu.table(E.IDT)
     if vector * 4 + 3 > idt.limit:
-        raise Fault(GP, vector * 8 + 2)
+        raise Fault(GP, vector * 8 + 2)  # real mode pushes no error code; this ends in #DF
     off, seg = struct.unpack("<HH", lin.read(idt.base + vector * 4, 4))
     ss, cs = cpu.seg(E.R_SS), cpu.seg(E.R_CS)
     sp = cpu.gpr("rsp")
@@ -185,10 +204,10 @@ def _deliver_real(cpu: CpuState, memory, vector: int, rflags: int, inside: bool)
     cpu.update_hflags(rflags, inhibit_irq=False)
 
 
-def _read_gate(lin: Linear, cpu: CpuState, vector: int, size: int) -> tuple[int, int, int]:
+def _read_gate(lin: Linear, cpu: CpuState, vector: int, size: int, software: bool):
     idt = cpu.table(E.IDT)
     if vector * size + size - 1 > idt.limit:
-        raise Fault(GP, vector * 8 + 2)
+        raise Fault(GP, vector * 8 + 2 + (0 if software else 1))
     e1, e2 = struct.unpack("<II", lin.read(idt.base + vector * size, 8))
     e3 = lin.u32(idt.base + vector * size + 8) if size == 16 else 0
     return e1, e2, e3
@@ -204,16 +223,18 @@ def _load_descriptor(lin: Linear, cpu: CpuState, selector: int) -> tuple[int, in
 
 
 def _check_gate(e2: int, vector: int, software: bool, cpl: int, types) -> int:
+    # Error codes name the IDT entry; EXT (bit 0) says the event came from outside the program.
+    idt_error = vector * 8 + 2 + (0 if software else 1)
     gate_type = (e2 >> 8) & 0x1F
     if gate_type == 5:
         raise Unsupported(f"a task gate (IDT vector {vector})")
     if gate_type not in types:
-        raise Fault(GP, vector * 8 + 2)
+        raise Fault(GP, idt_error)
     dpl = (e2 >> E.DESC_DPL_SHIFT) & 3
     if software and dpl < cpl:
-        raise Fault(GP, vector * 8 + 2)
+        raise Fault(GP, idt_error)
     if not e2 & E.DESC_P:
-        raise Fault(NP, vector * 8 + 2)
+        raise Fault(NP, idt_error)
     return gate_type
 
 
@@ -235,7 +256,7 @@ def _code_segment(lin, cpu, selector: int, cpl: int) -> tuple[int, int, int, int
 def _deliver_protected(cpu, memory, vector, error_code, software, rflags, inside) -> None:
     lin = Linear(memory, cpu)
     cpl = cpu.hflags & E.HF_CPL
-    e1, e2, _ = _read_gate(lin, cpu, vector, 8)
+    e1, e2, _ = _read_gate(lin, cpu, vector, 8, software)
     gate_type = _check_gate(e2, vector, software, cpl, (6, 7, 14, 15))
     shift = 1 if gate_type & 8 else 0  # 32-bit gate
     selector = e1 >> 16
@@ -296,7 +317,7 @@ def _deliver_protected(cpu, memory, vector, error_code, software, rflags, inside
 def _deliver_long(cpu, memory, vector, error_code, software, rflags, inside) -> None:
     lin = Linear(memory, cpu)
     cpl = cpu.hflags & E.HF_CPL
-    e1, e2, e3 = _read_gate(lin, cpu, vector, 16)
+    e1, e2, e3 = _read_gate(lin, cpu, vector, 16, software)
     gate_type = _check_gate(e2, vector, software, cpl, (14, 15))
     selector = e1 >> 16
     offset = (e3 << 32) | (e2 & 0xFFFF_0000) | (e1 & 0xFFFF)

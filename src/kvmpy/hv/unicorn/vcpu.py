@@ -206,12 +206,15 @@ class UnicornVcpu:
         self._mmio_pages: set[int] = set()
         self._wake = threading.Condition()
         # Preallocated ctypes objects of the hypercall fast path.
-        self._arg_ids = (C.c_int * 4)(
-            X.UC_X86_REG_RDI, X.UC_X86_REG_RSI, X.UC_X86_REG_RCX, X.UC_X86_REG_RBX
-        )
-        self._arg_vals = (C.c_uint64 * 4)()
+        # Hypercall arguments, then what the I/O permission check needs.
+        self._arg_ids = (C.c_int * 7)(
+            X.UC_X86_REG_RDI, X.UC_X86_REG_RSI, X.UC_X86_REG_RCX, X.UC_X86_REG_RBX,
+            X.UC_X86_REG_RFLAGS, X.UC_X86_REG_CS, X.UC_X86_REG_CR0,
+        )  # fmt: skip
+        self._arg_vals = (C.c_uint64 * 7)()
         base = C.addressof(self._arg_vals)
-        self._arg_ptrs = (C.c_void_p * 4)(*(base + 8 * i for i in range(4)))
+        self._arg_ptrs = (C.c_void_p * 7)(*(base + 8 * i for i in range(7)))
+        self._denied: tuple[bytes, int] | None = None
         self._rax = C.c_uint64()
         self._reg = C.c_uint64()
         self._out_impl = self._build_out()
@@ -265,7 +268,7 @@ class UnicornVcpu:
         exact_first = EXACT_FIRST
         fast = not (self.trace or self.yield_on_io)
         slow = self._port_io
-        io, hc_port, enosys = IO, HC_PORT, ENOSYS
+        io, hc_port, enosys, vm = IO, HC_PORT, ENOSYS, 1 << 17
 
         def out(port: int, size: int, value: int) -> None:
             if port == hc_port and size == 4 and fast:
@@ -273,7 +276,13 @@ class UnicornVcpu:
                 counts[io] += 1
                 hc_stats.writes += 1
                 t = now() if not n & sample_mask or n < exact_first else 0
-                read_batch(h, ids, ptrs, 4)
+                read_batch(h, ids, ptrs, 7)
+                # Unicorn skips the CPU's I/O permission check: CPL > IOPL (or vm86) in
+                # protected mode consults the TSS bitmap here (never with kvmpy's modes).
+                checked = vals[6] & 1 and ((vals[5] & 3) > (vals[4] >> 12 & 3) or vals[4] & vm)
+                if checked and not self._io_allowed(port, size):
+                    self._deny_io(port, 0)
+                    return
                 handler = table.get(value)
                 if handler is None:
                     result = enosys
@@ -339,6 +348,8 @@ class UnicornVcpu:
         t0 = time.perf_counter_ns()
         linear, insn = self._current_io()
         mask = (1 << (8 * size)) - 1
+        if not self._io_allowed(port, size):
+            return self._deny_io(port, 0 if out else self.cpu.gpr("rax") & mask, insn)
         last = True
         new_exit = True
         if insn is not None and insn.string:
@@ -398,6 +409,41 @@ class UnicornVcpu:
             self._precise_stop(port, insn)
         return result
 
+    def _io_allowed(self, port: int, size: int) -> bool:
+        """The CPU's I/O permission check (SDM vol. 1, 19.5), which unicorn leaves out: at
+        CPL > IOPL in protected mode the TSS I/O bitmap must clear every bit of the access."""
+        cpu = self.cpu
+        cpu.load()
+        if not cpu.cr(0) & 1:
+            return True
+        rflags = cpu.read_rflags()
+        if (cpu.hflags & E.HF_CPL) <= (rflags >> 12) & 3 and not rflags & (1 << 17):
+            return True
+        tr = cpu.table(E.TR)
+        if not tr.flags & E.DESC_P or (tr.flags >> 8) & 0xF not in (9, 11) or tr.limit < 103:
+            return False
+        lin = delivery.Linear(self.ops.memory, cpu)
+        try:
+            offset = lin.u16(tr.base + 0x66) + (port >> 3)
+            if offset + 1 > tr.limit:
+                return False
+            bits = lin.u16(tr.base + offset) >> (port & 7)
+        except delivery.Fault:
+            return False
+        return not bits & ((1 << size) - 1)
+
+    def _deny_io(self, port: int, keep: int, insn: _IoInsn | None = None) -> int:
+        """#GP(0) for a denied `in`/`out`, raised once the instruction has run (hooks cannot
+        fault it): the state from before it is kept and put back at the I/O breakpoint, which
+        delivers the #GP there. Returns what an `in` leaves in its register (unchanged)."""
+        cpu = self.cpu
+        cpu.load()
+        rip = cpu.u64(E.EIP)
+        length = insn.length if insn is not None else 1
+        self._denied = (bytes(cpu.buf), rip + length)
+        self._arm(port)
+        return keep
+
     def _hypercall(self, nr: int) -> Stop | None:
         ctx = self.ctx
         handler = self.ops.hypercalls.table.get(nr)
@@ -451,13 +497,17 @@ class UnicornVcpu:
         """Stop right after the current `in`/`out`: arm an I/O breakpoint on its port (see the
         module docstring), and stop the engine in case this block was translated without the
         breakpoint check (a guest that wrote DR7 itself)."""
+        self._arm(port)
+        uclib.uc_emu_stop(self._h)
+
+    def _arm(self, port: int) -> None:
+        """An I/O breakpoint on `port`: a #DB trap right after the current instruction."""
         if not self._bpt_armed:
             r = self._read_reg
             self._saved_dr = (r(X.UC_X86_REG_DR0), r(X.UC_X86_REG_DR6), r(X.UC_X86_REG_DR7))
             self.uc.reg_write(X.UC_X86_REG_DR0, port)
             self.uc.reg_write(X.UC_X86_REG_DR7, DR7_IO_BP0)
             self._bpt_armed = True
-        uclib.uc_emu_stop(self._h)
 
     def _disarm(self) -> None:
         if self._bpt_armed:
@@ -477,7 +527,19 @@ class UnicornVcpu:
     def _on_intr(self, _h, intno: int, _ud) -> None:
         try:
             if intno == 1 and self._bpt_armed:
-                self._disarm()  # our I/O breakpoint: the precise stop after an in/out
+                # Our I/O breakpoint: the precise stop after an in/out, or a denied one.
+                self._disarm()
+                denied, self._denied = self._denied, None
+                if denied is not None:
+                    cpu = self.cpu
+                    cpu.load()
+                    if cpu.u64(E.EIP) == denied[1]:
+                        cpu.buf[:] = denied[0]
+                        self._deliver(delivery.GP, 0, False, inside=True)
+                        if self._final is None and not (
+                            self._pause_requested or self._stop_requested or self._yield
+                        ):
+                            return
                 uclib.uc_emu_stop(self._h)
                 return
             cpu = self.cpu
@@ -717,6 +779,7 @@ class UnicornVcpu:
             kicked = self._kicked
             _checkpoint()
             self._disarm()
+            self._denied = None
             if self._hook_error is not None:
                 e, self._hook_error = self._hook_error, None
                 log.error("unicorn backend: error in a hook", exc_info=e)
