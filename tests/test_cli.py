@@ -228,15 +228,24 @@ def test_doctor():
     assert rep["capabilities"]["SYNC_REGS"]["value"]
     assert rep["host_kind"] in ("software (KVM-PVM-like)", "hardware (VT-x/AMD-V)")
     assert rep["cpl0_ns_per_insn"] > 0 and rep["cpl3_ns_per_insn"] > 0
+    assert rep["backends"]["kvm"]["usable"] and rep["backends"]["unicorn"]["usable"]
+    assert "irqchip" in rep["backends"]["kvm"]["supports"]
     r = kvmpy("doctor", "--quick")
     assert r.returncode == 0 and "KVM API version 12" in r.stdout
 
 
 def test_doctor_without_kvm(tmp_path):
+    """Without /dev/kvm, kvmpy still runs guests (on unicorn): doctor says both."""
     r = kvmpy("doctor", env={"KVMPY_DEV": str(tmp_path / "kvm")})
-    assert r.returncode == 1
-    assert "not usable" in r.stdout
+    assert r.returncode == 0
+    assert "/dev/kvm is not usable" in r.stdout and "unicorn backend here" in r.stdout
     no_traceback(r)
+    r = kvmpy("doctor", "--json", env={"KVMPY_DEV": str(tmp_path / "kvm")})
+    rep = json.loads(r.stdout)
+    assert not rep["kvm_usable"] and not rep["backends"]["kvm"]["usable"]
+    uni = rep["backends"]["unicorn"]
+    assert uni["usable"] and set(uni["supports"]) == {"msi", "paged32"}
+    assert {"irqchip", "irqfd", "ioeventfd", "dirty_log", "userfaultfd"} <= set(uni["lacks"])
 
 
 @pytest.mark.kvm
