@@ -31,11 +31,11 @@ from dataclasses import dataclass
 
 from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_16, UC_MODE_32, UC_MODE_64, Uc, UcError
 from unicorn import x86_const as X
-from unicorn.unicorn_py3.unicorn import uclib
 
 from ...arch.x86.vmem import Regime
 from ...errors import KvmpyError
 from ...kvm import structs as S
+from . import lib
 
 # --- CPUX86State (qemu/target/i386/cpu.h in unicorn 2.1.x), byte offsets ------------------------
 REGS = 0  # target_ulong regs[16], QEMU order: rax rcx rdx rbx rsp rbp rsi rdi r8..r15
@@ -179,7 +179,7 @@ class CpuState:
         check_layout()
         self.uc = uc
         self.bits = bits
-        self._h = uc._uch
+        self._h = lib.handle(uc)
         self._ctx = uc.context_save()
         size = self._ctx.size
         base = self._ctx.context.value + _data_offset()
@@ -194,14 +194,14 @@ class CpuState:
 
     def load(self) -> memoryview:
         """Copy the engine's state into `buf` (and return it)."""
-        err = uclib.uc_context_save(self._h, self._ctx.context)
+        err = lib.context_save(self._h, self._ctx.context)
         if err:
             raise UcError(err)
         return self.buf
 
     def store(self) -> None:
         """Copy `buf` back into the engine."""
-        err = uclib.uc_context_restore(self._h, self._ctx.context)
+        err = lib.context_restore(self._h, self._ctx.context)
         if err:
             raise UcError(err)
 
@@ -245,7 +245,7 @@ class CpuState:
 
     def read_rflags(self) -> int:
         """RFLAGS through the API, which folds in QEMU's lazy arithmetic flags."""
-        uclib.uc_reg_read(self._h, self._rflags_id, C.byref(self._rflags))
+        lib.reg_read(self._h, self._rflags_id, C.byref(self._rflags))
         return self._rflags.value
 
     def put_rflags(self, value: int, inside: bool) -> None:
@@ -492,7 +492,7 @@ def _check_layout() -> None:
     w(X.UC_X86_REG_CR3, 0x7000)
     w(X.UC_X86_REG_DR7, 0x20401)
     cpu = CpuState.__new__(CpuState)
-    cpu.uc, cpu._h = uc, uc._uch
+    cpu.uc, cpu._h = uc, lib.handle(uc)
     cpu._ctx = uc.context_save()
     off = _data_offset()
     cpu.buf = memoryview(C.string_at(cpu._ctx.context.value + off, cpu._ctx.size - off))

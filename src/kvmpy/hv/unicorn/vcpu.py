@@ -81,7 +81,7 @@ from ...kvm.constants import ExitReason
 from ...result import Stop, StopReason
 from ...stats import EXACT_FIRST, SAMPLE_EVERY, ExitStats
 from .. import faults
-from . import delivery
+from . import delivery, lib
 from . import env as E
 from .env import CpuState
 
@@ -179,7 +179,7 @@ class UnicornVcpu:
         #: For HypercallContext (handlers reach the machine as ctx.machine).
         self.machine = ops
         self.uc = vm.uc
-        self._h = vm.uc._uch
+        self._h = lib.handle(vm.uc)
         self.cpu = CpuState(vm.uc, 64)
         self.stats = ExitStats()
         self.ctx = UnicornHypercallContext(self)
@@ -228,7 +228,7 @@ class UnicornVcpu:
         handle = uc_hook_h()
         args = [C.c_int(e) for e in extra]
         err = uclib.uc_hook_add(
-            self._h, C.byref(handle), htype, C.cast(cb, C.c_void_p), None,
+            self.uc._uch, C.byref(handle), htype, C.cast(cb, C.c_void_p), None,
             C.c_uint64(1), C.c_uint64(0), *args,
         )  # fmt: skip
         if err:
@@ -260,7 +260,7 @@ class UnicornVcpu:
         table = self.ops.hypercalls.table
         ctx = self.ctx
         h = self._h
-        read_batch, write = uclib.uc_reg_read_batch, uclib.uc_reg_write
+        read_batch, write = lib.reg_read_batch, lib.reg_write
         ids, ptrs, vals = self._arg_ids, self._arg_ptrs, self._arg_vals
         rax, rax_p, rax_id = self._rax, C.byref(self._rax), X.UC_X86_REG_RAX
         now = time.perf_counter_ns
@@ -324,7 +324,7 @@ class UnicornVcpu:
     # --- port I/O (all but the hypercall fast path) -----------------------------------------------
 
     def _read_reg(self, reg: int) -> int:
-        uclib.uc_reg_read(self._h, reg, C.byref(self._reg))
+        lib.reg_read(self._h, reg, C.byref(self._reg))
         return self._reg.value
 
     def _current_io(self) -> tuple[int, _IoInsn | None]:
@@ -450,7 +450,7 @@ class UnicornVcpu:
         if handler is None:
             result = ENOSYS
         else:
-            uclib.uc_reg_read_batch(self._h, self._arg_ids, self._arg_ptrs, 4)
+            lib.reg_read_batch(self._h, self._arg_ids, self._arg_ptrs, 4)
             a = self._arg_vals
             try:
                 result = handler(ctx, a[0], a[1], a[2], a[3])
@@ -459,7 +459,7 @@ class UnicornVcpu:
             except GuestMemoryError:
                 result = -14
         self._rax.value = result & MASK64
-        uclib.uc_reg_write(self._h, X.UC_X86_REG_RAX, C.byref(self._rax))
+        lib.reg_write(self._h, X.UC_X86_REG_RAX, C.byref(self._rax))
         return None
 
     def _apply(self, effect) -> None:
@@ -498,7 +498,7 @@ class UnicornVcpu:
         module docstring), and stop the engine in case this block was translated without the
         breakpoint check (a guest that wrote DR7 itself)."""
         self._arm(port)
-        uclib.uc_emu_stop(self._h)
+        lib.emu_stop(self._h)
 
     def _arm(self, port: int) -> None:
         """An I/O breakpoint on `port`: a #DB trap right after the current instruction."""
@@ -520,7 +520,7 @@ class UnicornVcpu:
     def _hook_failed(self, e: BaseException) -> None:
         if self._hook_error is None:
             self._hook_error = e
-        uclib.uc_emu_stop(self._h)
+        lib.emu_stop(self._h)
 
     # --- exceptions ----------------------------------------------------------------------------
 
@@ -540,7 +540,7 @@ class UnicornVcpu:
                             self._pause_requested or self._stop_requested or self._yield
                         ):
                             return
-                uclib.uc_emu_stop(self._h)
+                lib.emu_stop(self._h)
                 return
             cpu = self.cpu
             b = cpu.load()
@@ -571,13 +571,13 @@ class UnicornVcpu:
             stop = self._fault_stop(StopReason.SHUTDOWN, "triple fault: the vCPU shut down")
             self._final = stop
             if inside:
-                uclib.uc_emu_stop(self._h)
+                lib.emu_stop(self._h)
         except delivery.Unsupported as e:
             self._final = self._fault_stop(
                 StopReason.UNHANDLED_EXIT, f"the unicorn backend does not emulate {e.args[0]}"
             )
             if inside:
-                uclib.uc_emu_stop(self._h)
+                lib.emu_stop(self._h)
 
     def _on_syscall(self, _h, _ud) -> None:
         self._fast_system_call(False)
@@ -596,7 +596,7 @@ class UnicornVcpu:
             delivery.fast_system_call(cpu, self.ops.memory, sysenter, length)
         except delivery.TripleFault:
             self._final = self._fault_stop(StopReason.SHUTDOWN, "triple fault: the vCPU shut down")
-            uclib.uc_emu_stop(self._h)
+            lib.emu_stop(self._h)
         except BaseException as e:
             self._hook_failed(e)
 
@@ -697,7 +697,7 @@ class UnicornVcpu:
             _Kicker.get().poke()
             return
         self._kicked = True
-        uclib.uc_emu_stop(self._h)
+        lib.emu_stop(self._h)
 
     def _notify(self) -> None:
         with self._wake:
@@ -754,7 +754,8 @@ class UnicornVcpu:
         self.ctx.exits = self.stats.total
         self.vm.sync_mmio()
         h = self._h
-        start = uclib.uc_emu_start
+        start = lib.emu_start
+        never, zero, zero_count = C.c_uint64(NEVER), C.c_uint64(0), C.c_size_t(0)
         rip = self._reg
         rip_p = C.byref(rip)
         while True:
@@ -770,11 +771,11 @@ class UnicornVcpu:
                 if self._final is not None:
                     stop, self._final = self._final, None
                     return stop
-            uclib.uc_reg_read(h, X.UC_X86_REG_RIP, rip_p)
+            lib.reg_read(h, X.UC_X86_REG_RIP, rip_p)
             self._final = None
             self._kicked = False
             self._running = True
-            err = start(h, rip.value, NEVER, 0, 0)
+            err = start(h, rip, never, zero, zero_count)
             self._running = False
             kicked = self._kicked
             _checkpoint()
