@@ -712,6 +712,8 @@ class UnicornVcpu:
         """A vector became pending: wake a halted vCPU, stop a running one to deliver it."""
         self._kick()
         self._notify()
+        if self._running:
+            _Kicker.get().poke()  # retry until the guest sets IF
 
     def _try_inject(self) -> bool:
         """Deliver the highest pending vector if the guest accepts interrupts now."""
@@ -997,7 +999,8 @@ class _Kicker:
                 self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
             except ValueError:
                 self._old_fd = -1
-        self.poke()
+        if vcpu.vm.pending_interrupts():
+            self.poke()  # the kicker looks again for interrupts waiting on RFLAGS.IF
 
     def leave(self, vcpu: UnicornVcpu, main: bool) -> None:
         with self._set_lock:
