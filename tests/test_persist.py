@@ -87,27 +87,51 @@ def snapshot_at(image: Path, path: Path, *, lines=None, later=None, irqchip=Fals
             def counting(ctx, *args):
                 r = hc_print_str(ctx, *args)
                 if m.output.count(b"\n") == lines:
-                    ctx.vcpu.request_pause()
+                    m.pause_from_guest()
                 return r
 
             m.hypercalls.register(HC_PRINT_STR, counting, "print_str", replace=True)
-        else:
-            # Kick the vCPU from outside once `later` lines are out: it is then somewhere
-            # in the computation between two lines (not at an exit).
-            def kick_later():
+
+        def pause() -> None:
+            if lines is not None:
+                m.wait_paused(60)
+            else:
+                # Pause from outside once `later` lines are out: the guest is then somewhere
+                # in the computation between two lines (not at an exit).
                 while m.output.count(b"\n") < later:
                     time.sleep(0.0005)
-                m.vcpu.request_pause(kick=True)
+                m.pause()
 
-            threading.Thread(target=kick_later, daemon=True).start()
-
-        def take():
-            snapshot.take(m, path)
-            return Stop(StopReason.INTERRUPTED, 0, "snapshot taken")
-
-        result = m.run(timeout=60, on_pause=take)
+        result = run_and_take(m, pause, lambda: snapshot.take(m, path))
         assert result.message == "snapshot taken", result.message
         return result.output
+
+
+def run_and_take(m: Machine, pause, take, timeout: float = 60.0):
+    """Run `m`; in another thread, `pause()` it, `take()` (a snapshot), and end the run."""
+    errors = []
+
+    def controller() -> None:
+        try:
+            pause()
+            take()
+            m.end_run(Stop(StopReason.INTERRUPTED, 0, "snapshot taken"))
+        except BaseException as e:  # reported by the test thread
+            errors.append(e)
+            m.request_stop(StopReason.VMM_ERROR, f"controller failed: {e}")
+        finally:
+            try:
+                m.resume()
+            except Exception:
+                pass
+
+    t = threading.Thread(target=controller, daemon=True)
+    t.start()
+    result = m.run(timeout=timeout)
+    t.join(10)
+    if errors:
+        raise errors[0]
+    return result
 
 
 # --- state, in one process ---------------------------------------------------------------------
@@ -123,10 +147,13 @@ def test_state_round_trip_in_process(images, reference, irqchip):
         def grab():
             saved["state"] = json.loads(json.dumps(state.capture(a)))
             saved["memory"] = a.memory.read(0, 16 << 20)
-            return Stop(StopReason.INTERRUPTED, 0, "saved")
 
-        threading.Timer(0.03, a.vcpu.request_pause, kwargs={"kick": True}).start()
-        before = a.run(timeout=60, on_pause=grab).output
+        def pause():
+            while a.output.count(b"\n") < 3:  # mid-run, wherever the guest is
+                time.sleep(0.0005)
+            a.pause()
+
+        before = run_and_take(a, pause, grab).output
     with Machine(cfg) as b:
         b.memory.write(0, saved["memory"])
         state.apply(b, saved["state"])
@@ -147,7 +174,9 @@ def test_state_of_another_shape_is_refused(images):
             (lambda s: s["vcpus"][0].update(regs="AAAA"), "registers is 3 bytes"),
             (lambda s: s["vcpus"][0].update(sregs="!!"), "not valid base64"),
             (lambda s: s["vcpus"][0]["msrs"].append([1]), "MSR list is malformed"),
-            (lambda s: s["vmm"]["stats"].update(counts=[1]), "wrong length"),
+            (lambda s: s["vmm"]["stats"][0].update(counts=[1]), "wrong length"),
+            (lambda s: s["vmm"]["stats"].append({}), "do not match its vCPU count"),
+            (lambda s: s["vmm"]["smp"].update(parked=[]), r"SMP state \(parked\)"),
             (lambda s: s["vmm"]["devices"].update({"pio:0x3f8:uart": {}}), "lacks: pio:0x3f8"),
             (lambda s: s["vmm"]["layout"].update(extra=1), "unexpected fields"),
             (lambda s: s.pop("vmm"), "no VMM state"),
@@ -231,7 +260,7 @@ def test_snapshot_of_a_lazily_restored_vm(images, reference, tmp_path):
         def counting(ctx, *args):
             ret = hc_print_str(ctx, *args)
             if m.output.count(b"\n") == 10:
-                ctx.vcpu.request_pause()
+                m.pause_from_guest()
             return ret
 
         m.hypercalls.register(HC_PRINT_STR, counting, "print_str", replace=True)
@@ -240,9 +269,8 @@ def test_snapshot_of_a_lazily_restored_vm(images, reference, tmp_path):
             info = snapshot.take(m, tmp_path / "b")
             assert r.loader.stats()["populated_all"]
             assert info["pages_written"] >= r.info["pages_in_snapshot"] - 2
-            return Stop(StopReason.INTERRUPTED, 0, "again")
 
-        middle = m.run(timeout=60, on_pause=take).output
+        middle = run_and_take(m, lambda: m.wait_paused(60), take).output
     finally:
         r.close()
     proc = kvmpy("restore", tmp_path / "b")
@@ -417,8 +445,8 @@ def test_session_api(images):
             s.wait_started()
             s.pause()
             seen["paused"] = s.status()["state"]
-            seen["exits"] = m.vcpu.stats.total
-            seen["job"] = s.call_paused(lambda: m.vcpu.fd.get_regs().rip)
+            seen["exits"] = m.vcpus[0].stats.total
+            seen["job"] = s.call_paused(lambda: m.vcpus[0].fd.get_regs().rip)
             s.resume()
             control.stop(s)
 

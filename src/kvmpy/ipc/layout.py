@@ -113,6 +113,8 @@ INFO_PARAMS = struct.Struct("<QIIIIIIIIQIIQQQQQQQQ")  # magic .. seed, at 0
 INFO_IRQ_TOTAL = 0x100
 INFO_IRQ_COUNT = 0x108
 INFO_IRQ_LAST_TSC = 0x128
+#: u32: the vCPU (its index, from the per-CPU block at %gs:0) that took the last doorbell.
+INFO_IRQ_LAST_CPU = 0x130
 INFO_PROGRESS = 0x140
 INFO_FIRST_TOUCH = 0x148
 INFO_RUNS_DONE = 0x150

@@ -198,9 +198,10 @@ def _summary(state: dict) -> dict:
     return {
         "mode": config.get("mode"),
         "memory": config.get("memory"),
+        "vcpus": config.get("vcpus"),
         "irqchip": config.get("irqchip"),
         "output_bytes": vmm.get("output_bytes"),
-        "exits": sum(vmm.get("stats", {}).get("counts", [])),
+        "exits": sum(sum(s.get("counts", [])) for s in vmm.get("stats", [])),
     }
 
 

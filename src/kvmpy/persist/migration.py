@@ -32,7 +32,6 @@ import json
 import logging
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -204,7 +203,7 @@ class DirtyTracker:
         parts = [self.carried]
         self.carried = np.empty(0, dtype=np.int64)
         for (r, base), bitmap in zip(self.layout, self.bitmaps, strict=True):
-            self.machine.vm.get_dirty_log(r.slot, bitmap)
+            self.machine.vm.get_dirty_log(r, bitmap)
             bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
             parts.append(np.flatnonzero(bits[: r.size // PAGE_SIZE]) + base // PAGE_SIZE)
         if vmm:
@@ -293,8 +292,6 @@ def migrate(
     rounds_limit = DEFAULT_MAX_ROUNDS if max_rounds is None else int(max_rounds)
     if goal_ms <= 0 or rounds_limit < 1:
         raise MigrationError("the downtime goal and the round limit must be positive")
-    if threading.get_ident() == session._vcpu_thread:
-        raise MigrationError("migrate from another thread than the vCPU's")
     with session.exclusive("a migration"):
         return _migrate(session, host, port, progress, goal_ms, rounds_limit)
 

@@ -127,7 +127,7 @@ def restore(
             m = machine
 
             def stop_vm(message: str) -> None:
-                m.vcpu.request_stop(StopReason.VMM_ERROR, message, kick=True)
+                m.request_stop(StopReason.VMM_ERROR, message)
 
             loader = lazy.LazyLoader(machine.memory, snap, on_error=stop_vm, process=handler)
             handler = None  # the loader owns it now

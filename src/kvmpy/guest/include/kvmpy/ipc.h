@@ -133,7 +133,9 @@ struct kvmpy_ipc_info {
 	volatile uint64_t irq_total;
 	volatile uint64_t irq_count[KVMPY_IPC_MAX_VECTORS];
 	volatile uint64_t irq_last_tsc;
-	uint64_t irq_reserved[2];
+	volatile uint32_t irq_last_cpu;   /* the vCPU that took the last one (its %gs:0) */
+	uint32_t irq_reserved32;
+	uint64_t irq_reserved[1];
 	/* 0x140: written by the guest */
 	volatile uint64_t progress;       /* bytes moved so far in this run (the VMM watches it) */
 	volatile uint64_t first_touch_tsc; /* ticks spent touching the ring and buffers first */
@@ -207,6 +209,8 @@ __asm__(".pushsection .text.kvmpy_ipc_irq,\"axG\",@progbits,kvmpy_ipc_irq,comdat
 	"	rdtsc\n"
 	"	movl %eax, 0x40000128\n"
 	"	movl %edx, 0x4000012C\n"
+	"	movl %gs:0, %eax\n"
+	"	movl %eax, 0x40000130\n"
 	"	movl $0x80B, %ecx\n"
 	"	xorl %eax, %eax\n"
 	"	xorl %edx, %edx\n"
