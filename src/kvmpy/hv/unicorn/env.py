@@ -409,8 +409,26 @@ class CpuState:
             w(X.UC_X86_REG_FDP, fpu.last_dp)
             w(X.UC_X86_REG_FOP, fpu.last_opcode)
 
+    def get_xsave(self, fpu: S.kvm_fpu) -> bytes:
+        """`fpu` as a 4 KiB XSAVE area (FXSAVE legacy region + header, XSTATE_BV = x87|SSE).
+
+        KVM_SET_FPU writes the legacy region without setting the SSE bit of XSTATE_BV, so on a
+        vCPU with XSAVE the next XRSTOR zeroes the XMM registers (KVM's own quirk; QEMU uses
+        KVM_SET_XSAVE for this reason). A state that carries this area restores on KVM whole."""
+        area = bytearray(4096)
+        struct.pack_into(
+            "<HHBxHQQII", area, 0, fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode, fpu.last_ip,
+            fpu.last_dp, fpu.mxcsr, 0xFFFF,
+        )  # fmt: skip
+        for i in range(8):
+            area[32 + 16 * i : 32 + 16 * i + 16] = bytes(fpu.fpr[i])
+        for i in range(16):
+            area[160 + 16 * i : 160 + 16 * i + 16] = bytes(fpu.xmm[i])
+        struct.pack_into("<Q", area, 512, 0x3)  # XSTATE_BV: x87 and SSE state are in the area
+        return bytes(area)
+
     def get_msrs(self) -> dict[int, int]:
-        out = {MSR_APIC_BASE: self.apic_base, MSR_EFER: self.efer}
+        out = {MSR_APIC_BASE: self.apic_base}
         for index in MSRS:
             out[index] = self.uc.msr_read(index)
         return out

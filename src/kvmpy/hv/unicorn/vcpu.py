@@ -70,17 +70,17 @@ from unicorn.unicorn_py3.unicorn import (
     uclib,
 )
 
+from ...arch.x86 import faults
 from ...arch.x86.modes import FAULT_PORT
 from ...arch.x86.vmem import Regime, VirtualMemory
 from ...devices import Output
-from ...errors import GuestMemoryError, KvmpyError
+from ...errors import GuestMemoryError, SnapshotError
 from ...hypercalls import ENOSYS, GuestExit, HypercallContext
 from ...hypercalls import PORT as HC_PORT
 from ...kvm import structs as S
 from ...kvm.constants import ExitReason
 from ...result import Stop, StopReason
 from ...stats import EXACT_FIRST, SAMPLE_EVERY, ExitStats
-from .. import faults
 from . import delivery, lib
 from . import env as E
 from .env import CpuState
@@ -182,7 +182,7 @@ class UnicornVcpu:
         self._h = lib.handle(vm.uc)
         self.cpu = CpuState(vm.uc, 64)
         self.stats = ExitStats()
-        self.ctx = UnicornHypercallContext(self)
+        self.ctx = UnicornHypercallContext(self, ops)
         self.trace = False
         self.yield_on_io = False
         self.exact_timing = False
@@ -269,6 +269,7 @@ class UnicornVcpu:
         fast = not (self.trace or self.yield_on_io)
         slow = self._port_io
         io, hc_port, enosys, vm = IO, HC_PORT, ENOSYS, 1 << 17
+        index = self.index
 
         def out(port: int, size: int, value: int) -> None:
             if port == hc_port and size == 4 and fast:
@@ -291,7 +292,10 @@ class UnicornVcpu:
                         result = handler(ctx, vals[0], vals[1], vals[2], vals[3])
                     except GuestExit as e:
                         self._stop_in_hook(
-                            Stop(StopReason.EXIT, e.code, f"exit hypercall, code {e.code}"), port
+                            Stop(
+                                StopReason.EXIT, e.code, f"exit hypercall, code {e.code}", cpu=index
+                            ),
+                            port,
                         )
                         return
                     except GuestMemoryError:
@@ -455,7 +459,9 @@ class UnicornVcpu:
             try:
                 result = handler(ctx, a[0], a[1], a[2], a[3])
             except GuestExit as e:
-                return Stop(StopReason.EXIT, e.code, f"exit hypercall, code {e.code}")
+                return Stop(
+                    StopReason.EXIT, e.code, f"exit hypercall, code {e.code}", cpu=self.index
+                )
             except GuestMemoryError:
                 result = -14
         self._rax.value = result & MASK64
@@ -471,7 +477,7 @@ class UnicornVcpu:
     def _fault_stub(self, linear: int, insn: _IoInsn | None) -> Stop | None:
         regs = self.cpu.get_regs()
         regs.rip += insn.length if insn is not None else 2  # KVM reports RIP after the `out`
-        return faults.fault_stub_stop(self.ops.memory, self.ops.layout, regs, self.get_sregs())
+        return faults.fault_stub_stop(self.ops, regs, self.get_sregs(), self.index)
 
     def _trace_io(self, port, size, value, out, insn) -> None:
         rip = self.cpu.u64(E.EIP)
@@ -675,7 +681,7 @@ class UnicornVcpu:
     def request_stop(
         self, reason: StopReason = StopReason.INTERRUPTED, message: str = "", kick: bool = False
     ) -> None:
-        self._stop_requested = Stop(reason, 0, message or "stopped by the host")
+        self._stop_requested = Stop(reason, 0, message or "stopped by the host", cpu=self.index)
         self._kick()
         self._notify()
 
@@ -811,7 +817,7 @@ class UnicornVcpu:
             rip = self._read_reg(X.UC_X86_REG_RIP)
             print(f"[exit {self.stats.total}] hlt rip={rip:#x}", file=sys.stderr)
         if not (self.interruptible() and self.vm.can_interrupt()):
-            return Stop(StopReason.HLT, 0, "hlt")
+            return Stop(StopReason.HLT, 0, "hlt", cpu=self.index)
         # Asleep until an interrupt, a pause or a stop.
         with self._wake:
             while not (
@@ -838,7 +844,7 @@ class UnicornVcpu:
 
     def _fault_stop(self, reason: StopReason, message: str) -> Stop:
         return faults.stop_with_fault(
-            self.ops.memory, reason, message, self.get_regs(), self.get_sregs()
+            self.ops, reason, message, self.get_regs(), self.get_sregs(), self.index
         )
 
     # --- state ---------------------------------------------------------------------------------
@@ -883,10 +889,12 @@ class UnicornVcpu:
         events = S.kvm_vcpu_events()
         if self.cpu.load() is not None and self.cpu.hflags & E.HF_INHIBIT_IRQ:
             events.interrupt.shadow = 1
+        fpu = self.get_fpu()
         return {
             "regs": _enc(self.get_regs()),
             "sregs": _enc(self.get_sregs()),
-            "fpu": _enc(self.get_fpu()),
+            "fpu": _enc(fpu),
+            "xsave": _enc(self.cpu.get_xsave(fpu)),
             "msrs": [[i, v] for i, v in self.cpu.get_msrs().items()],
             "debugregs": _enc(self.cpu.get_debugregs()),
             "mp_state": 0,
@@ -911,7 +919,8 @@ class UnicornVcpu:
         if "debugregs" in d:
             self.cpu.set_debugregs(_dec(d, "debugregs", S.kvm_debugregs))
         shadow = False
-        dropped = [k for k in ("lapic", "xsave", "xcrs", "cpuid", "tsc_khz") if k in d]
+        # The XSAVE area adds only AVX and later state to `fpu` here (no AVX in these engines).
+        dropped = [k for k in ("lapic", "xcrs", "cpuid", "tsc_khz") if k in d]
         if "vcpu_events" in d:
             ev = _dec(d, "vcpu_events", S.kvm_vcpu_events)
             shadow = bool(ev.interrupt.shadow)
@@ -933,8 +942,8 @@ class UnicornVcpu:
         self._hooks.clear()
 
 
-class StateError(KvmpyError):
-    """A saved vCPU state this backend cannot read."""
+#: A saved vCPU state this backend cannot read (persist reports it as any snapshot error).
+StateError = SnapshotError
 
 
 def _enc(obj) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +91,8 @@ class UnicornVm:
         self._msi_seen = False
         self._mmio_pages: set[int] = set()
         self._ops: VmOps | None = None
+        self._created_ns = time.monotonic_ns()
+        self._clock_base = 0
 
     # --- memory --------------------------------------------------------------------------------
 
@@ -205,7 +208,9 @@ class UnicornVm:
     def save_state(self) -> dict[str, Any]:
         with self._irr_lock:
             pending = [v for v in range(256) if self._irr >> v & 1]
-        return {"pending_vectors": pending}
+        # "clock" as KVM's VM state has it (ns of VM time), so KVM restores this state too.
+        clock = self._clock_base + time.monotonic_ns() - self._created_ns
+        return {"clock": clock, "pending_vectors": pending}
 
     def restore_state(self, state: dict[str, Any]) -> None:
         pending = state.get("pending_vectors", [])
@@ -215,6 +220,9 @@ class UnicornVm:
             raise ConfigError("the saved VM state's pending interrupt list is malformed")
         with self._irr_lock:
             self._irr = sum(1 << v for v in set(pending))
+        clock = state.get("clock", 0)
+        if isinstance(clock, int) and not isinstance(clock, bool) and 0 <= clock < 1 << 64:
+            self._clock_base, self._created_ns = clock, time.monotonic_ns()
 
     def close(self) -> None:
         for v in self.vcpus:
