@@ -18,6 +18,7 @@ routing), `event_loop` (file descriptors served off the vCPU threads) and the vC
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -35,7 +36,7 @@ from .bus import MmioBus, PortBus
 from .devices import Device, Effect, Output, RaiseIrq, StopVm
 from .devices.debugcon import PORT as DEBUGCON_PORT
 from .devices.debugcon import DebugConsole
-from .errors import ConfigError
+from .errors import ConfigError, KvmUnavailable
 from .hv.base import Capability, Hypervisor, VcpuBackend, require
 from .hv.signals import install_kick_handler
 from .hypercalls import PORT as HYPERCALL_PORT
@@ -61,8 +62,8 @@ MMIO_HOLE_END = 4 << 30
 MAX_MEMORY = 1 << 40
 MIN_MEMORY = 1 << 20
 
-#: Backends `MachineConfig.accel` names.
-ACCELS = ("kvm",)
+#: Backends `MachineConfig.accel` names ("auto": KVM when /dev/kvm is usable, else unicorn).
+ACCELS = ("kvm", "unicorn", "auto")
 
 #: IDT vectors kvmpy/smp.h's ring-0 handlers use (see that header).
 SMP_GATE_VECTOR = 3
@@ -81,8 +82,10 @@ class MachineConfig:
     #: In-kernel PIT (needs irqchip).
     pit: bool = False
     name: str = "vm"
-    #: The CPU backend.
-    accel: str = "kvm"
+    #: The CPU backend: "kvm", "unicorn" (binary translation, docs/backends.md), or "auto":
+    #: KVM, and unicorn with a one-line notice where /dev/kvm is not usable. A machine's
+    #: config names the backend it got.
+    accel: str = "auto"
 
     def validated(self) -> MachineConfig:
         mode = Mode.parse(self.mode) if isinstance(self.mode, str) else self.mode
@@ -124,12 +127,27 @@ class HypercallPort(Device):
         return b"\xff" * size
 
 
-def make_hypervisor(accel: str = "kvm", kvm: Kvm | None = None) -> Hypervisor:
-    if accel == "kvm":
-        from .hv.kvm import KvmHypervisor
+def make_hypervisor(accel: str = "auto", kvm: Kvm | None = None) -> Hypervisor:
+    """The backend `accel` names; "auto" falls back to unicorn when /dev/kvm is not usable
+    (an explicit "kvm" is refused there instead)."""
+    if accel == "unicorn":
+        from .hv.unicorn import UnicornHypervisor
 
+        return UnicornHypervisor()
+    if accel not in ("kvm", "auto"):
+        raise ConfigError(f"unknown accelerator {accel!r}")
+    from .hv.kvm import KvmHypervisor
+
+    try:
         return KvmHypervisor(kvm)
-    raise ConfigError(f"unknown accelerator {accel!r}")
+    except KvmUnavailable as e:
+        if accel == "kvm":
+            raise
+        from .hv.unicorn import UnicornHypervisor
+
+        hv = UnicornHypervisor()
+        log.warning("%s; running on the unicorn backend (binary translation) instead", e)
+        return hv
 
 
 class Machine:
@@ -174,6 +192,7 @@ class Machine:
         self._closers: list[Callable[[], None]] = []
         try:
             self.hv = hypervisor or make_hypervisor(config.accel, kvm)
+            self.config = config = dataclasses.replace(config, accel=self.hv.name)
             self._build()
         except BaseException:
             self.close()
@@ -298,6 +317,8 @@ class Machine:
         self._install_sdk_handlers(image)
 
     def _use_1g_pages(self) -> bool:
+        if getattr(self.hv, "supports_1g_pages", False):
+            return True
         f = getattr(self.hv, "kvm", None)
         return bool(f is not None and f.cpuid_supports_1g_pages())
 
