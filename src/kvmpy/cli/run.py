@@ -43,6 +43,12 @@ def add_parser(sub) -> None:
 
 def add_result_options(p) -> None:
     """The options of every command that runs a VM to its end (run, restore, migrate-receive)."""
+    p.add_argument(
+        "--accel",
+        choices=("kvm", "unicorn"),
+        help="CPU backend: kvm (/dev/kvm) or unicorn (binary translation, no /dev/kvm needed); "
+        "default kvm, and unicorn with a notice where /dev/kvm is not usable",
+    )
     p.add_argument("--stats", action="store_true", help="print exit statistics (stderr)")
     p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
     p.add_argument(
@@ -88,7 +94,10 @@ def cmd_run(args) -> int:
     mode = mode or image.mode_hint or (Mode.PROTECTED if image.bits == 32 else Mode.LONG)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be positive")
-    config = MachineConfig(mode=mode, memory=args.mem, vcpus=args.vcpus, irqchip=args.irqchip)
+    config = MachineConfig(
+        mode=mode, memory=args.mem, vcpus=args.vcpus, irqchip=args.irqchip,
+        accel=args.accel or "auto",
+    )  # fmt: skip
     out = sys.stdout.buffer
     with Machine(config, console=out, capture_output=False) as machine:
         for vcpu in machine.vcpus:
@@ -100,6 +109,7 @@ def cmd_run(args) -> int:
             result = run_with_control(machine, args.control, args.timeout)
         else:
             result = machine.run(timeout=args.timeout, handle_sigint=True)
+        result.extra["accel"] = machine.config.accel
     out.flush()
     report(result, stats=args.stats, as_json=args.json, image=str(path), mode=mode)
     return result.process_exit_status

@@ -64,6 +64,15 @@ def config_to_dict(config: MachineConfig) -> dict[str, Any]:
     }
 
 
+def _accel(recorded) -> str:
+    """The backend to restore on: a KVM machine's state restores on KVM where /dev/kvm is
+    usable and on unicorn elsewhere (the CPU-state format is shared); `kvmpy restore --accel`
+    overrides it."""
+    if not isinstance(recorded, str):
+        return "?"
+    return "auto" if recorded == "kvm" else recorded
+
+
 def config_from_dict(d) -> MachineConfig:
     try:
         config = MachineConfig(
@@ -73,7 +82,7 @@ def config_from_dict(d) -> MachineConfig:
             irqchip=_get(d, "irqchip", bool, "irqchip flag"),
             pit=_get(d, "pit", bool, "PIT flag"),
             name=_get(d, "name", str, "machine name"),
-            accel=d.get("accel", "kvm") if isinstance(d.get("accel", "kvm"), str) else "?",
+            accel=_accel(d.get("accel", "kvm")),
         )
         return config.validated()
     except ConfigError as e:
