@@ -86,11 +86,11 @@ def _loop_image(iterations: int) -> bytes:
     )  # fmt: skip
 
 
-def _time_loop(kvm: Kvm, mode: Mode, iterations: int) -> float:
+def _time_loop(kvm: Kvm | None, mode: Mode, iterations: int, accel: str = "kvm") -> float:
     """Nanoseconds per instruction of the loop (2 instructions per iteration)."""
     from .machine import Machine, MachineConfig
 
-    with Machine(MachineConfig(mode=mode, memory="4M"), kvm=kvm) as m:
+    with Machine(MachineConfig(mode=mode, memory="4M", accel=accel), kvm=kvm) as m:
         m.load(load_raw(_loop_image(iterations)))
         t0 = time.perf_counter_ns()
         result = m.run(timeout=30)
@@ -179,6 +179,14 @@ def _backends(rep: Report, measure: bool) -> dict[str, dict]:
     }
     if problem is None:
         uni["version"] = unicorn_version()
+        if measure:
+            # The tightest loop there is: unicorn's worst case (a stop-request check per
+            # translated block, here every 2 instructions); bench accel has a compute kernel.
+            for key, mode in (
+                ("cpl0_ns_per_insn", Mode.LONG),
+                ("cpl3_ns_per_insn", Mode.LONG_USER),
+            ):
+                uni[key] = _time_loop(None, mode, 5_000_000, accel="unicorn")
     return {"kvm": kvm, "unicorn": uni}
 
 
@@ -203,8 +211,8 @@ def diagnose(measure: bool = True) -> Report:
             ratio = rep.cpl0_ns_per_insn / max(rep.cpl3_ns_per_insn, 1e-3)
             rep.ring0_emulated = ratio > 20
     rep.gcc = _gcc()
-    _classify(rep)
     rep.backends = _backends(rep, measure)
+    _classify(rep)
     return rep
 
 
@@ -220,6 +228,12 @@ def _classify(rep: Report) -> None:
         )
         if not hw:
             rep.host_summary += " The CPU has no vmx/svm flag: this KVM is a nested, software one."
+        uni = rep.backends.get("unicorn", {}).get("cpl0_ns_per_insn")
+        if uni:
+            rep.host_summary += (
+                f" The unicorn backend (--accel unicorn) runs ring-0 code "
+                f"{rep.cpl0_ns_per_insn / uni:.0f}x faster here."
+            )
     elif rep.ring0_emulated is False:
         rep.host_kind = "hardware (VT-x/AMD-V)"
         rep.host_summary = (

@@ -44,6 +44,11 @@ def cmd_doctor(args) -> int:
     uni = rep.backends.get("unicorn", {})
     if not uni.get("usable", True):
         con.print(f"[yellow]The unicorn backend is not usable:[/] {uni['error']}")
+    elif "cpl0_ns_per_insn" in uni:
+        con.print(
+            f"unicorn runs a tight loop at {uni['cpl0_ns_per_insn']:.2f} ns per instruction at "
+            f"CPL0 and {uni['cpl3_ns_per_insn']:.2f} ns at CPL3 (any host, no /dev/kvm needed)"
+        )
     if not rep.kvm_usable:
         con.print(f"[bold red]/dev/kvm is not usable:[/] {rep.kvm_error}")
         if rep.ok:
