@@ -65,6 +65,10 @@ def add_parser(sub) -> None:
     pin.add_argument("--no-pin", action="store_true", help="leave the VMMs unpinned")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long")
     p.add_argument(
+        "--accel", choices=("kvm", "unicorn"),
+        help="CPU backend of both VMs (default kvm; shm-irq needs KVM's irqfd and ioeventfd)",
+    )  # fmt: skip
+    p.add_argument(
         "--guest", metavar="IMAGE",
         help="instead of measuring, run IMAGE (a guest built with kvmpy/ipc.h, or a bundled "
         "example such as ipc-hello) as both VMs and print what each prints",
@@ -106,6 +110,7 @@ def options_from_args(args):
         vectors=args.vectors,
         cpus=cpus,
         timeout=args.timeout,
+        accel=args.accel or "auto",
     ).validated()
 
 

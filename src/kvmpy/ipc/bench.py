@@ -65,6 +65,8 @@ class IpcOptions:
     start_timeout: float = 60.0
     #: Guest images by role, instead of the bundled examples (tests use hostile guests).
     images: dict[str, str] | None = None
+    #: CPU backend of both VMs (MachineConfig.accel).
+    accel: str = "auto"
 
     def validated(self) -> IpcOptions:
         if self.pingpong:
@@ -144,7 +146,7 @@ def specs_for(opts: IpcOptions) -> dict[str, PeerSpec]:
             shm_size=opts.shm_size if opts.mechanism.shared_memory else 0,
             vectors=opts.vectors, seed=opts.seed, memory=GUEST_RAM,
             cpu=opts.cpus[peer_id] if opts.cpus else None, timeout=timeout,
-            io_timeout=opts.io_timeout, stall_timeout=opts.stall_timeout,
+            io_timeout=opts.io_timeout, stall_timeout=opts.stall_timeout, accel=opts.accel,
         )  # fmt: skip
     return specs
 
