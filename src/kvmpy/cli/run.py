@@ -26,8 +26,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--mem", default="64M", metavar="SIZE", help="guest RAM (default 64M)")
     p.add_argument(
-        "--vcpus", type=int, default=1, metavar="N",
-        help="vCPUs, each in its own host thread (default 1; SMP guests use kvmpy/smp.h)",
+        "--vcpus", type=int, metavar="N",
+        help="vCPUs, each in its own host thread (default 1, or the example's; SMP guests use "
+        "kvmpy/smp.h)",
     )  # fmt: skip
     p.add_argument(
         "--load-addr", type=_address, metavar="GPA", help="where a raw image loads (default 0)"
@@ -77,18 +78,29 @@ def resolve_image(name: str, mode: Mode | None) -> tuple[Path, Mode | None]:
     return example.build(mode), mode
 
 
+def default_vcpus(name: str, path: Path) -> int:
+    """A bundled example's own vCPU count (its kvmpy-vcpus tag), else 1."""
+    if path.exists() and ("/" in name or name.startswith(".") or Path(name).exists()):
+        return 1
+    from ..sdk.examples import find_example
+
+    example = find_example(name)
+    return example.vcpus if example is not None else 1
+
+
 def cmd_run(args) -> int:
     from ..machine import Machine, MachineConfig
 
     mode = Mode(args.mode) if args.mode else None
     path, mode = resolve_image(args.image, mode)
+    vcpus = args.vcpus if args.vcpus is not None else default_vcpus(args.image, path)
     from ..loader import load_file
 
     image = load_file(path, args.load_addr, args.entry)
     mode = mode or image.mode_hint or (Mode.PROTECTED if image.bits == 32 else Mode.LONG)
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be positive")
-    config = MachineConfig(mode=mode, memory=args.mem, vcpus=args.vcpus, irqchip=args.irqchip)
+    config = MachineConfig(mode=mode, memory=args.mem, vcpus=vcpus, irqchip=args.irqchip)
     out = sys.stdout.buffer
     with Machine(config, console=out, capture_output=False) as machine:
         for vcpu in machine.vcpus:
