@@ -9,7 +9,7 @@
 #include <kvmpy.h>
 #include <kvmpy/smp.h>
 
-#define STEPS 200
+#define STEPS 500
 #define WORK (1u << 17)
 
 struct lane {
