@@ -61,7 +61,7 @@ int main(void)
 	long again = smp_start(1, spin, 0);
 	smp_wait(2);
 	kv_printf("%ld %ld %ld %ld %ld %ld %ld %ld %ld %ld\n", bad_cpu, self, first, busy,
-		  wait_self, wait_none, wait_absent, park0, waited, again);
+		wait_self, wait_none, wait_absent, park0, waited, again);
 	return 0;
 }
 """
