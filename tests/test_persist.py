@@ -717,3 +717,81 @@ def test_device_states_travel_with_the_snapshot(images, tmp_path):
     assert (fresh["pio"].count, fresh["mmio"].count) == (5, 7)
     with pytest.raises(SnapshotError, match="lacks: mmio:0xd0000000:counter, pio:0x600:counter"):
         snapshot.restore(tmp_path / "s")
+
+
+# --- SMP machines ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smp_chain(gcc_available):
+    from kvmpy.sdk.examples import find_example
+
+    image = find_example("smp-chain").build()
+    ref = {}
+    for n in (2, 4):
+        with Machine(MachineConfig(mode="long-user", memory="64M", vcpus=n)) as m:
+            m.load_file(image)
+            result = m.run(timeout=120)
+        assert result.stop_reason is StopReason.EXIT, result.message
+        ref[n] = result.output
+    assert ref[2] != ref[4]
+    return image, ref
+
+
+@pytest.mark.parametrize("vcpus", [2, 4])
+@pytest.mark.parametrize("where", ["line", "mid-step"])
+def test_smp_snapshot_restores_every_vcpu(smp_chain, tmp_path, vcpus, where):
+    """At a line (the secondaries parked) or mid-step (every vCPU computing, wherever it is):
+    a restore in a new process continues with output identical to an uninterrupted run."""
+    image, ref = smp_chain
+    with Machine(MachineConfig(mode="long-user", memory="64M", vcpus=vcpus)) as m:
+        m.load_file(image)
+        if where == "line":
+            from kvmpy.hypercalls import HC_PRINT_STR, hc_print_str
+
+            def counting(ctx, *args):
+                r = hc_print_str(ctx, *args)
+                if m.output.count(b"\n") == 40:
+                    m.pause_from_guest()
+                return r
+
+            m.hypercalls.register(HC_PRINT_STR, counting, "print_str", replace=True)
+            pause = lambda: m.wait_paused(60)  # noqa: E731
+        else:
+
+            def pause():
+                while m.output.count(b"\n") < 60:
+                    time.sleep(0.0005)
+                time.sleep(0.002)
+                m.pause()
+
+        before = run_and_take(m, pause, lambda: snapshot.take(m, tmp_path / "snap")).output
+    proc = kvmpy("restore", tmp_path / "snap", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    after, doc = split_json(proc.stdout)
+    assert before + after == ref[vcpus]
+    assert len(doc["vcpus"]) == vcpus
+
+
+def test_smp_migration_between_two_processes(smp_chain, tmp_path):
+    image, ref = smp_chain
+    sock = tmp_path / "vm.sock"
+    with (
+        receiver("--json") as (dst, port),
+        running(image, sock, "--json", "--vcpus", "4") as src,
+    ):
+        while control.request(sock, "stats", timeout=5)["output_bytes"] < 2000:
+            time.sleep(0.01)
+        # Through the library, not `kvmpy ctl`: a new interpreter can take a second to start
+        # on a busy machine, and the guest runs for a few seconds only.
+        mig = control.request(sock, "migrate", {"address": f"127.0.0.1:{port}"}, timeout=60)
+        assert mig["downtime_ms"] > 0
+        src_out, src_err = src.communicate(timeout=120)
+        dst_out, dst_err = dst.communicate(timeout=120)
+    assert src.returncode == 0 and dst.returncode == 0, (src_err, dst_err)
+    before, src_doc = split_json(src_out)
+    after, dst_doc = split_json(dst_out)
+    assert 0 < len(before) < len(ref[4])
+    assert before + after == ref[4]
+    assert src_doc["stop_reason"] == "migrated" and dst_doc["stop_reason"] == "exit"
+    assert len(dst_doc["vcpus"]) == 4

@@ -26,12 +26,11 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from .arch.x86 import gdt as G
 from .arch.x86 import modes
-from .arch.x86.modes import MAX_CPUS, BootState, Mode, SystemLayout
+from .arch.x86.modes import BootState, Mode, SystemLayout
 from .bus import MmioBus, PortBus
 from .devices import Device, Effect, Output, RaiseIrq, StopVm
 from .devices.debugcon import PORT as DEBUGCON_PORT
@@ -44,9 +43,10 @@ from .hypercalls import Hypercalls
 from .kvm import Kvm
 from .kvm import structs as S
 from .loader import Image, load_file
-from .memory import PAGE_SIZE, GuestMemory, parse_size
+from .memory import GuestMemory
 from .result import RunResult, Stop, StopReason
 from .stats import ExitStats
+from .vmm.config import MAX_MEMORY, MIN_MEMORY, DeviceConfig, ImageBoot, MachineConfig, VmConfig
 from .vmm.event_loop import EventLoop
 from .vmm.interrupts import InterruptManager
 from .vmm.resources import MMIO_HOLE_START, Resources
@@ -59,55 +59,9 @@ log = logging.getLogger(__name__)
 # at 4 GiB, as on PCs and in Firecracker.
 MMIO_HOLE_END = 4 << 30
 
-MAX_MEMORY = 1 << 40
-MIN_MEMORY = 1 << 20
-
-#: Backends `MachineConfig.accel` names ("auto": KVM when /dev/kvm is usable, else unicorn).
-ACCELS = ("kvm", "unicorn", "auto")
-
 #: IDT vectors kvmpy/smp.h's ring-0 handlers use (see that header).
 SMP_GATE_VECTOR = 3
 SMP_IPI_VECTOR = 0xF0
-
-
-@dataclass(frozen=True)
-class MachineConfig:
-    mode: Mode | str = Mode.LONG
-    memory: int | str = "64M"
-    #: vCPUs, each in its own host thread. SMP machines always have the in-kernel irqchip
-    #: (IPIs, and `hlt` that sleeps until one arrives).
-    vcpus: int = 1
-    #: In-kernel LAPIC/IOAPIC/PIC. With it, `hlt` sleeps in the kernel instead of stopping the VM.
-    irqchip: bool = False
-    #: In-kernel PIT (needs irqchip).
-    pit: bool = False
-    name: str = "vm"
-    #: The CPU backend: "kvm", "unicorn" (binary translation, docs/backends.md), or "auto":
-    #: KVM, and unicorn with a one-line notice where /dev/kvm is not usable. A machine's
-    #: config names the backend it got.
-    accel: str = "auto"
-
-    def validated(self) -> MachineConfig:
-        mode = Mode.parse(self.mode) if isinstance(self.mode, str) else self.mode
-        size = parse_size(self.memory)
-        if size < MIN_MEMORY:
-            raise ConfigError(f"guest memory must be at least 1M (got {self.memory})")
-        if size > MAX_MEMORY:
-            raise ConfigError(f"guest memory must be at most 1T (got {self.memory})")
-        if size % PAGE_SIZE:
-            raise ConfigError(f"guest memory must be a multiple of 4K (got {self.memory})")
-        if isinstance(self.vcpus, bool) or not isinstance(self.vcpus, int):
-            raise ConfigError(f"the vCPU count must be an integer (got {self.vcpus!r})")
-        if not 1 <= self.vcpus <= MAX_CPUS:
-            raise ConfigError(f"a machine has 1 to {MAX_CPUS} vCPUs (got {self.vcpus})")
-        if self.pit and not self.irqchip:
-            raise ConfigError("the in-kernel PIT needs the in-kernel irqchip (irqchip=True)")
-        if self.accel not in ACCELS:
-            raise ConfigError(
-                f"unknown accelerator {self.accel!r}: choose one of {', '.join(ACCELS)}"
-            )
-        irqchip = self.irqchip or self.vcpus > 1
-        return MachineConfig(mode, size, self.vcpus, irqchip, self.pit, self.name, self.accel)
 
 
 def ram_layout(size: int) -> list[tuple[int, int]]:
@@ -190,6 +144,11 @@ class Machine:
         self._event_loop: EventLoop | None = None
         self._ioeventfds: list[tuple[int, int, int, int | None, bool, bool]] = []
         self._closers: list[Callable[[], None]] = []
+        #: The devices built by kind (add_device), as the VmConfig lists them.
+        self.device_configs: list[DeviceConfig] = []
+        self.devices: dict[str, Any] = {}
+        #: What was loaded (an ImageBoot or LinuxBoot), for the VmConfig.
+        self.boot_source: Any = None
         try:
             self.hv = hypervisor or make_hypervisor(config.accel, kvm)
             self.config = config = dataclasses.replace(config, accel=self.hv.name)
@@ -239,6 +198,26 @@ class Machine:
         self.resources.claim_mmio(device.name, base, length)
         self.mmio_bus.register(base, length, device)
 
+    def add_device(self, kind: str, id: str | None = None, **args: Any) -> Any:
+        """Build a device of a registered kind (devices/registry.py) and record it in this
+        machine's VmConfig, so snapshots rebuild it."""
+        from .devices import registry
+
+        if id is None:
+            id = f"{kind}{sum(1 for d in self.device_configs if d.kind == kind)}"
+        if id in self.devices:
+            raise ConfigError(f"this machine has a device {id!r} already")
+        cfg = DeviceConfig(kind, id, args)
+        VmConfig(self.config, None, (*self.device_configs, cfg)).validated()
+        device = registry.create(self, kind, id, dict(args))
+        self.device_configs.append(cfg)
+        self.devices[id] = device
+        return device
+
+    def vm_config(self) -> VmConfig:
+        """The whole machine as a VmConfig: what `kvmpy restore` rebuilds it from."""
+        return VmConfig(self.config, self.boot_source, tuple(self.device_configs))
+
     def ioeventfd(
         self, addr: int, length: int, datamatch: int | None = None, *, pio: bool = False,
         fd: int | None = None,
@@ -282,6 +261,7 @@ class Machine:
     def load_file(self, path, load_addr: int | None = None, entry: int | None = None) -> Image:
         image = load_file(path, load_addr, entry)
         self.load(image)
+        self.boot_source = ImageBoot(os.path.abspath(path), load_addr, entry)
         return image
 
     def load(self, image: Image, reserved: Sequence[tuple[int, int]] = ()) -> None:
@@ -328,7 +308,7 @@ class Machine:
         symbols = image.symbols or {}
         if "kvmpy_smp_gate" in symbols and self.mode.bits == 64:
             self.set_interrupt_handler(SMP_GATE_VECTOR, symbols["kvmpy_smp_gate"], dpl=3)
-        if "kvmpy_smp_ipi" in symbols and self.mode.bits == 64:
+        if "kvmpy_smp_ipi" in symbols and self.mode.bits in (32, 64):
             self.set_interrupt_handler(SMP_IPI_VECTOR, symbols["kvmpy_smp_ipi"])
 
     def mark_restored(self, layout: SystemLayout, entry_ip: int, boot_rflags: int = 2) -> None:
@@ -623,3 +603,6 @@ def _sink(console) -> Callable[[bytes], None] | None:
             flush()
 
     return sink
+
+
+__all__ = ["MAX_MEMORY", "MIN_MEMORY", "Machine", "MachineConfig", "ram_layout"]

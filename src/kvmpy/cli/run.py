@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -20,14 +21,26 @@ def add_parser(sub) -> None:
         "Guest output goes to stdout; kvmpy exits with the guest's exit code "
         "(125 if the guest crashed, 124 on --timeout, 130 on Ctrl-C).",
     )
-    p.add_argument("image", metavar="IMAGE", help="raw or ELF image, or a bundled example name")
+    p.add_argument(
+        "image", metavar="IMAGE", nargs="?",
+        help="raw or ELF image, or a bundled example name (or --config)",
+    )  # fmt: skip
+    p.add_argument(
+        "--config", metavar="FILE.json",
+        help="the whole machine from a VM config file (kvmpy run ... --dump-config writes one)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dump-config", action="store_true",
+        help="print the VM config these options describe (JSON) and exit without running",
+    )  # fmt: skip
     p.add_argument(
         "--mode", choices=[m.value for m in Mode], help="CPU mode (default: from the image)"
     )
-    p.add_argument("--mem", default="64M", metavar="SIZE", help="guest RAM (default 64M)")
+    p.add_argument("--mem", metavar="SIZE", help="guest RAM (default 64M)")
     p.add_argument(
-        "--vcpus", type=int, default=1, metavar="N",
-        help="vCPUs, each in its own host thread (default 1; SMP guests use kvmpy/smp.h)",
+        "--vcpus", type=int, metavar="N",
+        help="vCPUs, each in its own host thread (default 1, or the example's; SMP guests use "
+        "kvmpy/smp.h)",
     )  # fmt: skip
     p.add_argument(
         "--load-addr", type=_address, metavar="GPA", help="where a raw image loads (default 0)"
@@ -83,26 +96,68 @@ def resolve_image(name: str, mode: Mode | None) -> tuple[Path, Mode | None]:
     return example.build(mode), mode
 
 
-def cmd_run(args) -> int:
-    from ..machine import Machine, MachineConfig
+def default_vcpus(name: str, path: Path) -> int:
+    """A bundled example's own vCPU count (its kvmpy-vcpus tag), else 1."""
+    if path.exists() and ("/" in name or name.startswith(".") or Path(name).exists()):
+        return 1
+    from ..sdk.examples import find_example
+
+    example = find_example(name)
+    return example.vcpus if example is not None else 1
+
+
+def vm_config(args):
+    """The VmConfig the command line describes: --config FILE, or IMAGE and the options."""
+    from ..machine import MachineConfig
+    from ..vmm.config import ImageBoot, VmConfig
+
+    if args.config:
+        if args.image:
+            raise ConfigError("give an IMAGE or --config FILE, not both")
+        given = [o for o, v in (("--mode", args.mode), ("--mem", args.mem),
+                                ("--vcpus", args.vcpus), ("--load-addr", args.load_addr),
+                                ("--entry", args.entry)) if v is not None]  # fmt: skip
+        if args.irqchip:
+            given.append("--irqchip")
+        if given:
+            raise ConfigError(f"{given[0]} conflicts with --config: put it in the config file")
+        config = VmConfig.load(args.config)
+        if config.boot is None:
+            raise ConfigError(f"{args.config} has no boot source ('boot')")
+        if args.accel:  # the one machine option --config leaves to the command line
+            machine = dataclasses.replace(config.machine, accel=args.accel).validated()
+            config = dataclasses.replace(config, machine=machine)
+        return config
+    if not args.image:
+        raise ConfigError("nothing to run: give an IMAGE (or --config FILE)")
+    from ..loader import load_file
 
     mode = Mode(args.mode) if args.mode else None
     path, mode = resolve_image(args.image, mode)
-    from ..loader import load_file
-
+    vcpus = args.vcpus if args.vcpus is not None else default_vcpus(args.image, path)
     image = load_file(path, args.load_addr, args.entry)
     mode = mode or image.mode_hint or (Mode.PROTECTED if image.bits == 32 else Mode.LONG)
+    machine = MachineConfig(mode=mode, memory=args.mem or "64M", vcpus=vcpus,
+                            irqchip=args.irqchip, accel=args.accel or "auto")  # fmt: skip
+    boot = ImageBoot(str(path.resolve()), args.load_addr, args.entry)
+    return VmConfig(machine, boot).validated()
+
+
+def cmd_run(args) -> int:
+    from ..vmm import builder
+
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be positive")
-    config = MachineConfig(
-        mode=mode, memory=args.mem, vcpus=args.vcpus, irqchip=args.irqchip,
-        accel=args.accel or "auto",
-    )  # fmt: skip
+    config = vm_config(args)
+    if args.dump_config:
+        sys.stdout.write(config.to_json() + "\n")
+        return 0
     out = sys.stdout.buffer
-    with Machine(config, console=out, capture_output=False) as machine:
+    mode = config.machine.mode
+    path = config.boot.path if hasattr(config.boot, "path") else str(config.boot)
+    with builder.build(config, console=out, capture_output=False) as machine:
         for vcpu in machine.vcpus:
             vcpu.trace = args.trace_exits
-        machine.load(image)
         if args.control:
             from .ctl import run_with_control
 

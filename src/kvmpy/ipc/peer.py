@@ -227,7 +227,7 @@ class Peer:
             vectors=spec.vectors, size=spec.size, runs=spec.runs, pingpong=spec.pingpong,
             tsc_khz=self.tsc_khz, shm_size=spec.shm_size if shared else 0, tx_ring=tx_ring,
             tx_data=tx_data, rx_ring=rx_ring, rx_data=rx_data, ring_size=ring_size,
-            seed=spec.seed,
+            seed=spec.seed, irq_cpu=spec.irq_cpu,
         )  # fmt: skip
         m.memory.write(INFO_GPA, params.pack())
         m.add_pio_device(PORT_SYNC, 4, SyncPort(self))
@@ -251,6 +251,10 @@ class Peer:
             doorbell.install_handlers(m, spec.vectors)
 
     # --- barriers and runs (called from the vCPU thread, inside exits) -----------------------
+
+    def _stats(self) -> ExitStats:
+        """The VM's exits so far, every vCPU's (a guest may run its loop on another CPU)."""
+        return ExitStats.merged([v.stats for v in self.machine.vcpus])
 
     def _counters(self) -> dict:
         c = {"doorbells_unmatched": self.doorbells.unmatched}
@@ -294,8 +298,7 @@ class Peer:
                 break
         finally:
             self.in_barrier = False
-        m = self.machine
-        stats = m.vcpus[0].stats  # the benchmark runs on CPU 0
+        stats = self._stats()
         io = int(ExitReason.IO)
         now = time.perf_counter_ns()
         self.current = RunWindow(
@@ -311,7 +314,7 @@ class Peer:
         if w is None:
             return  # a stray write; the guest's own business
         self.current = None
-        stats = self.machine.vcpus[0].stats
+        stats = self._stats()
         io = int(ExitReason.IO)
         now = time.perf_counter_ns()
         c1 = self._counters()

@@ -194,7 +194,7 @@ def disk_usage(path: Path) -> int:
 
 
 def _summary(state: dict) -> dict:
-    vmm, config = state.get("vmm", {}), state.get("config", {})
+    vmm, config = state.get("vmm", {}), state.get("config", {}).get("machine", {})
     return {
         "mode": config.get("mode"),
         "memory": config.get("memory"),

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as C
-import dataclasses
 import json
 import logging
 import socket
@@ -43,6 +42,7 @@ from ..errors import KvmpyError
 from ..machine import Machine
 from ..memory import PAGE_SIZE, GuestMemory
 from ..result import Stop, StopReason
+from ..vmm import builder
 from . import lazy, memfile, state
 from .errors import ControlError, MigrationError, SnapshotError
 from .session import VmSession
@@ -320,7 +320,7 @@ def _migrate(session, host, port, progress, goal_ms, rounds_limit) -> dict[str, 
                 "protocol": PROTOCOL,
                 "version": VERSION,
                 "state_version": state.STATE_VERSION,
-                "config": state.config_to_dict(machine.config),
+                "config": state.config_to_dict(machine),
                 "memory": machine.memory.size,
                 "page_size": PAGE_SIZE,
             },
@@ -570,14 +570,13 @@ class Incoming:
             raise MigrationError("the source's state format differs from this kvmpy's")
         config = state.config_from_dict(hello.get("config"))
         if accel is not None:
-            config = dataclasses.replace(config, accel=accel).validated()
-        machine = self.machine = Machine(
-            config, kvm=kvm, console=console, capture_output=capture_output
-        )
+            config = state.with_accel(config, accel)
+        machine = self.machine = builder.build(
+            config, load=False, kvm=kvm, console=console, capture_output=capture_output,
+            setup=setup,
+        )  # fmt: skip
         if machine.memory.size != hello.get("memory"):
             raise MigrationError("the source's memory size does not match its configuration")
-        if setup is not None:
-            setup(machine)
         link.send_json(READY, {})
         memory = machine.memory
         total_pages = memory.size // PAGE_SIZE

@@ -1,7 +1,7 @@
 """A machine's state besides its RAM, as one JSON-able dict (docs/persist.md):
 
     {"version": 2,
-     "config": the machine's configuration (what to rebuild it from),
+     "config": the machine's VmConfig: machine, boot source, devices (what to rebuild it from),
      "vm":     the backend VM's state (KVM: in-kernel irqchip, PIT, clock),
      "vcpus":  one dict per vCPU in the backends' shared CPU-state format (hv/base.py),
      "vmm":    kvmpy's own state: layout, exit statistics, SMP state, devices}
@@ -22,8 +22,9 @@ from typing import Any
 
 from ..arch.x86.modes import Mode, SystemLayout
 from ..errors import ConfigError
-from ..machine import Machine, MachineConfig
+from ..machine import Machine
 from ..stats import MAX_REASON, PortStats
+from ..vmm.config import VmConfig
 from .errors import SnapshotError
 
 log = logging.getLogger(__name__)
@@ -51,40 +52,25 @@ def _get(d, key: str, kind: type, what: str):
 # --- config --------------------------------------------------------------------------------------
 
 
-def config_to_dict(config: MachineConfig) -> dict[str, Any]:
-    c = config.validated()
-    return {
-        "mode": Mode(c.mode).value,
-        "memory": c.memory,
-        "vcpus": c.vcpus,
-        "irqchip": c.irqchip,
-        "pit": c.pit,
-        "name": c.name,
-        "accel": c.accel,
-    }
+def config_to_dict(machine: Machine) -> dict[str, Any]:
+    """The machine's whole VmConfig (machine, boot source, devices) as saved."""
+    return machine.vm_config().to_dict()
 
 
-def _accel(recorded) -> str:
-    """The backend to restore on: a KVM machine's state restores on KVM where /dev/kvm is
+def with_accel(config: VmConfig, accel: str) -> VmConfig:
+    machine = dataclasses.replace(config.machine, accel=accel).validated()
+    return dataclasses.replace(config, machine=machine)
+
+
+def config_from_dict(d) -> VmConfig:
+    """The machine to restore on. A KVM machine's state restores on KVM where /dev/kvm is
     usable and on unicorn elsewhere (the CPU-state format is shared); `kvmpy restore --accel`
-    overrides it."""
-    if not isinstance(recorded, str):
-        return "?"
-    return "auto" if recorded == "kvm" else recorded
-
-
-def config_from_dict(d) -> MachineConfig:
+    overrides it (`with_accel`)."""
     try:
-        config = MachineConfig(
-            mode=_get(d, "mode", str, "CPU mode"),
-            memory=_int(_get(d, "memory", int, "memory size"), "memory size"),
-            vcpus=_int(_get(d, "vcpus", int, "vCPU count"), "vCPU count"),
-            irqchip=_get(d, "irqchip", bool, "irqchip flag"),
-            pit=_get(d, "pit", bool, "PIT flag"),
-            name=_get(d, "name", str, "machine name"),
-            accel=_accel(d.get("accel", "kvm")),
-        )
-        return config.validated()
+        config = VmConfig.from_dict(d)
+        if config.machine.accel == "kvm":
+            config = with_accel(config, "auto")
+        return config
     except ConfigError as e:
         raise SnapshotError(f"the snapshot's machine configuration is not usable: {e}") from None
 
@@ -98,7 +84,7 @@ def capture(machine: Machine) -> dict[str, Any]:
         raise SnapshotError("the machine has not been loaded or restored; nothing to save")
     return {
         "version": STATE_VERSION,
-        "config": config_to_dict(machine.config),
+        "config": config_to_dict(machine),
         "vm": machine.vm.save_state(),
         "vcpus": [machine.vcpu_call(i, v.save_state) for i, v in enumerate(machine.vcpus)],
         "vmm": capture_vmm(machine),

@@ -273,7 +273,6 @@ class VcpuSet:
         """Between two runs: serve jobs, wait out pauses and blocks. Returns a stop to end the
         thread, or None to enter the guest again."""
         i = slot.index
-        waited = False
         with self._cond:
             while True:
                 while slot.jobs:
@@ -291,7 +290,6 @@ class VcpuSet:
                     if slot.state != "waiting":
                         slot.state = "waiting"
                         self._cond.notify_all()
-                    waited = True
                     self._cond.wait(0.5)
                     continue
                 if self._end is not None:
@@ -303,7 +301,9 @@ class VcpuSet:
             slot.vcpu.cancel_pause()
             slot.state = "running"
             self._cond.notify_all()
-        if waited and self._on_resume is not None:
+        # Also when it never had to wait: a secondary started before its thread first got
+        # here still has its start registers to load.
+        if self._on_resume is not None:
             self._on_resume(i)
         return None
 

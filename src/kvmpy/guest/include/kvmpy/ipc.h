@@ -128,7 +128,9 @@ struct kvmpy_ipc_info {
 	uint64_t rx_ring, rx_data; /* and its receive ring */
 	uint64_t ring_size;       /* data bytes per ring, a power of two */
 	uint64_t seed;            /* benchmark: pattern seed of run 0 */
-	uint64_t vmm_reserved[17];
+	uint32_t irq_cpu;         /* the vCPU the doorbells interrupt (kvmpy ipc --irq-cpu) */
+	uint32_t vmm_pad;
+	uint64_t vmm_reserved[16];
 	/* 0x100: written by the interrupt handlers (ring 0) */
 	volatile uint64_t irq_total;
 	volatile uint64_t irq_count[KVMPY_IPC_MAX_VECTORS];
