@@ -209,8 +209,8 @@ def snapshot_after(accel: str, image, path, lines: int | None) -> bytes:
         return result.output
 
 
-def restore_and_run(path, accel: str) -> bytes:
-    restored = snapshot.restore(path, accel=accel)
+def restore_and_run(path, accel: str, lazy: bool = False) -> bytes:
+    restored = snapshot.restore(path, accel=accel, lazy_memory=lazy)
     try:
         assert restored.machine.config.accel == accel
         result = restored.machine.run(timeout=120)
@@ -224,6 +224,22 @@ def restore_and_run(path, accel: str) -> bytes:
 def test_snapshot_and_restore(accel, hashchain, reference, tmp_path, lines):
     before = snapshot_after(accel, hashchain, tmp_path / "snap", lines)
     assert before + restore_and_run(tmp_path / "snap", accel) == reference
+
+
+def test_lazy_restore(accel, hashchain, reference, tmp_path):
+    before = snapshot_after(accel, hashchain, tmp_path / "snap", 20)
+    assert before + restore_and_run(tmp_path / "snap", accel, lazy=True) == reference
+
+
+def test_live_migration_needs_the_dirty_log(machine, accel, tmp_path, gcc_available):
+    """KVM migrates (tests/test_persist.py); unicorn refuses in one sentence."""
+    from kvmpy.hv.base import Capability
+
+    m = machine("long-user", "16M")
+    if Capability.DIRTY_LOG in m.vm.capabilities:
+        return
+    with pytest.raises(Exception, match="needs dirty_log support, which the unicorn backend"):
+        m.vm.set_dirty_logging(m.memory.regions[0], True)
 
 
 # --- the schedulers --------------------------------------------------------------------------------

@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: What the unicorn backend does: MSIs to a vector through its own small interrupt controller,
-#: and 32-bit paging (which KVM-PVM refuses). Everything that lives in a kernel is absent.
-CAPABILITIES = frozenset({Capability.MSI, Capability.PAGED32})
+#: 32-bit paging (which KVM-PVM refuses), and userfaultfd: a lazy restore registers the host
+#: mapping of guest RAM, which the engine uses directly, so its first touch of a page is
+#: served like KVM's. What lives in KVM (irqchip, irqfd, ioeventfd, dirty log) is absent.
+CAPABILITIES = frozenset({Capability.MSI, Capability.PAGED32, Capability.USERFAULTFD})
 
 MSI_ADDRESS_MASK = 0xFFF0_0000
 MSI_ADDRESS_BASE = 0xFEE0_0000
