@@ -268,3 +268,44 @@ def test_on_io_scheduler_switches_at_every_io_exit(machine, gcc_available):
     a, b = result.vms
     assert a.progress > 0 and b.progress > 0
     assert abs(a.switches - b.switches) <= 1 and a.switches > 10
+
+
+# --- interrupts --------------------------------------------------------------------------------
+
+MSI_GUEST = """
+#include <kvmpy.h>
+static volatile long irqs;
+void handler(void);
+__asm__(".globl handler\\n handler:\\n push %rax\\n push %rcx\\n push %rdx\\n"
+        " incq irqs(%rip)\\n mov $0x80B, %ecx\\n xor %eax, %eax\\n xor %edx, %edx\\n wrmsr\\n"
+        " pop %rdx\\n pop %rcx\\n pop %rax\\n iretq\\n");
+int main(void)
+{
+	while (irqs < 3)
+		__asm__ volatile("sti; hlt; cli");
+	hc_print_str("three interrupts\\n");
+	return (int)irqs;
+}
+"""
+
+
+def test_msi_through_the_interrupt_manager(machine, accel, build_guest):
+    """A device's MSI (InterruptManager) reaches a ring-0 handler that EOIs through the x2APIC
+    MSR; `hlt` with interrupts enabled waits for it."""
+    image = build_guest(MSI_GUEST, "long")
+    m = machine("long", "16M", irqchip=accel == "kvm")
+    m.load_file(image)
+    m.set_interrupt_handler(0x40, m.image.symbols["handler"])
+    msi = m.interrupts.msi("test", vector=0x40, cpu=0)
+
+    def ring():
+        for _ in range(3):
+            time.sleep(0.05)
+            msi.trigger()
+
+    t = threading.Thread(target=ring)
+    t.start()
+    result = m.run(timeout=30)
+    t.join()
+    assert result.stop_reason is StopReason.EXIT and result.exit_code == 3, result.message
+    assert result.output == b"three interrupts\n"

@@ -817,9 +817,10 @@ class UnicornVcpu:
         if self.trace:
             rip = self._read_reg(X.UC_X86_REG_RIP)
             print(f"[exit {self.stats.total}] hlt rip={rip:#x}", file=sys.stderr)
-        if not (self.interruptible() and self.vm.can_interrupt()):
+        if not self.interruptible():
             return Stop(StopReason.HLT, 0, "hlt", cpu=self.index)
-        # Asleep until an interrupt, a pause or a stop.
+        # With interrupts enabled the CPU sleeps until one arrives (the backend has its own
+        # interrupt controller, as KVM has with an irqchip), or a pause or a stop.
         with self._wake:
             while not (
                 self.vm.pending_interrupts()

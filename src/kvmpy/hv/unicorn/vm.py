@@ -90,7 +90,6 @@ class UnicornVm:
         self._msi_routes: dict[int, MsiRoute] = {}
         self._irr = 0
         self._irr_lock = threading.Lock()
-        self._msi_seen = False
         self._mmio_pages: set[int] = set()
         self._ops: VmOps | None = None
         self._created_ns = time.monotonic_ns()
@@ -174,7 +173,6 @@ class UnicornVm:
             return
         with self._irr_lock:
             self._irr |= 1 << vector
-            self._msi_seen = True
         for v in self.vcpus:
             v.interrupt()
 
@@ -193,11 +191,6 @@ class UnicornVm:
             vector = self._irr.bit_length() - 1
             self._irr &= ~(1 << vector)
             return vector
-
-    def can_interrupt(self) -> bool:
-        """Whether a `hlt` with interrupts enabled can ever be woken (else it stops the VM,
-        as KVM's HLT exit does without an in-kernel irqchip)."""
-        return bool(self._msi_routes) or self._msi_seen or self._irr != 0
 
     def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
         require(self, Capability.IRQFD, "an irqfd (interrupts injected without the VMM)")
