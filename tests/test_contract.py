@@ -309,3 +309,26 @@ def test_msi_through_the_interrupt_manager(machine, accel, build_guest):
     t.join()
     assert result.stop_reason is StopReason.EXIT and result.exit_code == 3, result.message
     assert result.output == b"three interrupts\n"
+
+
+def test_a_hypercall_handler_sees_the_registers_of_the_exit(machine, accel, assemble):
+    """RIP past the `out` (KVM's view during an I/O exit), arguments in place."""
+    from kvmpy.loader import load_raw
+
+    code = assemble(
+        "mov $42, %edi\n mov $10, %eax\n mov $0x500, %dx\n out %eax, %dx\n"
+        "mov %edi, %ebx\n mov %eax, %edi\n xor %eax, %eax\n out %eax, %dx"
+    )
+    seen = []
+    m = machine("long", "16M")
+
+    def probe(ctx, a0, *_):
+        regs = ctx.vcpu.get_regs()
+        seen.append((regs.rip, regs.rdi, a0))
+        return 7
+
+    m.hypercalls.register(10, probe, "probe")
+    m.load(load_raw(code))
+    result = m.run(timeout=30)
+    assert result.stop_reason is StopReason.EXIT and result.exit_code == 7
+    assert seen == [(15, 42, 42)]  # 5 + 5 + 4 bytes, then the 1-byte out

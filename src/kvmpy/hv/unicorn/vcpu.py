@@ -199,6 +199,8 @@ class UnicornVcpu:
         self._saved_dr: tuple[int, int, int] = (0, 0, 0)
         self._hook_error: BaseException | None = None
         self._in_mmio = False
+        #: Inside an in/out hook: registers read then are KVM's at an I/O exit (RIP after it).
+        self._in_io = False
         self.kick_deferred = False
         self._string_linear = -1
         self._string_bytes = 0
@@ -289,6 +291,7 @@ class UnicornVcpu:
                 if handler is None:
                     result = enosys
                 else:
+                    self._in_io = True
                     try:
                         result = handler(ctx, vals[0], vals[1], vals[2], vals[3])
                     except GuestExit as e:
@@ -304,6 +307,8 @@ class UnicornVcpu:
                     except BaseException as e:  # a handler's bug must not unwind into C
                         self._hook_failed(e)
                         return
+                    finally:
+                        self._in_io = False
                 rax.value = result & MASK64
                 write(h, rax_id, rax_p)
                 if t:
@@ -383,6 +388,7 @@ class UnicornVcpu:
                 self._trace_io(port, size, value, out, insn)
         result = 0
         stop: Stop | None = None
+        self._in_io = True
         try:
             if port == HC_PORT and out:
                 stop = self._hypercall(value & mask)
@@ -399,6 +405,7 @@ class UnicornVcpu:
                 data = bytes(entry.device.read(entry.offset, size)[:size]).ljust(size, b"\xff")
                 result = int.from_bytes(data, "little")
         finally:
+            self._in_io = False
             dt = time.perf_counter_ns() - t0
             ps.time_ns += dt
             ps.timed += 1
@@ -852,10 +859,21 @@ class UnicornVcpu:
     # --- state ---------------------------------------------------------------------------------
 
     def get_regs(self) -> S.kvm_regs:
-        return self.cpu.get_regs()
+        regs = self.cpu.get_regs()
+        if self._in_io:
+            # As KVM reports them during an I/O exit: RIP past the `in`/`out`.
+            regs.rip += self._io_length()
+        return regs
 
     def set_regs(self, regs: S.kvm_regs) -> None:
+        if self._in_io:
+            regs = S.kvm_regs.from_buffer_copy(regs)
+            regs.rip -= self._io_length()
         self.cpu.set_regs(regs, inside=self._running)
+
+    def _io_length(self) -> int:
+        _linear, insn = self._current_io()
+        return insn.length if insn is not None else 1
 
     def get_sregs(self) -> S.kvm_sregs:
         return self.cpu.get_sregs()
