@@ -117,7 +117,7 @@ def test_fault(machine, accel, mode, ring, error, gcc_available):
 
 
 def test_the_backend_is_the_one_asked_for(machine, accel):
-    assert machine("long").config.accel == accel
+    assert machine("long").accel == accel
 
 
 # --- the command line -----------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def snapshot_after(accel: str, image, path, lines: int | None) -> bytes:
 def restore_and_run(path, accel: str, lazy: bool = False) -> bytes:
     restored = snapshot.restore(path, accel=accel, lazy_memory=lazy)
     try:
-        assert restored.machine.config.accel == accel
+        assert restored.machine.accel == accel
         result = restored.machine.run(timeout=120)
         assert result.stop_reason is StopReason.EXIT, result.message
         return result.output

@@ -18,7 +18,6 @@ routing), `event_loop` (file descriptors served off the vCPU threads) and the vC
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -151,7 +150,6 @@ class Machine:
         self.boot_source: Any = None
         try:
             self.hv = hypervisor or make_hypervisor(config.accel, kvm)
-            self.config = config = dataclasses.replace(config, accel=self.hv.name)
             self._build()
         except BaseException:
             self.close()
@@ -449,6 +447,11 @@ class Machine:
         else:
             for v in self.vcpus:
                 v.request_stop(reason, stop.message, kick=True)
+
+    @property
+    def accel(self) -> str:
+        """The backend this machine runs on ("kvm" or "unicorn"; its config may say "auto")."""
+        return self.hv.name
 
     @property
     def running(self) -> bool:

@@ -164,7 +164,7 @@ def cmd_run(args) -> int:
             result = run_with_control(machine, args.control, args.timeout)
         else:
             result = machine.run(timeout=args.timeout, handle_sigint=True)
-        result.extra["accel"] = machine.config.accel
+        result.extra["accel"] = machine.accel
     out.flush()
     report(result, stats=args.stats, as_json=args.json, image=str(path), mode=mode)
     return result.process_exit_status
