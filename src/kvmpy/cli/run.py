@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--irqchip", action="store_true", help="create the in-kernel irqchip (LAPIC in x2APIC mode)"
     )
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, parser=p)
 
 
 def add_result_options(p) -> None:
@@ -113,14 +113,14 @@ def vm_config(args):
 
     if args.config:
         if args.image:
-            raise ConfigError("give an IMAGE or --config FILE, not both")
+            args.parser.error("give an IMAGE or --config FILE, not both")
         given = [o for o, v in (("--mode", args.mode), ("--mem", args.mem),
                                 ("--vcpus", args.vcpus), ("--load-addr", args.load_addr),
                                 ("--entry", args.entry)) if v is not None]  # fmt: skip
         if args.irqchip:
             given.append("--irqchip")
         if given:
-            raise ConfigError(f"{given[0]} conflicts with --config: put it in the config file")
+            args.parser.error(f"{given[0]} conflicts with --config: put it in the config file")
         config = VmConfig.load(args.config)
         if config.boot is None:
             raise ConfigError(f"{args.config} has no boot source ('boot')")
@@ -129,7 +129,7 @@ def vm_config(args):
             config = dataclasses.replace(config, machine=machine)
         return config
     if not args.image:
-        raise ConfigError("nothing to run: give an IMAGE (or --config FILE)")
+        args.parser.error("nothing to run: give an IMAGE (or --config FILE)")
     from ..loader import load_file
 
     mode = Mode(args.mode) if args.mode else None
