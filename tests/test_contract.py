@@ -135,6 +135,14 @@ def test_run_json(accel, gcc_available):
     assert doc["accel"] == accel and doc["stop_reason"] == "exit" and doc["exits"] == {"io": 17}
 
 
+def test_trace_exits(accel, gcc_available):
+    r = kvmpy("run", "hello-raw", "--mode", "long", "--accel", accel, "--trace-exits")
+    assert r.returncode == 0, r.stderr.decode()
+    lines = r.stderr.decode().splitlines()
+    assert lines[0] == "[exit 1] io rip=0x4 out port=0xe9 size=1 count=1"
+    assert lines[-1].endswith("out port=0x500 size=4 count=1 hypercall=exit")
+
+
 def test_timeout_stops_a_guest_that_never_exits(accel, gcc_available):
     t0 = time.monotonic()
     r = kvmpy("run", "spin", "--accel", accel, "--timeout", "0.5")

@@ -488,7 +488,7 @@ class UnicornVcpu:
         return faults.fault_stub_stop(self.ops, regs, self.get_sregs(), self.index)
 
     def _trace_io(self, port, size, value, out, insn) -> None:
-        rip = self.cpu.u64(E.EIP)
+        rip = self.cpu.u64(E.EIP) + (insn.length if insn is not None else 1)  # as KVM: past it
         d = "out" if out else "in"
         count = 1
         if insn is not None and insn.string and insn.rep:
