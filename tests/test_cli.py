@@ -193,7 +193,15 @@ def test_bad_images_are_one_line(tmp_path):
 
 
 def test_missing_kvm_says_what_to_do(tmp_path):
-    r = kvmpy("run", "hello-raw", env={"KVMPY_DEV": str(tmp_path / "kvm")})
+    """Without /dev/kvm, kvmpy runs the guest on unicorn and says so in one line; with
+    --accel kvm it refuses, saying what to do."""
+    env = {"KVMPY_DEV": str(tmp_path / "kvm")}
+    r = kvmpy("run", "hello-raw", env=env)
+    no_traceback(r)
+    assert r.returncode == 0 and r.stdout.startswith("Hello, raw")
+    assert r.stderr.count("\n") == 1 and "running on the unicorn backend" in r.stderr
+    assert "does not exist" in r.stderr and "modprobe" in r.stderr
+    r = kvmpy("run", "hello-raw", "--accel", "kvm", env=env)
     no_traceback(r)
     assert r.returncode == 1
     assert "does not exist" in r.stderr and "modprobe" in r.stderr
@@ -202,10 +210,13 @@ def test_missing_kvm_says_what_to_do(tmp_path):
 def test_unusable_kvm_device(tmp_path):
     fake = tmp_path / "kvm"
     fake.write_text("")
-    r = kvmpy("run", "hello-raw", env={"KVMPY_DEV": str(fake)})
+    r = kvmpy("run", "hello-raw", "--accel", "kvm", env={"KVMPY_DEV": str(fake)})
     no_traceback(r)
     assert r.returncode == 1
     assert "not a KVM device" in r.stderr
+    # Without --accel kvm, the guest runs on unicorn, and the reason is given in one line.
+    r = kvmpy("run", "hello-raw", env={"KVMPY_DEV": str(fake)})
+    assert r.returncode == 0 and "not a KVM device" in r.stderr and "unicorn" in r.stderr
 
 
 def test_examples_list():
@@ -228,15 +239,24 @@ def test_doctor():
     assert rep["capabilities"]["SYNC_REGS"]["value"]
     assert rep["host_kind"] in ("software (KVM-PVM-like)", "hardware (VT-x/AMD-V)")
     assert rep["cpl0_ns_per_insn"] > 0 and rep["cpl3_ns_per_insn"] > 0
+    assert rep["backends"]["kvm"]["usable"] and rep["backends"]["unicorn"]["usable"]
+    assert "irqchip" in rep["backends"]["kvm"]["supports"]
     r = kvmpy("doctor", "--quick")
     assert r.returncode == 0 and "KVM API version 12" in r.stdout
 
 
 def test_doctor_without_kvm(tmp_path):
+    """Without /dev/kvm, kvmpy still runs guests (on unicorn): doctor says both."""
     r = kvmpy("doctor", env={"KVMPY_DEV": str(tmp_path / "kvm")})
-    assert r.returncode == 1
-    assert "not usable" in r.stdout
+    assert r.returncode == 0
+    assert "/dev/kvm is not usable" in r.stdout and "unicorn backend here" in r.stdout
     no_traceback(r)
+    r = kvmpy("doctor", "--json", env={"KVMPY_DEV": str(tmp_path / "kvm")})
+    rep = json.loads(r.stdout)
+    assert not rep["kvm_usable"] and not rep["backends"]["kvm"]["usable"]
+    uni = rep["backends"]["unicorn"]
+    assert uni["usable"] and set(uni["supports"]) == {"msi", "paged32", "userfaultfd"}
+    assert {"irqchip", "irqfd", "ioeventfd", "dirty_log", "pit"} <= set(uni["lacks"])
 
 
 @pytest.mark.kvm

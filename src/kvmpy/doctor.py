@@ -1,4 +1,5 @@
-"""What kind of host this is, and whether kvmpy can do its work here.
+"""What kind of host this is, and whether kvmpy can do its work here: which CPU backends are
+usable (KVM, unicorn) and what each supports.
 
 The host-kind probe matters because KVM hosts differ by orders of magnitude: on a VT-x/AMD-V
 host guest code runs natively at every privilege level, while on KVM-PVM (a software, shadow-
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from .arch.x86.modes import Mode
 from .errors import KvmpyError
+from .hv.base import Capability
 from .kvm import Cap, Kvm
 from .loader import load_raw
 
@@ -60,13 +62,20 @@ class Report:
     host_kind: str = "unknown"
     host_summary: str = ""
     gcc: dict[str, bool] = field(default_factory=dict)
+    #: name -> {"usable", "error", "supports", "lacks", ...} for every CPU backend.
+    backends: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @property
-    def ok(self) -> bool:
+    def kvm_ok(self) -> bool:
         return self.kvm_usable and not self.missing_required
+
+    @property
+    def ok(self) -> bool:
+        """kvmpy can run guests here (on KVM, or on the unicorn backend without it)."""
+        return any(b["usable"] for b in self.backends.values()) or self.kvm_ok
 
 
 def _loop_image(iterations: int) -> bytes:
@@ -77,11 +86,11 @@ def _loop_image(iterations: int) -> bytes:
     )  # fmt: skip
 
 
-def _time_loop(kvm: Kvm, mode: Mode, iterations: int) -> float:
+def _time_loop(kvm: Kvm | None, mode: Mode, iterations: int, accel: str = "kvm") -> float:
     """Nanoseconds per instruction of the loop (2 instructions per iteration)."""
     from .machine import Machine, MachineConfig
 
-    with Machine(MachineConfig(mode=mode, memory="4M"), kvm=kvm) as m:
+    with Machine(MachineConfig(mode=mode, memory="4M", accel=accel), kvm=kvm) as m:
         m.load(load_raw(_loop_image(iterations)))
         t0 = time.perf_counter_ns()
         result = m.run(timeout=30)
@@ -132,11 +141,62 @@ def _gcc() -> dict[str, bool]:
     return out
 
 
+# KVM capabilities behind each backend capability (hv/kvm's mapping).
+_KVM_FEATURES = {
+    Capability.IRQCHIP: ("IRQCHIP",),
+    Capability.PIT: ("PIT2",),
+    Capability.IRQFD: ("IRQFD",),
+    Capability.IOEVENTFD: ("IOEVENTFD",),
+    Capability.MSI: ("SIGNAL_MSI", "IRQ_ROUTING"),
+    Capability.COALESCED_IO: ("COALESCED_MMIO", "COALESCED_PIO"),
+}
+
+
+def _backends(rep: Report, measure: bool) -> dict[str, dict]:
+    everything = sorted(c.value for c in Capability)
+    if rep.kvm_ok:
+        caps = {Capability.DIRTY_LOG, Capability.USERFAULTFD}
+        if rep.paged32_supported is not False:
+            caps.add(Capability.PAGED32)
+        for cap, names in _KVM_FEATURES.items():
+            if all(rep.capabilities.get(n, {}).get("value") for n in names):
+                caps.add(cap)
+        supports = sorted(c.value for c in caps)
+        kvm = {"usable": True, "error": None, "supports": supports,
+               "lacks": [c for c in everything if c not in supports]}  # fmt: skip
+    else:
+        error = rep.kvm_error or f"this KVM lacks {', '.join(rep.missing_required)}"
+        kvm = {"usable": False, "error": error, "supports": [], "lacks": everything}
+    from .hv.unicorn import CAPABILITIES, unavailable, unicorn_version
+
+    problem = unavailable()
+    supports = sorted(c.value for c in CAPABILITIES)
+    uni: dict = {
+        "usable": problem is None,
+        "error": problem,
+        "supports": supports if problem is None else [],
+        "lacks": [c for c in everything if c not in supports] if problem is None else everything,
+    }
+    if problem is None:
+        uni["version"] = unicorn_version()
+        if measure:
+            # The tightest loop there is: unicorn's worst case (a stop-request check per
+            # translated block, here every 2 instructions); bench accel has a compute kernel.
+            for key, mode in (
+                ("cpl0_ns_per_insn", Mode.LONG),
+                ("cpl3_ns_per_insn", Mode.LONG_USER),
+            ):
+                uni[key] = _time_loop(None, mode, 5_000_000, accel="unicorn")
+    return {"kvm": kvm, "unicorn": uni}
+
+
 def diagnose(measure: bool = True) -> Report:
     try:
         kvm = Kvm()
     except KvmpyError as e:
-        return Report(kvm_usable=False, kvm_error=str(e), cpu_flags=_cpu_flags(), gcc=_gcc())
+        rep = Report(kvm_usable=False, kvm_error=str(e), cpu_flags=_cpu_flags(), gcc=_gcc())
+        rep.backends = _backends(rep, measure)
+        return rep
     with kvm:
         rep = Report(kvm_usable=True, api_version=kvm.api_version(), cpu_flags=_cpu_flags())
         for cap, use, required in CAPABILITIES:
@@ -151,6 +211,7 @@ def diagnose(measure: bool = True) -> Report:
             ratio = rep.cpl0_ns_per_insn / max(rep.cpl3_ns_per_insn, 1e-3)
             rep.ring0_emulated = ratio > 20
     rep.gcc = _gcc()
+    rep.backends = _backends(rep, measure)
     _classify(rep)
     return rep
 
@@ -167,6 +228,12 @@ def _classify(rep: Report) -> None:
         )
         if not hw:
             rep.host_summary += " The CPU has no vmx/svm flag: this KVM is a nested, software one."
+        uni = rep.backends.get("unicorn", {}).get("cpl0_ns_per_insn")
+        if uni:
+            rep.host_summary += (
+                f" The unicorn backend (--accel unicorn) runs ring-0 code "
+                f"{rep.cpl0_ns_per_insn / uni:.0f}x faster here."
+            )
     elif rep.ring0_emulated is False:
         rep.host_kind = "hardware (VT-x/AMD-V)"
         rep.host_summary = (

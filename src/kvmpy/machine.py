@@ -34,7 +34,7 @@ from .bus import MmioBus, PortBus
 from .devices import Device, Effect, Output, RaiseIrq, StopVm
 from .devices.debugcon import PORT as DEBUGCON_PORT
 from .devices.debugcon import DebugConsole
-from .errors import ConfigError
+from .errors import ConfigError, KvmUnavailable
 from .hv.base import Capability, Hypervisor, VcpuBackend, require
 from .hv.signals import install_kick_handler
 from .hypercalls import PORT as HYPERCALL_PORT
@@ -80,12 +80,27 @@ class HypercallPort(Device):
         return b"\xff" * size
 
 
-def make_hypervisor(accel: str = "kvm", kvm: Kvm | None = None) -> Hypervisor:
-    if accel == "kvm":
-        from .hv.kvm import KvmHypervisor
+def make_hypervisor(accel: str = "auto", kvm: Kvm | None = None) -> Hypervisor:
+    """The backend `accel` names; "auto" falls back to unicorn when /dev/kvm is not usable
+    (an explicit "kvm" is refused there instead)."""
+    if accel == "unicorn":
+        from .hv.unicorn import UnicornHypervisor
 
+        return UnicornHypervisor()
+    if accel not in ("kvm", "auto"):
+        raise ConfigError(f"unknown accelerator {accel!r}")
+    from .hv.kvm import KvmHypervisor
+
+    try:
         return KvmHypervisor(kvm)
-    raise ConfigError(f"unknown accelerator {accel!r}")
+    except KvmUnavailable as e:
+        if accel == "kvm":
+            raise
+        from .hv.unicorn import UnicornHypervisor
+
+        hv = UnicornHypervisor()
+        log.warning("%s; running on the unicorn backend (binary translation) instead", e)
+        return hv
 
 
 class Machine:
@@ -280,6 +295,8 @@ class Machine:
         self._install_sdk_handlers(image)
 
     def _use_1g_pages(self) -> bool:
+        if getattr(self.hv, "supports_1g_pages", False):
+            return True
         f = getattr(self.hv, "kvm", None)
         return bool(f is not None and f.cpuid_supports_1g_pages())
 
@@ -430,6 +447,11 @@ class Machine:
         else:
             for v in self.vcpus:
                 v.request_stop(reason, stop.message, kick=True)
+
+    @property
+    def accel(self) -> str:
+        """The backend this machine runs on ("kvm" or "unicorn"; its config may say "auto")."""
+        return self.hv.name
 
     @property
     def running(self) -> bool:

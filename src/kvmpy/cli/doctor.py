@@ -8,9 +8,11 @@ import json
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "doctor",
-        help="check /dev/kvm, its capabilities and the kind of host",
-        description="Say whether /dev/kvm is usable, the KVM API version, the capabilities "
-        "kvmpy relies on, and the kind of host (it times a CPL0 loop against a CPL3 loop).",
+        help="check the CPU backends (/dev/kvm, unicorn), their capabilities, the kind of host",
+        description="Say which CPU backends are usable here (KVM, and unicorn's binary "
+        "translation, which needs no /dev/kvm) and what each supports; whether /dev/kvm is "
+        "usable, the KVM API version, the capabilities kvmpy relies on, and the kind of host "
+        "(it times a CPL0 loop against a CPL3 loop).",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quick", action="store_true", help="skip the timing probes")
@@ -28,9 +30,30 @@ def cmd_doctor(args) -> int:
     from rich.table import Table
 
     con = Console(highlight=False)
+    backends = Table(title="CPU backends")
+    backends.add_column("backend")
+    backends.add_column("usable")
+    backends.add_column("supports")
+    backends.add_column("lacks")
+    for name, b in rep.backends.items():
+        usable = "[green]yes[/]" if b["usable"] else "[red]no[/]"
+        if name == "unicorn" and b.get("version"):
+            name = f"unicorn {b['version']}"
+        backends.add_row(name, usable, ", ".join(b["supports"]), ", ".join(b["lacks"]))
+    con.print(backends)
+    uni = rep.backends.get("unicorn", {})
+    if not uni.get("usable", True):
+        con.print(f"[yellow]The unicorn backend is not usable:[/] {uni['error']}")
+    elif "cpl0_ns_per_insn" in uni:
+        con.print(
+            f"unicorn runs a tight loop at {uni['cpl0_ns_per_insn']:.2f} ns per instruction at "
+            f"CPL0 and {uni['cpl3_ns_per_insn']:.2f} ns at CPL3 (any host, no /dev/kvm needed)"
+        )
     if not rep.kvm_usable:
         con.print(f"[bold red]/dev/kvm is not usable:[/] {rep.kvm_error}")
-        return 1
+        if rep.ok:
+            con.print("kvmpy runs guests on the unicorn backend here (binary translation).")
+        return 0 if rep.ok else 1
     con.print(f"[green]/dev/kvm is usable[/], KVM API version {rep.api_version}")
     table = Table(title="KVM capabilities kvmpy uses")
     table.add_column("capability")

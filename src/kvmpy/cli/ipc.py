@@ -74,6 +74,10 @@ def add_parser(sub) -> None:
     pin.add_argument("--no-pin", action="store_true", help="leave the VMMs unpinned")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long")
     p.add_argument(
+        "--accel", choices=("kvm", "unicorn"),
+        help="CPU backend of both VMs (default kvm; shm-irq needs KVM's irqfd and ioeventfd)",
+    )  # fmt: skip
+    p.add_argument(
         "--guest", metavar="IMAGE",
         help="instead of measuring, run IMAGE (a guest built with kvmpy/ipc.h, or a bundled "
         "example such as ipc-hello) as both VMs and print what each prints",
@@ -117,6 +121,7 @@ def options_from_args(args):
         timeout=args.timeout,
         irq_cpu=args.irq_cpu,
         receiver_vcpus=args.vcpus if args.vcpus is not None else max(1, args.irq_cpu + 1),
+        accel=args.accel or "auto",
     ).validated()
 
 

@@ -39,7 +39,7 @@ def cmd_migrate_receive(args) -> int:
         sys.stderr.write(f"kvmpy: waiting for a migration on {h}:{p}\n")
         sys.stderr.flush()
         out = sys.stdout.buffer
-        machine = incoming.receive(console=out, capture_output=False)
+        machine = incoming.receive(console=out, capture_output=False, accel=args.accel)
     except KeyboardInterrupt:
         incoming.close()
         sys.stderr.write("kvmpy: interrupted; nothing runs here\n")

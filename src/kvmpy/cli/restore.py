@@ -50,8 +50,9 @@ def _restore(args, handler) -> int:
         raise ConfigError("--timeout must be positive")
     out = sys.stdout.buffer
     restored = restore(
-        args.dir, lazy_memory=args.lazy, console=out, capture_output=False, handler=handler
-    )
+        args.dir, lazy_memory=args.lazy, console=out, capture_output=False, handler=handler,
+        accel=args.accel,
+    )  # fmt: skip
     mode = restored.machine.mode
     try:
         result = run_with_control(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -55,6 +56,12 @@ def add_parser(sub) -> None:
 
 def add_result_options(p) -> None:
     """The options of every command that runs a VM to its end (run, restore, migrate-receive)."""
+    p.add_argument(
+        "--accel",
+        choices=("kvm", "unicorn"),
+        help="CPU backend: kvm (/dev/kvm) or unicorn (binary translation, no /dev/kvm needed); "
+        "default kvm, and unicorn with a notice where /dev/kvm is not usable",
+    )
     p.add_argument("--stats", action="store_true", help="print exit statistics (stderr)")
     p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
     p.add_argument(
@@ -117,6 +124,9 @@ def vm_config(args):
         config = VmConfig.load(args.config)
         if config.boot is None:
             raise ConfigError(f"{args.config} has no boot source ('boot')")
+        if args.accel:  # the one machine option --config leaves to the command line
+            machine = dataclasses.replace(config.machine, accel=args.accel).validated()
+            config = dataclasses.replace(config, machine=machine)
         return config
     if not args.image:
         args.parser.error("nothing to run: give an IMAGE (or --config FILE)")
@@ -128,7 +138,7 @@ def vm_config(args):
     image = load_file(path, args.load_addr, args.entry)
     mode = mode or image.mode_hint or (Mode.PROTECTED if image.bits == 32 else Mode.LONG)
     machine = MachineConfig(mode=mode, memory=args.mem or "64M", vcpus=vcpus,
-                            irqchip=args.irqchip)  # fmt: skip
+                            irqchip=args.irqchip, accel=args.accel or "auto")  # fmt: skip
     boot = ImageBoot(str(path.resolve()), args.load_addr, args.entry)
     return VmConfig(machine, boot).validated()
 
@@ -154,6 +164,7 @@ def cmd_run(args) -> int:
             result = run_with_control(machine, args.control, args.timeout)
         else:
             result = machine.run(timeout=args.timeout, handle_sigint=True)
+        result.extra["accel"] = machine.accel
     out.flush()
     report(result, stats=args.stats, as_json=args.json, image=str(path), mode=mode)
     return result.process_exit_status

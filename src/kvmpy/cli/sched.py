@@ -59,6 +59,10 @@ def add_parser(sub) -> None:
         "--mem", default="64M", metavar="SIZE", help="guest RAM of each VM (default 64M)"
     )
     p.add_argument(
+        "--accel", choices=("kvm", "unicorn"),
+        help="CPU backend of every VM (default kvm; unicorn where /dev/kvm is not usable)",
+    )  # fmt: skip
+    p.add_argument(
         "--quantum",
         type=_quantum,
         default=DEFAULT_QUANTUM,
@@ -191,8 +195,10 @@ def _sched(args) -> int:
             tail = _Tail()
             machine = stack.enter_context(
                 Machine(
-                    MachineConfig(mode=mode, memory=args.mem), console=tail, capture_output=False
-                )
+                    MachineConfig(mode=mode, memory=args.mem, accel=args.accel or "auto"),
+                    console=tail,
+                    capture_output=False,
+                )  # fmt: skip
             )
             machine.load(image)
             specs.append(SchedVM(machine, vm.weight, name=_name(vm.image)))

@@ -68,6 +68,8 @@ class IpcOptions:
     #: The receiver's vCPUs, and which of them its doorbells interrupt (shm-irq).
     irq_cpu: int = 0
     receiver_vcpus: int = 1
+    #: CPU backend of both VMs (MachineConfig.accel).
+    accel: str = "auto"
 
     def validated(self) -> IpcOptions:
         if self.pingpong:
@@ -156,7 +158,7 @@ def specs_for(opts: IpcOptions) -> dict[str, PeerSpec]:
             cpu=opts.cpus[peer_id] if opts.cpus else None, timeout=timeout,
             io_timeout=opts.io_timeout, stall_timeout=opts.stall_timeout,
             vcpus=opts.receiver_vcpus if role == "receiver" else 1,
-            irq_cpu=opts.irq_cpu if role == "receiver" else 0,
+            irq_cpu=opts.irq_cpu if role == "receiver" else 0, accel=opts.accel,
         )  # fmt: skip
     return specs
 

@@ -96,6 +96,8 @@ class PeerSpec:
     timeout: float = 120.0
     io_timeout: float = 20.0
     stall_timeout: float = 20.0
+    #: CPU backend (MachineConfig.accel).
+    accel: str = "auto"
 
     @classmethod
     def from_dict(cls, d: dict) -> PeerSpec:
@@ -171,7 +173,12 @@ class Peer:
         irq = self.mechanism is Mechanism.SHM_IRQ
         m = Machine(
             MachineConfig(
-                mode="long-user", memory=spec.memory, irqchip=irq, name=self.name, vcpus=spec.vcpus
+                mode="long-user",
+                memory=spec.memory,
+                irqchip=irq,
+                name=self.name,
+                vcpus=spec.vcpus,
+                accel=spec.accel,
             ),  # fmt: skip
             capture_output=True,
         )
@@ -191,15 +198,20 @@ class Peer:
                         f"the guest image [{start:#x}, {end:#x}) overlaps the ipc window at {lo:#x}"
                     )
         m.load(image, reserved=reserved)
-        fd = m.vcpus[0].fd
-        try:
-            # One timebase for both VMs: guest rdtsc in the sender and the receiver can be
-            # subtracted. (KVM-PVM is there already and ignores the call.)
-            fd.set_tsc_offset(0)
-            self.tsc_shared = fd.get_tsc_offset() == 0
-        except KvmError:
-            self.tsc_shared = False
-        self.tsc_khz = fd.get_tsc_khz()
+        fd = getattr(m.vcpus[0], "fd", None)
+        if fd is None:
+            # unicorn: the guest's rdtsc is the host's TSC, the same in both VMs.
+            self.tsc_shared = True
+            self.tsc_khz = m.vcpus[0].tsc_khz()
+        else:
+            try:
+                # One timebase for both VMs: guest rdtsc in the sender and the receiver can be
+                # subtracted. (KVM-PVM is there already and ignores the call.)
+                fd.set_tsc_offset(0)
+                self.tsc_shared = fd.get_tsc_offset() == 0
+            except KvmError:
+                self.tsc_shared = False
+            self.tsc_khz = fd.get_tsc_khz()
         tx_ring = tx_data = rx_ring = rx_data = ring_size = 0
         if shared is not None:
             tx_ring, tx_data, rx_ring, rx_data = shared.rings_for(spec.peer_id)

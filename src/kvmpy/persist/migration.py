@@ -524,7 +524,9 @@ class Incoming:
         with contextlib.suppress(OSError):
             self.listener.close()
 
-    def receive(self, *, kvm=None, console=None, capture_output=True, setup=None) -> Machine:
+    def receive(
+        self, *, kvm=None, console=None, capture_output=True, setup=None, accel=None
+    ) -> Machine:
         """Wait for a migration and receive it up to GO; returns the machine, ready to run
         (call `running()` just before its first KVM_RUN). On failure nothing is left running
         and MigrationError says why."""
@@ -533,7 +535,7 @@ class Incoming:
         link = self.link = Link(conn)
         t0 = time.monotonic()
         try:
-            machine = self._receive(link, kvm, console, capture_output, setup)
+            machine = self._receive(link, kvm, console, capture_output, setup, accel)
         except KvmpyError as e:  # this side cannot take the VM (KVM refused its state, ...)
             with contextlib.suppress(OSError):
                 link.send_json(ERROR, {"error": str(e)})
@@ -557,7 +559,7 @@ class Incoming:
             self.machine.close()
             self.machine = None
 
-    def _receive(self, link, kvm, console, capture_output, setup) -> Machine:
+    def _receive(self, link, kvm, console, capture_output, setup, accel=None) -> Machine:
         hello = link.expect(HELLO)
         if hello.get("protocol") != PROTOCOL or hello.get("version") != VERSION:
             raise MigrationError(
@@ -567,6 +569,8 @@ class Incoming:
         if hello.get("state_version") != state.STATE_VERSION or hello.get("page_size") != PAGE_SIZE:
             raise MigrationError("the source's state format differs from this kvmpy's")
         config = state.config_from_dict(hello.get("config"))
+        if accel is not None:
+            config = state.with_accel(config, accel)
         machine = self.machine = builder.build(
             config, load=False, kvm=kvm, console=console, capture_output=capture_output,
             setup=setup,

@@ -98,6 +98,7 @@ def restore(
     capture_output: bool = True,
     setup: Callable[[Machine], None] | None = None,
     handler: HandlerProcess | None = None,
+    accel: str | None = None,
 ) -> Restored:
     """Build a machine from the snapshot at `path` and put its state back.
 
@@ -108,13 +109,16 @@ def restore(
     registered with kvmpy.devices.registry), whose state the snapshot holds but not code. `handler`, for a lazy restore,
     is a page-fault handler process started beforehand (`HandlerProcess.start()`), so it is
     ready when the VM starts; without one, one is started here and the first fault waits
-    for it."""
+    for it. `accel` picks the CPU backend (default: the snapshot's, or unicorn for a KVM
+    snapshot where /dev/kvm is not usable)."""
     t0 = time.monotonic_ns()
     snap = format.open_snapshot(path)
     machine = loader = None
     try:
         state.check_version(snap.state)
         config = state.config_from_dict(snap.state.get("config"))
+        if accel is not None:
+            config = state.with_accel(config, accel)
         ram = sum(size for _, size in ram_layout(config.machine.memory))  # type: ignore[arg-type]
         if ram != snap.memory_size:
             raise SnapshotError(

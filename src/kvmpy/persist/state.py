@@ -57,9 +57,20 @@ def config_to_dict(machine: Machine) -> dict[str, Any]:
     return machine.vm_config().to_dict()
 
 
+def with_accel(config: VmConfig, accel: str) -> VmConfig:
+    machine = dataclasses.replace(config.machine, accel=accel).validated()
+    return dataclasses.replace(config, machine=machine)
+
+
 def config_from_dict(d) -> VmConfig:
+    """The machine to restore on. A KVM machine's state restores on KVM where /dev/kvm is
+    usable and on unicorn elsewhere (the CPU-state format is shared); `kvmpy restore --accel`
+    overrides it (`with_accel`)."""
     try:
-        return VmConfig.from_dict(d)
+        config = VmConfig.from_dict(d)
+        if config.machine.accel == "kvm":
+            config = with_accel(config, "auto")
+        return config
     except ConfigError as e:
         raise SnapshotError(f"the snapshot's machine configuration is not usable: {e}") from None
 

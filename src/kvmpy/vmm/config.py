@@ -35,8 +35,8 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_MEMORY = 1 << 40
 MIN_MEMORY = 1 << 20
 
-#: Backends `MachineConfig.accel` names.
-ACCELS = ("kvm",)
+#: Backends `MachineConfig.accel` names ("auto": KVM when /dev/kvm is usable, else unicorn).
+ACCELS = ("kvm", "unicorn", "auto")
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,10 @@ class MachineConfig:
     #: In-kernel PIT (needs irqchip).
     pit: bool = False
     name: str = "vm"
-    #: The CPU backend.
-    accel: str = "kvm"
+    #: The CPU backend: "kvm", "unicorn" (binary translation, docs/backends.md), or "auto":
+    #: KVM, and unicorn with a one-line notice where /dev/kvm is not usable. A machine's
+    #: config names the backend it got.
+    accel: str = "auto"
 
     def validated(self) -> MachineConfig:
         mode = Mode.parse(self.mode) if isinstance(self.mode, str) else self.mode
