@@ -362,7 +362,7 @@ def _map_ranges(
     ranges: list[MapRange] = []
     if devices:
         flags = PTE_RW | PTE_PCD | PTE_PWT | (PTE_US if user else 0)
-        if not any(r.gpa < DEVICE_WINDOW_END and DEVICE_WINDOW_START < r.end for r in memory):
+        if not any(r.gpa < DEVICE_WINDOW_END and r.end > DEVICE_WINDOW_START for r in memory):
             ranges.append(MapRange(DEVICE_WINDOW_START, DEVICE_WINDOW_END, flags))
     for region in memory:
         if user and region.gpa <= layout.base < region.end:
