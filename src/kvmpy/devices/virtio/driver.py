@@ -180,3 +180,105 @@ def start(regs, arena: Arena, queues: int, size: int = 0, features: int | None =
         dqs.append(DriverQueue(arena.memory, i, n, desc, avail, used, bool(want & F_EVENT_IDX)))
     regs.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
     return dqs
+
+
+class PciRegs:
+    """Register access to a virtio-pci function behind a PciHost, found the way a guest finds
+    it: through ECAM config reads and the vendor capabilities."""
+
+    def __init__(self, host, slot: int):
+        from . import pci as P
+
+        self.P = P
+        self.host, self.slot = host, slot
+        self.caps: dict[int, tuple[int, int]] = {}
+        ptr = self.cfg(0x34, 1)
+        seen = 0
+        while ptr and seen < 48:
+            seen += 1
+            cap_id = self.cfg(ptr, 1)
+            if cap_id == 0x09:
+                cfg_type = self.cfg(ptr + 3, 1)
+                off = self.cfg(ptr + 8, 4)
+                self.caps.setdefault(cfg_type, (off, ptr))
+            elif cap_id == 0x11:
+                self.msix_cap = ptr
+            ptr = self.cfg(ptr + 1, 1)
+        self.cfg_write(0x04, 2, 0x6)  # memory decoding and bus mastering
+        self.bar = self.cfg(0x10, 4) & ~0xF
+        self.notify_mult = self.cfg(self.caps[2][1] + 16, 4)
+
+    def cfg(self, reg: int, size: int) -> int:
+        ecam = self.host.ecam_device
+        return int.from_bytes(ecam.read(self.slot << 15 | reg, size), "little")
+
+    def cfg_write(self, reg: int, size: int, v: int) -> None:
+        self.host.ecam_device.write(self.slot << 15 | reg, v.to_bytes(size, "little"))
+
+    def _rw(self, cap: int, off: int, size: int, value: int | None = None) -> int:
+        addr = self.bar + self.caps[cap][0] + off - self.host.aperture_base
+        ap = self.host.aperture_device
+        if value is None:
+            return int.from_bytes(ap.read(addr, size), "little")
+        ap.write(addr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+        return 0
+
+    def common(self, off: int, size: int, value: int | None = None) -> int:
+        return self._rw(1, off, size, value)
+
+    def reset(self) -> None:
+        self.common(self.P.C_STATUS, 1, 0)
+
+    def status(self) -> int:
+        return self.common(self.P.C_STATUS, 1)
+
+    def set_status(self, v: int) -> None:
+        self.common(self.P.C_STATUS, 1, v)
+
+    def device_features(self) -> int:
+        self.common(self.P.C_DFSELECT, 4, 0)
+        lo = self.common(self.P.C_DF, 4)
+        self.common(self.P.C_DFSELECT, 4, 1)
+        return lo | self.common(self.P.C_DF, 4) << 32
+
+    def set_driver_features(self, f: int) -> None:
+        for sel in (0, 1):
+            self.common(self.P.C_GFSELECT, 4, sel)
+            self.common(self.P.C_GF, 4, f >> (32 * sel))
+
+    def queue_max(self, q: int) -> int:
+        self.common(self.P.C_QSELECT, 2, q)
+        return self.common(self.P.C_QSIZE, 2)
+
+    def setup_queue(self, q: int, size: int, desc: int, avail: int, used: int,
+                    vector: int | None = None) -> None:  # fmt: skip
+        P = self.P
+        self.common(P.C_QSELECT, 2, q)
+        self.common(P.C_QSIZE, 2, size)
+        self.common(P.C_QMSIX, 2, q if vector is None else vector)
+        for off, addr in ((P.C_QDESC, desc), (P.C_QDRIVER, avail), (P.C_QDEVICE, used)):
+            self.common(off, 4, addr)
+            self.common(off + 4, 4, addr >> 32)
+        self.common(P.C_QENABLE, 2, 1)
+
+    def notify(self, q: int) -> None:
+        self.common(self.P.C_QSELECT, 2, q)
+        noff = self.common(self.P.C_QNOFF, 2)
+        self._rw(2, noff * self.notify_mult, 2, q)
+
+    def config(self, off: int, size: int) -> bytes:
+        return self._rw(4, off, size).to_bytes(size, "little")
+
+    def ack_interrupt(self) -> int:
+        return self._rw(3, 0, 1)
+
+    def enable_msix(self, addresses: list[tuple[int, int]]) -> None:
+        """Program the MSI-X table (address, data per vector), unmask, enable."""
+        table = self.bar + self.P.MSIX_TABLE - self.host.aperture_base
+        ap = self.host.aperture_device
+        for i, (addr, data) in enumerate(addresses):
+            ap.write(table + 16 * i, struct.pack("<I", addr & 0xFFFF_FFFF))
+            ap.write(table + 16 * i + 4, struct.pack("<I", addr >> 32))
+            ap.write(table + 16 * i + 8, struct.pack("<I", data))
+            ap.write(table + 16 * i + 12, struct.pack("<I", 0))
+        self.cfg_write(self.msix_cap + 2, 2, 1 << 15)
