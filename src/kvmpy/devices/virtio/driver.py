@@ -151,7 +151,8 @@ class DriverQueue:
             slot = self.used + 4 + 8 * (self.last_used % self.size)
             head, n = struct.unpack("<II", self.memory.read(slot, 8))
             out.append((head, n))
-            self.free.extend(self.chains.pop(head, [head]))
+            if head < self.size and head not in self.free:  # the used ring is guest memory
+                self.free.extend(i for i in self.chains.pop(head, [head]) if i not in self.free)
             self.last_used = (self.last_used + 1) & 0xFFFF
         if self.event_idx:
             self.memory.write_u16(self.avail + 4 + 2 * self.size, self.last_used)
