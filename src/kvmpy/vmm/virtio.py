@@ -1,0 +1,292 @@
+"""Virtio devices on a machine: what the CLI's --disk/--rng/--console virtio/--transport
+options build, and what `kvmpy bench virtio` and the tests use.
+
+    specs = [DeviceSpec.parse_disk("disk.img,ro,id=data"), DeviceSpec("rng")]
+    vset = attach(machine, specs, transport="pci")      # after Machine(...), before run()
+    ...; vset.stats(); vset.close()
+
+Placement: virtio-mmio windows come from the MMIO hole, one 4 KiB window each, in order (an
+SDK guest scans them from the hole's start); PCI has a host bridge at 0xCF8/0xCFC, ECAM at
+`ECAM_BASE` and a BAR aperture allocated from the hole. Each device gets its own I/O thread
+(an EventLoop) unless `shared_loop` (see docs/virtio.md for the measurement behind the
+default). Notify registers get ioeventfds and interrupts go through irqfd when the backend has
+them; otherwise notify writes reach the transports, which hand the work to the I/O thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..devices.pci.host import CONFIG_ADDRESS, PciHost
+from ..devices.virtio.block import VirtioBlock
+from ..devices.virtio.console import VirtioConsole
+from ..devices.virtio.device import VirtioDevice
+from ..devices.virtio.mmio import WINDOW_SIZE, VirtioMmio
+from ..devices.virtio.pci import VirtioPci
+from ..devices.virtio.rng import VirtioRng
+from ..devices.virtio.wiring import CallbackIrq, IrqLine, MsiVector, NoNotifiers, VmIoeventfds
+from ..errors import ConfigError
+from ..hv.base import Capability, MsiRoute, PinRoute
+from .event_loop import EventLoop
+from .interrupts import InterruptManager
+from .resources import Resources
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("mmio", "pci")
+#: ECAM (MMCONFIG) for bus 0, at a fixed address so guests without ACPI know it.
+ECAM_BASE = 0xE000_0000
+ECAM_SIZE = 1 << 20
+PCI_APERTURE_SIZE = 16 << 20
+#: IOAPIC pins for virtio-mmio devices and PCI INTx: 16-23, the IOAPIC's own. GSIs below 16
+#: also reach the 8259 PIC, which an SDK guest never programs: its reset vector base is 0, so
+#: IRQ 5 arrived as #BR (measured here).
+MMIO_PINS = tuple(range(16, 24))
+PCI_INTX_PIN = 16
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One virtio device of a machine: JSON-able, so VmConfig can carry it."""
+
+    kind: str  # "block", "rng", "console"
+    path: str = ""
+    readonly: bool = False
+    id: str = ""
+    #: vCPU that takes this device's interrupts (None: the guest's choice).
+    irq_cpu: int | None = None
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse_disk(cls, text: str) -> DeviceSpec:
+        """PATH[,ro][,id=NAME][,irq-cpu=N] (kvmpy run --disk)."""
+        parts = text.split(",")
+        path, ro, ident, cpu = parts[0], False, "", None
+        if not path:
+            raise ConfigError(f"--disk {text!r}: the image path is missing")
+        for p in parts[1:]:
+            if p == "ro":
+                ro = True
+            elif p.startswith("id="):
+                ident = p[3:]
+            elif p.startswith("irq-cpu="):
+                try:
+                    cpu = int(p[8:])
+                except ValueError:
+                    raise ConfigError(f"--disk {text!r}: irq-cpu must be a number") from None
+            else:
+                raise ConfigError(f"--disk {text!r}: unknown option {p!r} (ro, id=NAME, irq-cpu=N)")
+        return cls("block", path=path, readonly=ro, id=ident, irq_cpu=cpu)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "readonly": self.readonly, "id": self.id,
+                "irq_cpu": self.irq_cpu, "options": dict(self.options)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DeviceSpec:
+        return cls(d["kind"], d.get("path", ""), bool(d.get("readonly")), d.get("id", ""),
+                   d.get("irq_cpu"), dict(d.get("options", {})))  # fmt: skip
+
+
+def build_device(spec: DeviceSpec, index: int, console: Callable[[bytes], None] | None,
+                 console_input: int | None = None) -> VirtioDevice:  # fmt: skip
+    if spec.kind == "block":
+        name = spec.id or f"vd{chr(ord('a') + index)}"
+        return VirtioBlock(spec.path, name=name, readonly=spec.readonly, serial=spec.id)
+    if spec.kind == "rng":
+        return VirtioRng(f"rng{index}", rate=int(spec.options.get("rate", 0)))
+    if spec.kind == "console":
+        return VirtioConsole(f"hvc{index}", sink=console, input_fd=console_input)
+    raise ConfigError(f"unknown virtio device kind {spec.kind!r} (block, rng, console)")
+
+
+class _VmFdBackend:
+    """The InterruptManager's view of today's Machine (its KVM VmFd), until the platform
+    layer's VmBackend replaces it."""
+
+    name = "kvm"
+
+    def __init__(self, machine):
+        self.vm = machine.vm
+        caps = set()
+        if machine.config.irqchip:
+            caps |= {Capability.IRQCHIP, Capability.IRQFD, Capability.MSI}
+        caps.add(Capability.IOEVENTFD)
+        self.capabilities = frozenset(caps)
+
+    def set_routes(self, routes) -> None:
+        from ..kvm import constants as K
+        from ..kvm import structs as S
+
+        entries = []
+        for r in routes:
+            e = S.kvm_irq_routing_entry(gsi=r.gsi)
+            if isinstance(r, PinRoute):
+                e.type = K.KVM_IRQ_ROUTING_IRQCHIP
+                e.u.irqchip.irqchip, e.u.irqchip.pin = r.chip, r.pin
+            elif isinstance(r, MsiRoute):
+                e.type = K.KVM_IRQ_ROUTING_MSI
+                e.u.msi.address_lo = r.address & 0xFFFF_FFFF
+                e.u.msi.address_hi = r.address >> 32
+                e.u.msi.data = r.data
+            entries.append(e)
+        self.vm.set_gsi_routing(entries)
+
+    def irq_line(self, gsi: int, level: int) -> None:
+        self.vm.irq_line(gsi, level)
+
+    def signal_msi(self, address: int, data: int) -> None:
+        self.vm.signal_msi(address, data)
+
+    def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
+        self.vm.irqfd(fd, gsi, deassign=deassign)
+
+
+class VirtioSet:
+    """The virtio devices of one machine, their transports and I/O threads."""
+
+    def __init__(self) -> None:
+        self.devices: list[VirtioDevice] = []
+        self.transports: list = []
+        self.loops: list[EventLoop] = []
+        self.pci: PciHost | None = None
+        self.transport = "mmio"
+        self.cmdline: list[str] = []
+
+    def start(self) -> None:
+        for loop in self.loops:
+            loop.start()
+
+    def stats(self) -> list[dict]:
+        return [t.stats() for t in self.transports]
+
+    def state(self) -> list[dict]:
+        return [t.state() for t in self.transports]
+
+    def restore_state(self, states: Sequence[dict]) -> None:
+        for t, s in zip(self.transports, states, strict=False):
+            t.restore_state(s)
+
+    def close(self) -> None:
+        for loop in self.loops:
+            loop.stop()
+        self.loops.clear()
+        for t in self.transports:
+            t.close()
+        self.transports.clear()
+
+
+def _platform(machine):
+    """(resources, interrupts, notifiers-factory): the machine's own when the platform layer
+    provides them, else built here over its KVM VM."""
+    res = getattr(machine, "resources", None)
+    irqs = getattr(machine, "interrupts", None)
+    if res is None:
+        res = machine.__dict__.get("_virtio_resources")
+        if res is None:
+            res = Resources([(r.gpa, r.size) for r in machine.memory])
+            machine.__dict__["_virtio_resources"] = res
+    if irqs is None:
+        irqs = machine.__dict__.get("_virtio_interrupts")
+        if irqs is None:
+            irqs = InterruptManager(_VmFdBackend(machine), res)
+            machine.__dict__["_virtio_interrupts"] = irqs
+    return res, irqs
+
+
+def attach(
+    machine,
+    specs: Sequence[DeviceSpec],
+    transport: str = "mmio",
+    *,
+    console: Callable[[bytes], None] | None = None,
+    console_input: int | None = None,
+    shared_loop: bool = False,
+    ioeventfd: bool = True,
+) -> VirtioSet:
+    """Build `specs` as virtio devices on `machine` (see the module docstring)."""
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"unknown virtio transport {transport!r} (mmio or pci)")
+    res, irqs = _platform(machine)
+    has_irqchip = Capability.IRQCHIP in irqs.vm.capabilities
+    vset = VirtioSet()
+    vset.transport = transport
+    notifiers = VmIoeventfds(machine.vm, pio=False) if ioeventfd else NoNotifiers()
+    sink = console if console is not None else machine.console_write
+    shared = EventLoop("virtio-io") if shared_loop else None
+    if shared is not None:
+        vset.loops.append(shared)
+    if transport == "pci":
+        res.claim_mmio("pci-ecam", ECAM_BASE, ECAM_SIZE)
+        res.claim_ports("pci-config", CONFIG_ADDRESS, 8)
+        aperture = res.allocate_mmio("pci-aperture", PCI_APERTURE_SIZE, PCI_APERTURE_SIZE)
+        host = vset.pci = PciHost(aperture, PCI_APERTURE_SIZE, ECAM_BASE)
+        machine.add_pio_device(CONFIG_ADDRESS, 8, host.port_device)
+        machine.add_mmio_device(ECAM_BASE, ECAM_SIZE, host.ecam_device)
+        machine.add_mmio_device(aperture, PCI_APERTURE_SIZE, host.aperture_device)
+    try:
+        for i, spec in enumerate(specs):
+            dev = build_device(spec, i, sink, console_input)
+            loop = shared or EventLoop(f"virtio-{dev.name}")
+            if shared is None:
+                vset.loops.append(loop)
+            dev.use_loop(loop)
+            vset.devices.append(dev)
+            if transport == "mmio":
+                base = res.allocate_mmio(f"virtio-mmio-{dev.name}", WINDOW_SIZE)
+                pin = MMIO_PINS[i % len(MMIO_PINS)] if i < len(MMIO_PINS) else None
+                if has_irqchip and pin is not None:
+                    irq = IrqLine(irqs.pin(f"virtio-{dev.name}", pin), irqfd=True)
+                else:
+                    irq = CallbackIrq()
+                t = VirtioMmio(dev, machine.memory, irq, base=base, notifiers=notifiers)
+                machine.add_mmio_device(base, WINDOW_SIZE, t)
+                if pin is not None:
+                    vset.cmdline.append(t.kernel_cmdline(pin))
+            else:
+                assert vset.pci is not None
+                if has_irqchip:
+
+                    def vectors(k, cpu, dev=dev):
+                        line = irqs.msi(f"virtio-{dev.name}-v{k}", vector=0xFF, cpu=cpu or 0)
+                        return MsiVector(line, cpu=cpu)
+
+                    intx = IrqLine(irqs.pin(f"virtio-{dev.name}-intx", PCI_INTX_PIN + i % 8),
+                                   irqfd=False) if i < 8 else None  # fmt: skip
+                else:
+                    vectors, intx = None, None
+                t = VirtioPci(dev, machine.memory, vectors, intx=intx, notifiers=notifiers,
+                              irq_cpu=spec.irq_cpu, intx_line=PCI_INTX_PIN + i % 8)  # fmt: skip
+                vset.pci.add(t)
+            vset.transports.append(t)
+    except BaseException:
+        vset.close()
+        raise
+    vset.start()
+    return vset
+
+
+def console_is_tty() -> bool:
+    return sys.stdin.isatty()
+
+
+#: The IDT vector of kvmpy/virtio.h's interrupt handler (KV_VIRTIO_VECTOR).
+GUEST_VECTOR = 0x50
+
+
+def install_guest_handlers(machine) -> bool:
+    """If the loaded SDK image includes kvmpy/virtio.h and the machine has an in-kernel
+    irqchip, install its ring-0 interrupt handler and DPL-3 wait gate and tell the guest
+    (kvmpy_virtio_irq_ready = 1). Returns whether it did."""
+    image = machine.image
+    symbols = image.symbols if image is not None else {}
+    names = ("kvmpy_virtio_irq_entry", "kvmpy_virtio_wait_gate", "kvmpy_virtio_irq_ready")
+    if not all(n in symbols for n in names) or not machine.config.irqchip:
+        return False
+    machine.set_interrupt_handler(GUEST_VECTOR, symbols["kvmpy_virtio_irq_entry"])
+    machine.set_interrupt_handler(3, symbols["kvmpy_virtio_wait_gate"], dpl=3)
+    machine.memory.write_u64(symbols["kvmpy_virtio_irq_ready"], 1)
+    return True
