@@ -147,6 +147,9 @@ class DriverQueue:
         """Used elements since the last call: (head, written)."""
         out = []
         idx = self.memory.read_u16(self.used + 2)
+        if (idx - self.last_used) & 0xFFFF > self.size:
+            self.last_used = idx  # an impossible index (a hostile test wrote it): skip
+            return out
         while self.last_used != idx:
             slot = self.used + 4 + 8 * (self.last_used % self.size)
             head, n = struct.unpack("<II", self.memory.read(slot, 8))
