@@ -319,7 +319,11 @@ struct kv_vq {
 	uint16_t chain_len[KV_VQ_MAX];
 };
 
-/* Bytes of ring memory a queue of `size` entries needs (page-aligned parts). */
+/* Bytes of ring memory a queue of `size` entries needs (page-aligned parts); the macro is
+ * for static buffers. */
+#define kv_vq_bytes_const(size)                                                        \
+	(((16ULL * (size) + 6 + 2ULL * (size) + 4095) & ~4095ULL) +                         \
+	 ((6 + 8ULL * (size) + 4095) & ~4095ULL))
 static inline uint64_t kv_vq_bytes(uint16_t size)
 {
 	uint64_t a = 16ULL * size, b = 6 + 2ULL * size, c = 6 + 8ULL * size;
