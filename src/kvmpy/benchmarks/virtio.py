@@ -63,14 +63,15 @@ def _percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * p))]
 
 
-def run_guest(image: Path, transport: str, jobs=JOBS, seed: int = 12345) -> dict:
+def run_guest(image: Path, transport: str, jobs=JOBS, seed: int = 12345, poll_us: int = 0) -> dict:
     from ..machine import Machine, MachineConfig
     from ..sdk.examples import find_example
     from ..vmm.virtio import DeviceSpec, attach
 
     elf = find_example("virtio-bench").build()
     with Machine(MachineConfig(mode="long-user", memory="64M"), capture_output=True) as m:
-        vset = attach(m, [DeviceSpec("block", str(image))], transport)
+        spec = DeviceSpec("block", str(image), options={"poll_us": poll_us})
+        vset = attach(m, [spec], transport)
         try:
             img = m.load_file(elf)
             params = img.symbols["kvmpy_vbench"]
@@ -181,14 +182,15 @@ def _ref_figures(bs: int, n: int, secs: float, mean_us: float, p99_us: float) ->
             "iops": round(n / secs), "mean_us": round(mean_us, 2), "p99_us": round(p99_us, 2)}  # fmt: skip
 
 
-def run(directory: Path | None = None, transports=("mmio", "pci")) -> dict:
+def run(directory: Path | None = None, transports=("mmio", "pci"), poll_us: int = 0) -> dict:
     image = _image(directory)
     try:
         doc: dict = {"image": {"path": str(image), "size": IMAGE_SIZE}, "kvmpy": {}}
         doc["reference_c"] = run_reference_c(image)
         doc["reference_python"] = run_reference_python(image)
         for t in transports:
-            doc["kvmpy"][t] = run_guest(image, t)
+            doc["kvmpy"][t] = run_guest(image, t, poll_us=poll_us)
+        doc["poll_us"] = poll_us
         c_seq = doc["reference_c"]["seq64k-read"]["mb_s"]
         doc["summary"] = {
             t: {
@@ -266,6 +268,8 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--transport", choices=["mmio", "pci", "both"], default="both")
     p.add_argument("--dir", type=Path, metavar="DIR", help="where to put the 256 MiB image")
+    p.add_argument("--poll-us", type=int, default=0, metavar="US",
+                   help="the device busy-polls its queue this long after each drain (default 0)")  # fmt: skip
     p.add_argument("--plot", type=plot_path, metavar="FILE", help="write a plot (.png/.svg/.pdf)")
     p.set_defaults(func=cmd_virtio)
 
@@ -276,5 +280,5 @@ def cmd_virtio(args) -> int:
     if args.dir is not None and not args.dir.is_dir():
         raise ConfigError(f"--dir {args.dir} is not a directory")
     transports = ("mmio", "pci") if args.transport == "both" else (args.transport,)
-    doc = run(args.dir, transports)
+    doc = run(args.dir, transports, max(0, args.poll_us))
     return report(args, doc, render, plot)

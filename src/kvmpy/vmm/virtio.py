@@ -230,6 +230,7 @@ def attach(
     try:
         for i, spec in enumerate(specs):
             dev = build_device(spec, i, sink, console_input)
+            dev.poll_us = max(0, int(spec.options.get("poll_us", 0)))
             loop = shared or EventLoop(f"virtio-{dev.name}")
             if shared is None:
                 vset.loops.append(loop)
