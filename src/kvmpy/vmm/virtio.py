@@ -244,6 +244,7 @@ def attach(
                 else:
                     irq = CallbackIrq()
                 t = VirtioMmio(dev, machine.memory, irq, base=base, notifiers=notifiers)
+                t.pin = pin if has_irqchip else None
                 machine.add_mmio_device(base, WINDOW_SIZE, t)
                 if pin is not None:
                     vset.cmdline.append(t.kernel_cmdline(pin))
@@ -278,10 +279,16 @@ def console_is_tty() -> bool:
 GUEST_VECTOR = 0x50
 
 
-def install_guest_handlers(machine) -> bool:
+def install_guest_handlers(machine, vset: VirtioSet | None = None) -> bool:
     """If the loaded SDK image includes kvmpy/virtio.h and the machine has an in-kernel
     irqchip, install its ring-0 interrupt handler and DPL-3 wait gate and tell the guest
-    (kvmpy_virtio_irq_ready = 1). Returns whether it did."""
+    (kvmpy_virtio_irq_ready = 1). Returns whether it did.
+
+    virtio-mmio pins are IOAPIC inputs, which an SDK guest cannot program (the IOAPIC is not
+    mapped for it, and xAPIC-style MMIO from ring 0 is not usable on every host): for `vset`'s
+    mmio devices kvmpy programs their redirection entries itself, as firmware would, to the
+    handler's vector on vCPU 0 (edge-triggered, as irqfd delivers them). PCI devices need
+    nothing: the guest programs MSI-X."""
     image = machine.image
     symbols = image.symbols if image is not None else {}
     names = ("kvmpy_virtio_irq_entry", "kvmpy_virtio_wait_gate", "kvmpy_virtio_irq_ready")
@@ -289,5 +296,18 @@ def install_guest_handlers(machine) -> bool:
         return False
     machine.set_interrupt_handler(GUEST_VECTOR, symbols["kvmpy_virtio_irq_entry"])
     machine.set_interrupt_handler(3, symbols["kvmpy_virtio_wait_gate"], dpl=3)
+    if vset is not None and vset.transport == "mmio":
+        pins = [t.pin for t in vset.transports if getattr(t, "pin", None) is not None]
+        if pins:
+            _route_ioapic_pins(machine, pins, GUEST_VECTOR, cpu=0)
     machine.memory.write_u64(symbols["kvmpy_virtio_irq_ready"], 1)
     return True
+
+
+def _route_ioapic_pins(machine, pins: Sequence[int], vector: int, cpu: int) -> None:
+    vm = getattr(machine.vm, "fd_vm", None) or machine.vm
+    chip = vm.get_irqchip(2)  # the IOAPIC
+    for pin in pins:
+        # fixed delivery, physical destination, active high, edge, unmasked
+        chip.chip.ioapic.redirtbl[pin] = vector | (cpu & 0xFF) << 56
+    vm.set_irqchip(chip)

@@ -80,6 +80,8 @@ class VirtioMmio(Device):
         self.name = f"virtio-mmio-{device.name}"
         self.base = base
         self.irq = irq
+        #: The IOAPIC pin of `irq`, when the machine wired one (for firmware-style routing).
+        self.pin: int | None = None
         self.notifiers = notifiers or NoNotifiers()
         self.interrupt_status = 0
         self._isr_lock = threading.Lock()

@@ -4,8 +4,8 @@
  *   of the image are overwritten)
  * kvmpy-modes: long long-user
  *
- * Exit code 0 when every check passed. On PCI with an irqchip, completions come as MSI-X
- * interrupts through a ring-0 stub; otherwise the used ring is polled.
+ * Exit code 0 when every check passed. On a machine with an irqchip, completions come as
+ * interrupts (MSI-X on PCI) through a ring-0 stub; otherwise the used ring is polled.
  */
 #include <kvmpy.h>
 #include <kvmpy/virtio.h>
@@ -45,9 +45,10 @@ int main(void)
 		kv_printf("virtio-blk: feature negotiation failed\n");
 		return 3;
 	}
-	/* Interrupts when the machine can take them: PCI with an MSI-X vector, and
-	 * kvmpy has installed the handler (it does so with --irqchip). */
-	int use_irq = d.transport == KV_VIRTIO_TRANSPORT_PCI && d.msix_vectors && kvmpy_virtio_irq_ready;
+	/* Interrupts when the machine can take them (kvmpy installed the handler: a machine
+	 * with an irqchip): MSI-X on PCI, the IOAPIC pin kvmpy routed on virtio-mmio. */
+	int use_irq = kvmpy_virtio_irq_ready &&
+		      (d.transport == KV_VIRTIO_TRANSPORT_MMIO || d.msix_vectors);
 	if (kv_vq_setup(&d, &q, 0, ring, 64, use_irq ? 0 : -1) < 0)
 		return 4;
 	if (use_irq)
@@ -57,7 +58,9 @@ int main(void)
 	uint64_t capacity = kv_virtio_cfg64(&d, 0);
 	int ro = !!(d.features & KV_BLK_F_RO);
 	kv_printf("virtio-blk on %s: %lu sectors%s, %s\n", t, (unsigned long)capacity,
-		  ro ? " (read-only)" : "", use_irq ? "MSI-X interrupts" : "polling");
+		  ro ? " (read-only)" : "",
+		  !use_irq ? "polling" : d.transport == KV_VIRTIO_TRANSPORT_PCI ? "MSI-X interrupts"
+									 : "interrupts");
 	if (capacity < N_SECTORS)
 		return 5;
 	int failures = 0;
