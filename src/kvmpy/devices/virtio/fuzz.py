@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=100000)
     p.add_argument("--random", action="store_true", help="seeded random inputs, no atheris")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--max-len", type=int, default=256,
+                   help="largest input in bytes (about 4 bytes per operation; default 256)")  # fmt: skip
     args, rest = p.parse_known_args(argv)
     logging.getLogger("kvmpy").setLevel(logging.ERROR)  # NEEDS_RESET warnings: millions
     h = Harness(args.device)
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.random:
         rng = random.Random(args.seed)
         for i in range(args.runs):
-            h.one(rng.randbytes(rng.randrange(0, 600)))
+            h.one(rng.randbytes(rng.randrange(0, args.max_len + 1)))
             if i and i % 100000 == 0:
                 print(f"{i} inputs, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     else:
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
         atheris.instrument_all()  # coverage of every loaded module (kvmpy's devices included)
         atheris.Setup([sys.argv[0], f"-runs={args.runs}", "-timeout=10", "-rss_limit_mb=1024",
-                       "-max_len=1024", "-len_control=20", *rest], target)  # fmt: skip
+                       f"-max_len={args.max_len}", "-len_control=20", *rest], target)  # fmt: skip
         atheris.Fuzz()
     rep = h.report()
     rep["seconds"] = round(time.perf_counter() - t0, 1)
