@@ -10,6 +10,7 @@ from pathlib import Path
 from ..arch.x86.modes import Mode
 from ..errors import ConfigError
 from ..result import RunResult, StopReason
+from .virtio_opts import add_virtio_options, attach_from_args, render_stats
 
 
 def add_parser(sub) -> None:
@@ -34,6 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--irqchip", action="store_true", help="create the in-kernel irqchip (LAPIC in x2APIC mode)"
     )
+    add_virtio_options(p)
     p.set_defaults(func=cmd_run)
 
 
@@ -86,22 +88,31 @@ def cmd_run(args) -> int:
         raise ConfigError("--timeout must be positive")
     config = MachineConfig(mode=mode, memory=args.mem, irqchip=args.irqchip)
     out = sys.stdout.buffer
+    vset = None
     with Machine(config, console=out, capture_output=False) as machine:
         vcpu = machine.vcpu
         vcpu.trace = args.trace_exits
         machine.load(image)
-        if args.control:
-            from .ctl import run_with_control
+        vset = attach_from_args(machine, args)
+        try:
+            if args.control:
+                from .ctl import run_with_control
 
-            result = run_with_control(machine, args.control, args.timeout)
-        else:
-            result = machine.run(timeout=args.timeout, handle_sigint=True)
+                result = run_with_control(machine, args.control, args.timeout)
+            else:
+                result = machine.run(timeout=args.timeout, handle_sigint=True)
+        finally:
+            virtio = vset.stats() if vset is not None else None
+            if vset is not None:
+                vset.close()
     out.flush()
-    report(result, stats=args.stats, as_json=args.json, image=str(path), mode=mode)
+    report(result, stats=args.stats, as_json=args.json, image=str(path), mode=mode,
+           virtio=virtio)  # fmt: skip
     return result.process_exit_status
 
 
-def report(result: RunResult, *, stats: bool, as_json: bool, image: str, mode: Mode) -> None:
+def report(result: RunResult, *, stats: bool, as_json: bool, image: str, mode: Mode,
+           virtio: list[dict] | None = None) -> None:  # fmt: skip
     from rich.console import Console
 
     # Plain writes: guest-controlled text (disassembly like "[rax]") must not meet rich markup.
@@ -114,12 +125,16 @@ def report(result: RunResult, *, stats: bool, as_json: bool, image: str, mode: M
     if stats:
         for table in result.stats.rich_tables():
             err.print(table)
+        if virtio:
+            render_stats(virtio, err)
         err.print(
             f"{result.stats.total} exits in {result.duration_s * 1e3:.1f} ms; "
             f"stop: {result.stop_reason.value}, exit code {result.exit_code}"
         )
     if as_json:
         doc = {"image": image, "mode": mode.value, **result.to_dict()}
+        if virtio is not None:
+            doc["virtio"] = virtio
         sys.stdout.write(json.dumps(doc) + "\n")
         sys.stdout.flush()
 
