@@ -188,3 +188,55 @@ def test_msix_vector_out_of_range_reads_no_vector(mem):
     assert regs.common(P.C_QMSIX, 2) == 0
     regs.common(P.C_QSELECT, 2, 9)  # no such queue
     assert regs.common(P.C_QSIZE, 2) == 0
+
+
+class FakeNotifiers:
+    def __init__(self):
+        self.live: dict[int, tuple[int, int, int | None]] = {}
+        self.next = 1000
+
+    def add(self, addr, length, datamatch):
+        self.next += 1
+        self.live[self.next] = (addr, length, datamatch)
+        return self.next
+
+    def remove(self, fd):
+        self.live.pop(fd, None)
+
+
+def test_notify_ioeventfds_follow_driver_ok_reset_and_bar_moves(mem):
+    host = PciHost(APERTURE, 1 << 24)
+    notifiers = FakeNotifiers()
+    con = VirtioConsole(sink=lambda b: None)
+    fn = P.VirtioPci(con, mem, None, notifiers=notifiers)
+    regs = PciRegs(host, host.add(fn))
+    assert notifiers.live == {}
+    start(regs, Arena(mem, 0x10000, 0x10000), 2)
+    bar = regs.bar
+    want = {(bar + P.NOTIFY, 2, None), (bar + P.NOTIFY + 4, 2, None)}
+    assert set(notifiers.live.values()) == want
+    # Memory decoding off: no ioeventfds; on again: back.
+    regs.cfg_write(0x04, 2, 0x4)
+    assert notifiers.live == {}
+    regs.cfg_write(0x04, 2, 0x6)
+    assert set(notifiers.live.values()) == want
+    # The guest moves the BAR: the ioeventfds move with it.
+    regs.cfg_write(0x10, 4, APERTURE + 0x20_0000)
+    regs.bar = APERTURE + 0x20_0000
+    moved = {(APERTURE + 0x20_0000 + P.NOTIFY + 4 * i, 2, None) for i in range(2)}
+    assert set(notifiers.live.values()) == moved
+    regs.reset()
+    assert notifiers.live == {}
+
+
+def test_mmio_ioeventfds_one_per_queue_with_datamatch(mem):
+    from kvmpy.devices.virtio.driver import MmioRegs
+    from kvmpy.devices.virtio.mmio import QUEUE_NOTIFY, VirtioMmio
+
+    notifiers = FakeNotifiers()
+    t = VirtioMmio(VirtioConsole(), mem, Vec(), base=0xD000_0000, notifiers=notifiers)
+    start(MmioRegs(t), Arena(mem, 0x10000, 0x10000), 2)
+    assert set(notifiers.live.values()) == {(0xD000_0000 + QUEUE_NOTIFY, 4, 0),
+                                            (0xD000_0000 + QUEUE_NOTIFY, 4, 1)}  # fmt: skip
+    MmioRegs(t).reset()
+    assert notifiers.live == {}

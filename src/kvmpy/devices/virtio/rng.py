@@ -3,8 +3,8 @@ given with bytes from the host's getrandom().
 
 Rate limits, per request size: a request gets at most `max_request` bytes (a guest that posts
 a 1 GiB buffer gets 64 KiB, not a 1 GiB read), and with `rate` (bytes per second) a token
-bucket holding one second's worth decides how much each request gets; when it is empty the
-queue waits (a timer on the I/O thread) instead of spinning.
+bucket holding one second's worth decides how much each request gets; when it holds less than
+1 KiB the queue waits (a timer on the I/O thread) instead of spinning or handing out crumbs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .queue import Virtqueue
 
 QUEUE_SIZE = 256
 MAX_REQUEST = 64 * 1024
+MIN_GRANT = 1024
 
 
 class VirtioRng(VirtioDevice):
@@ -30,6 +31,7 @@ class VirtioRng(VirtioDevice):
         self._tokens = float(self.rate)
         self._stamp = time.monotonic()
         self._waiting = False
+        self._min_grant = max(1, min(MIN_GRANT, self.rate)) if self.rate else 1
         self.bytes = 0
 
     def _budget(self, want: int) -> int:
@@ -43,7 +45,9 @@ class VirtioRng(VirtioDevice):
     def handle(self, q: Virtqueue) -> None:
         pushed = False
         while True:
-            if self.rate and self._budget(1) < 1:
+            # With a rate, a request waits until the bucket holds MIN_GRANT bytes (or what
+            # the rate allows in a second, if less), so the guest gets useful amounts.
+            if self.rate and self._budget(self._min_grant) < self._min_grant:
                 self._retry_later(q)
                 break
             chain = q.pop()
@@ -73,7 +77,7 @@ class VirtioRng(VirtioDevice):
             self._waiting = False
             self.process(q.index)
 
-        self.loop.call_later(min(1.0, 1.0 / self.rate * 64), again)
+        self.loop.call_later(min(1.0, self._min_grant / self.rate), again)
 
     def on_reset(self) -> None:
         self._tokens = float(self.rate)
