@@ -211,18 +211,36 @@ def attach(
     if transport not in TRANSPORTS:
         raise ConfigError(f"unknown virtio transport {transport!r} (mmio or pci)")
     res, irqs = _platform(machine)
-    has_irqchip = Capability.IRQCHIP in irqs.vm.capabilities
+    # The machine's own config says whether it has an irqchip (a backend may offer one this
+    # machine did not create: irqfd on a pin then fails with EINVAL).
+    has_irqchip = bool(machine.config.irqchip)
+    # A machine whose add_*_device claims resources itself (the platform layer) must not see
+    # them claimed twice; before it, this module's Resources is the only record.
+    claims_itself = getattr(machine, "resources", None) is res
     vset = VirtioSet()
     vset.transport = transport
-    notifiers = VmIoeventfds(machine.vm, pio=False) if ioeventfd else NoNotifiers()
+    can_ioeventfd = Capability.IOEVENTFD in getattr(
+        machine.vm, "capabilities", {Capability.IOEVENTFD}
+    )
+    notifiers = (
+        VmIoeventfds(machine.vm, pio=False) if ioeventfd and can_ioeventfd else NoNotifiers()
+    )
+
+    def place(owner: str, size: int, align: int = 0x1000) -> int:
+        base = res.allocate_mmio(owner, size, align)
+        if claims_itself:
+            res.release(owner)  # add_mmio_device claims it again, under the device's name
+        return base
+
     sink = console if console is not None else machine.console_write
     shared = EventLoop("virtio-io") if shared_loop else None
     if shared is not None:
         vset.loops.append(shared)
     if transport == "pci":
-        res.claim_mmio("pci-ecam", ECAM_BASE, ECAM_SIZE)
-        res.claim_ports("pci-config", CONFIG_ADDRESS, 8)
-        aperture = res.allocate_mmio("pci-aperture", PCI_APERTURE_SIZE, PCI_APERTURE_SIZE)
+        if not claims_itself:
+            res.claim_mmio("pci-ecam", ECAM_BASE, ECAM_SIZE)
+            res.claim_ports("pci-config", CONFIG_ADDRESS, 8)
+        aperture = place("pci-aperture", PCI_APERTURE_SIZE, PCI_APERTURE_SIZE)
         host = vset.pci = PciHost(aperture, PCI_APERTURE_SIZE, ECAM_BASE)
         machine.add_pio_device(CONFIG_ADDRESS, 8, host.port_device)
         machine.add_mmio_device(ECAM_BASE, ECAM_SIZE, host.ecam_device)
@@ -237,7 +255,7 @@ def attach(
             dev.use_loop(loop)
             vset.devices.append(dev)
             if transport == "mmio":
-                base = res.allocate_mmio(f"virtio-mmio-{dev.name}", WINDOW_SIZE)
+                base = place(f"virtio-mmio-{dev.name}", WINDOW_SIZE)
                 pin = MMIO_PINS[i % len(MMIO_PINS)] if i < len(MMIO_PINS) else None
                 if has_irqchip and pin is not None:
                     irq = IrqLine(irqs.pin(f"virtio-{dev.name}", pin), irqfd=True)
@@ -251,9 +269,10 @@ def attach(
             else:
                 assert vset.pci is not None
                 if has_irqchip:
-
+                    # Each MSI-X entry's own GSI and a vector from the pool: its route
+                    # until the guest programs the entry (the entry is masked until then).
                     def vectors(k, cpu, dev=dev):
-                        line = irqs.msi(f"virtio-{dev.name}-v{k}", vector=0xFF, cpu=cpu or 0)
+                        line = irqs.msi(f"virtio-{dev.name}-v{k}", cpu=cpu or 0)
                         return MsiVector(line, cpu=cpu)
 
                     intx = IrqLine(irqs.pin(f"virtio-{dev.name}-intx", PCI_INTX_PIN + i % 8),
@@ -267,6 +286,9 @@ def attach(
     except BaseException:
         vset.close()
         raise
+    on_close = getattr(machine, "on_close", None)
+    if on_close is not None:
+        on_close(vset.close)  # I/O threads and image files go with the machine
     vset.start()
     return vset
 
@@ -305,7 +327,7 @@ def install_guest_handlers(machine, vset: VirtioSet | None = None) -> bool:
 
 
 def _route_ioapic_pins(machine, pins: Sequence[int], vector: int, cpu: int) -> None:
-    vm = getattr(machine.vm, "fd_vm", None) or machine.vm
+    vm = machine.vm if hasattr(machine.vm, "get_irqchip") else machine.vm.fd  # KVM's VmFd
     chip = vm.get_irqchip(2)  # the IOAPIC
     for pin in pins:
         # fixed delivery, physical destination, active high, edge, unmasked
