@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..devices.pci.host import CONFIG_ADDRESS, PciHost
@@ -162,6 +163,21 @@ class VirtioSet:
 
     def stats(self) -> list[dict]:
         return [t.stats() for t in self.transports]
+
+    @contextmanager
+    def quiesced(self):
+        """Hold every device still: no queue work runs until the block ends (a request under
+        way finishes first). A snapshot takes device state and guest memory inside it, so the
+        two agree: each request is either still in the available ring (the restored device
+        serves it) or complete in the used ring, never half done."""
+        locks = [d.lock for d in self.devices]
+        for lock in locks:
+            lock.acquire()
+        try:
+            yield self
+        finally:
+            for lock in reversed(locks):
+                lock.release()
 
     def state(self) -> list[dict]:
         return [t.state() for t in self.transports]
