@@ -166,18 +166,30 @@ class VirtioSet:
 
     @contextmanager
     def quiesced(self):
-        """Hold every device still: no queue work runs until the block ends (a request under
-        way finishes first). A snapshot takes device state and guest memory inside it, so the
-        two agree: each request is either still in the available ring (the restored device
-        serves it) or complete in the used ring, never half done."""
+        """Hold every device still: no queue work runs until the block ends (the request under
+        way finishes first; the rest stay in the available ring). A snapshot takes device
+        state and guest memory inside it, so the two agree: each request is either still in
+        the ring (the restored device serves it) or complete in the used ring, never half
+        done."""
+        for d in self.devices:
+            d.quiescing = True  # the I/O threads stop between chains and let go of the lock
         locks = [d.lock for d in self.devices]
-        for lock in locks:
-            lock.acquire()
+        try:
+            for lock in locks:
+                lock.acquire()
+        finally:
+            for d in self.devices:
+                d.quiescing = False
         try:
             yield self
         finally:
             for lock in reversed(locks):
                 lock.release()
+            # What was left in the rings: serve it now (the driver will not notify again).
+            for d in self.devices:
+                for q in d.queues:
+                    if q.ready and d.running:
+                        d.notify(q.index)
 
     def state(self) -> list[dict]:
         return [t.state() for t in self.transports]

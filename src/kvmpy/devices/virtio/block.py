@@ -136,10 +136,8 @@ class VirtioBlock(VirtioDevice):
     def handle(self, q: Virtqueue) -> None:
         pushed = False
         while True:
-            chain = q.pop()
+            chain = self.next_chain(q)
             if chain is None:
-                if q.enable_notifications():
-                    continue
                 break
             written = self._request(chain)
             self.requests += 1

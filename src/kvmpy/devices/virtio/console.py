@@ -92,10 +92,8 @@ class VirtioConsole(VirtioDevice):
     def _transmit(self, q: Virtqueue) -> None:
         pushed = False
         while True:
-            chain = q.pop()
+            chain = self.next_chain(q)
             if chain is None:
-                if q.enable_notifications():
-                    continue
                 break
             n = chain.readable_len
             for off in range(0, n, MAX_TX_CHUNK):
@@ -113,10 +111,8 @@ class VirtioConsole(VirtioDevice):
         pushed = False
         with self._input_lock:
             while self._input:
-                chain = q.pop()
+                chain = self.next_chain(q)
                 if chain is None:
-                    if q.enable_notifications():
-                        continue
                     break
                 n = chain.write(bytes(self._input[: chain.writable_len]))
                 del self._input[:n]

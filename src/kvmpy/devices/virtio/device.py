@@ -95,6 +95,8 @@ class VirtioDevice:
         self.polled = 0
         #: Busy-poll the queue this long after each drain (0: sleep at once).
         self.poll_us = 0
+        #: Set while a snapshot waits for the device: queue work stops between chains.
+        self.quiescing = False
         self._watched: dict[int, int] = {}
 
     @property
@@ -247,13 +249,25 @@ class VirtioDevice:
                 log.exception("%s: internal error on queue %d", self.name, index)
                 self.fail(f"internal error: {type(e).__name__}: {e}")
 
+    def next_chain(self, q: Virtqueue):
+        """The next chain to serve; None when the queue is empty (after re-enabling
+        notifications and looking once more) or when the device is being quiesced (what is
+        left stays in the ring for after the snapshot)."""
+        while not self.quiescing:
+            chain = q.pop()
+            if chain is not None:
+                return chain
+            if not q.enable_notifications():
+                return None
+        return None
+
     def _poll(self, q: Virtqueue) -> None:
         """Busy-poll the available ring for `poll_us` after a drain before going back to
         sleep on the ioeventfd: a guest that keeps a queue busy then hands over new requests
         without a notify and without a wake-up of this thread (each costs tens of µs on
         nested hosts; vhost's busy polling, Linux io_poll)."""
         deadline = time.perf_counter() + self.poll_us * 1e-6
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < deadline and not self.quiescing:
             if q.pending():
                 self.polled += 1
                 self.handle(q)

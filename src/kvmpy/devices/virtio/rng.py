@@ -50,10 +50,8 @@ class VirtioRng(VirtioDevice):
             if self.rate and self._budget(self._min_grant) < self._min_grant:
                 self._retry_later(q)
                 break
-            chain = q.pop()
+            chain = self.next_chain(q)
             if chain is None:
-                if q.enable_notifications():
-                    continue
                 break
             want = min(chain.writable_len, self.max_request)
             n = self._budget(want)
