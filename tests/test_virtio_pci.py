@@ -240,3 +240,21 @@ def test_mmio_ioeventfds_one_per_queue_with_datamatch(mem):
                                             (0xD000_0000 + QUEUE_NOTIFY, 4, 1)}  # fmt: skip
     MmioRegs(t).reset()
     assert notifiers.live == {}
+
+
+def test_pci_bus_state_round_trip(mem, tmp_path):
+    """Snapshots find devices on the buses: the bridge's config ports carry every function."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    host, fn, regs, vecs, _ = plug(B.VirtioBlock(str(disk)), mem)
+    (q,) = start(regs, Arena(mem, 0x10000, 0x10000), 1)
+    regs.enable_msix([(0xFEE0_0000, 0x41), (0xFEE0_0000, 0x42)])
+    state = host.port_device.state()
+    host2, fn2, regs2, vecs2, _ = plug(B.VirtioBlock(str(disk)), mem)
+    host2.port_device.restore_state(state)
+    assert regs2.status() & STATUS_DRIVER_OK and fn2.msix_enabled
+    assert vecs2[0].routes[-1] == (0xFEE0_0000, 0x41)
+    mem.write(DATA, struct.pack("<IIQ", B.T_IN, 0, 0))
+    q.add([(DATA, 16)], [(DATA + 0x1000, 512), (DATA + 0x3000, 1)])
+    regs2.notify(0)
+    assert q.take_used() == [(q.size - 1, 513)] and vecs2[0].fired == 1

@@ -138,6 +138,25 @@ class _ConfigPorts(Device):
             return b"\xff" * size
         return self.host.config_read(*t, size)
 
+    # Snapshots find devices on the machine's buses; the bridge's functions are not on them,
+    # so the always-present config ports carry the whole bus's state.
+    def state(self) -> dict:
+        return {
+            "address": self.host.address,
+            "functions": {
+                str(i): f.state()
+                for i, f in enumerate(self.host.slots)
+                if f is not None and hasattr(f, "state")
+            },
+        }
+
+    def restore_state(self, state: dict) -> None:
+        self.host.address = int(state.get("address", 0)) & 0x80FF_FFFC
+        saved = state.get("functions", {})
+        for i, f in enumerate(self.host.slots):
+            if f is not None and hasattr(f, "restore_state") and str(i) in saved:
+                f.restore_state(saved[str(i)])
+
     def write(self, offset: int, data: bytes):
         if offset < 4:
             if offset == 0 and len(data) == 4:
