@@ -93,7 +93,8 @@ int main(void)
 	st = io(&q, use_irq, KV_BLK_T_GET_ID, 0, id, 20);
 	kv_printf("id: %s (status %d)\n", id, st);
 	if (use_irq)
-		kv_printf("interrupts: %lu\n", (unsigned long)kvmpy_virtio_irqs);
+		kv_printf("interrupts: %lu, the last on CPU %u\n", (unsigned long)kvmpy_virtio_irqs,
+			  kvmpy_virtio_irq_cpu);
 	kv_printf("%s\n", failures ? "virtio-blk: FAILED" : "virtio-blk: all checks passed");
 	return failures;
 }

@@ -483,6 +483,8 @@ extern volatile uint64_t kvmpy_virtio_irqs;
 /* Set to 1 by kvmpy when it has installed the handler and the wait gate (a machine with an
  * in-kernel irqchip): interrupts can be used. */
 extern volatile uint64_t kvmpy_virtio_irq_ready;
+/* The x2APIC ID (kvmpy: the vCPU index) of the CPU that took the last interrupt. */
+extern volatile uint32_t kvmpy_virtio_irq_cpu;
 
 __asm__(".pushsection .text.kvmpy_virtio_irq,\"axG\",@progbits,kvmpy_virtio_irq,comdat\n"
 	".globl kvmpy_virtio_irq_entry\n"
@@ -491,6 +493,9 @@ __asm__(".pushsection .text.kvmpy_virtio_irq,\"axG\",@progbits,kvmpy_virtio_irq,
 	"	pushq %rcx\n"
 	"	pushq %rdx\n"
 	"	lock incq kvmpy_virtio_irqs(%rip)\n"
+	"	movl $0x802, %ecx\n" /* x2APIC ID: which CPU took it */
+	"	rdmsr\n"
+	"	movl %eax, kvmpy_virtio_irq_cpu(%rip)\n"
 	"	movl $0x80B, %ecx\n"
 	"	xorl %eax, %eax\n"
 	"	xorl %edx, %edx\n"
@@ -513,6 +518,8 @@ __asm__(".pushsection .text.kvmpy_virtio_irq,\"axG\",@progbits,kvmpy_virtio_irq,
 	"kvmpy_virtio_irqs: .zero 8\n"
 	".globl kvmpy_virtio_irq_ready\n"
 	"kvmpy_virtio_irq_ready: .zero 8\n"
+	".globl kvmpy_virtio_irq_cpu\n"
+	"kvmpy_virtio_irq_cpu: .zero 8\n"
 	".popsection\n");
 
 /* Sleep until an interrupt arrives, unless one arrived since the count was `seen`. */
