@@ -16,7 +16,6 @@ them; otherwise notify writes reach the transports, which hand the work to the I
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -153,9 +152,25 @@ class VirtioSet:
         self.devices: list[VirtioDevice] = []
         self.transports: list = []
         self.loops: list[EventLoop] = []
+        self.shared_loop: EventLoop | None = None
         self.pci: PciHost | None = None
         self.transport = "mmio"
+        #: Linux command-line entries that declare the virtio-mmio windows.
         self.cmdline: list[str] = []
+        self.machine = None
+        self.resources: Resources | None = None
+        self.interrupts: InterruptManager | None = None
+        self.has_irqchip = False
+        self.claims_itself = False
+        self.notifiers = NoNotifiers()
+
+    def place(self, owner: str, size: int, align: int = 0x1000) -> int:
+        """An address for a window from the MMIO hole."""
+        assert self.resources is not None
+        base = self.resources.allocate_mmio(owner, size, align)
+        if self.claims_itself:
+            self.resources.release(owner)  # add_mmio_device claims it, under the device's name
+        return base
 
     def start(self) -> None:
         for loop in self.loops:
@@ -205,6 +220,8 @@ class VirtioSet:
         for t in self.transports:
             t.close()
         self.transports.clear()
+        if self.machine is not None and getattr(self.machine, "virtio", None) is self:
+            self.machine.virtio = None
 
 
 def _platform(machine):
@@ -225,6 +242,109 @@ def _platform(machine):
     return res, irqs
 
 
+def virtio_set(machine, transport: str = "mmio", *, shared_loop: bool = False,
+               ioeventfd: bool = True) -> VirtioSet:  # fmt: skip
+    """The machine's virtio devices (`machine.virtio`), created on first use. A machine has
+    one transport for all its virtio devices."""
+    vset = getattr(machine, "virtio", None)
+    if vset is not None:
+        if transport != vset.transport:
+            raise ConfigError(
+                f"this machine's virtio devices use {vset.transport}; all of them must (got "
+                f"{transport})"
+            )
+        return vset
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"unknown virtio transport {transport!r} (mmio or pci)")
+    res, irqs = _platform(machine)
+    vset = VirtioSet()
+    vset.transport = transport
+    vset.machine = machine
+    vset.resources, vset.interrupts = res, irqs
+    # The machine's own config says whether it has an irqchip (a backend may offer one this
+    # machine did not create: irqfd on a pin then fails with EINVAL).
+    vset.has_irqchip = bool(machine.config.irqchip)
+    # A machine whose add_*_device claims resources itself (the platform layer) must not see
+    # them claimed twice; before it, this module's Resources is the only record.
+    vset.claims_itself = getattr(machine, "resources", None) is res
+    caps = getattr(machine.vm, "capabilities", {Capability.IOEVENTFD})
+    vset.notifiers = (
+        VmIoeventfds(machine.vm, pio=False)
+        if ioeventfd and Capability.IOEVENTFD in caps
+        else NoNotifiers()
+    )
+    if shared_loop:
+        vset.shared_loop = EventLoop("virtio-io")
+        vset.loops.append(vset.shared_loop)
+    if transport == "pci":
+        if not vset.claims_itself:
+            res.claim_mmio("pci-ecam", ECAM_BASE, ECAM_SIZE)
+            res.claim_ports("pci-config", CONFIG_ADDRESS, 8)
+        aperture = vset.place("pci-aperture", PCI_APERTURE_SIZE, PCI_APERTURE_SIZE)
+        host = vset.pci = PciHost(aperture, PCI_APERTURE_SIZE, ECAM_BASE)
+        machine.add_pio_device(CONFIG_ADDRESS, 8, host.port_device)
+        machine.add_mmio_device(ECAM_BASE, ECAM_SIZE, host.ecam_device)
+        machine.add_mmio_device(aperture, PCI_APERTURE_SIZE, host.aperture_device)
+    machine.virtio = vset
+    on_close = getattr(machine, "on_close", None)
+    if on_close is not None:
+        on_close(vset.close)  # I/O threads and image files go with the machine
+    return vset
+
+
+def add_device(machine, spec: DeviceSpec, transport: str = "mmio", *,
+               console: Callable[[bytes], None] | None = None,
+               console_input: int | None = None, **set_options):  # fmt: skip
+    """Build one virtio device on `machine` and start its I/O thread; returns its transport
+    (a VirtioMmio window or a VirtioPci function)."""
+    vset = virtio_set(machine, transport, **set_options)
+    i = len(vset.devices)
+    sink = console if console is not None else machine.console_write
+    dev = build_device(spec, i, sink, console_input)
+    try:
+        dev.poll_us = max(0, int(spec.options.get("poll_us", 0)))
+        loop = vset.shared_loop or EventLoop(f"virtio-{dev.name}")
+        if loop is not vset.shared_loop:
+            vset.loops.append(loop)
+        dev.use_loop(loop)
+        irqs = vset.interrupts
+        if transport == "mmio":
+            base = vset.place(f"virtio-mmio-{dev.name}", WINDOW_SIZE)
+            pin = MMIO_PINS[i] if i < len(MMIO_PINS) else None
+            if vset.has_irqchip and pin is not None:
+                irq = IrqLine(irqs.pin(f"virtio-{dev.name}", pin), irqfd=True)
+            else:
+                irq, pin = CallbackIrq(), None  # polling only
+            t = VirtioMmio(dev, machine.memory, irq, base=base, notifiers=vset.notifiers)
+            t.pin = pin
+            machine.add_mmio_device(base, WINDOW_SIZE, t)
+            if pin is not None:
+                vset.cmdline.append(t.kernel_cmdline(pin))
+        else:
+            assert vset.pci is not None
+            vectors, intx = None, None
+            if vset.has_irqchip:
+                # Each MSI-X entry gets its own GSI and a vector from the pool: its route
+                # until the guest programs the entry (entries are masked until then).
+                def vectors(k, cpu, dev=dev):
+                    line = irqs.msi(f"virtio-{dev.name}-v{k}", cpu=cpu or 0)
+                    return MsiVector(line, cpu=cpu)
+
+                if i < 8:
+                    intx = IrqLine(irqs.pin(f"virtio-{dev.name}-intx", PCI_INTX_PIN + i),
+                                   irqfd=False)  # fmt: skip
+            t = VirtioPci(dev, machine.memory, vectors, intx=intx, notifiers=vset.notifiers,
+                          irq_cpu=spec.irq_cpu, intx_line=PCI_INTX_PIN + i % 8)  # fmt: skip
+            vset.pci.add(t)
+    except BaseException:
+        dev.close()
+        raise
+    vset.devices.append(dev)
+    vset.transports.append(t)
+    loop.start()
+    return t
+
+
 def attach(
     machine,
     specs: Sequence[DeviceSpec],
@@ -236,93 +356,14 @@ def attach(
     ioeventfd: bool = True,
 ) -> VirtioSet:
     """Build `specs` as virtio devices on `machine` (see the module docstring)."""
-    if transport not in TRANSPORTS:
-        raise ConfigError(f"unknown virtio transport {transport!r} (mmio or pci)")
-    res, irqs = _platform(machine)
-    # The machine's own config says whether it has an irqchip (a backend may offer one this
-    # machine did not create: irqfd on a pin then fails with EINVAL).
-    has_irqchip = bool(machine.config.irqchip)
-    # A machine whose add_*_device claims resources itself (the platform layer) must not see
-    # them claimed twice; before it, this module's Resources is the only record.
-    claims_itself = getattr(machine, "resources", None) is res
-    vset = VirtioSet()
-    vset.transport = transport
-    can_ioeventfd = Capability.IOEVENTFD in getattr(
-        machine.vm, "capabilities", {Capability.IOEVENTFD}
-    )
-    notifiers = (
-        VmIoeventfds(machine.vm, pio=False) if ioeventfd and can_ioeventfd else NoNotifiers()
-    )
-
-    def place(owner: str, size: int, align: int = 0x1000) -> int:
-        base = res.allocate_mmio(owner, size, align)
-        if claims_itself:
-            res.release(owner)  # add_mmio_device claims it again, under the device's name
-        return base
-
-    sink = console if console is not None else machine.console_write
-    shared = EventLoop("virtio-io") if shared_loop else None
-    if shared is not None:
-        vset.loops.append(shared)
-    if transport == "pci":
-        if not claims_itself:
-            res.claim_mmio("pci-ecam", ECAM_BASE, ECAM_SIZE)
-            res.claim_ports("pci-config", CONFIG_ADDRESS, 8)
-        aperture = place("pci-aperture", PCI_APERTURE_SIZE, PCI_APERTURE_SIZE)
-        host = vset.pci = PciHost(aperture, PCI_APERTURE_SIZE, ECAM_BASE)
-        machine.add_pio_device(CONFIG_ADDRESS, 8, host.port_device)
-        machine.add_mmio_device(ECAM_BASE, ECAM_SIZE, host.ecam_device)
-        machine.add_mmio_device(aperture, PCI_APERTURE_SIZE, host.aperture_device)
+    vset = virtio_set(machine, transport, shared_loop=shared_loop, ioeventfd=ioeventfd)
     try:
-        for i, spec in enumerate(specs):
-            dev = build_device(spec, i, sink, console_input)
-            dev.poll_us = max(0, int(spec.options.get("poll_us", 0)))
-            loop = shared or EventLoop(f"virtio-{dev.name}")
-            if shared is None:
-                vset.loops.append(loop)
-            dev.use_loop(loop)
-            vset.devices.append(dev)
-            if transport == "mmio":
-                base = place(f"virtio-mmio-{dev.name}", WINDOW_SIZE)
-                pin = MMIO_PINS[i % len(MMIO_PINS)] if i < len(MMIO_PINS) else None
-                if has_irqchip and pin is not None:
-                    irq = IrqLine(irqs.pin(f"virtio-{dev.name}", pin), irqfd=True)
-                else:
-                    irq = CallbackIrq()
-                t = VirtioMmio(dev, machine.memory, irq, base=base, notifiers=notifiers)
-                t.pin = pin if has_irqchip else None
-                machine.add_mmio_device(base, WINDOW_SIZE, t)
-                if pin is not None:
-                    vset.cmdline.append(t.kernel_cmdline(pin))
-            else:
-                assert vset.pci is not None
-                if has_irqchip:
-                    # Each MSI-X entry's own GSI and a vector from the pool: its route
-                    # until the guest programs the entry (the entry is masked until then).
-                    def vectors(k, cpu, dev=dev):
-                        line = irqs.msi(f"virtio-{dev.name}-v{k}", cpu=cpu or 0)
-                        return MsiVector(line, cpu=cpu)
-
-                    intx = IrqLine(irqs.pin(f"virtio-{dev.name}-intx", PCI_INTX_PIN + i % 8),
-                                   irqfd=False) if i < 8 else None  # fmt: skip
-                else:
-                    vectors, intx = None, None
-                t = VirtioPci(dev, machine.memory, vectors, intx=intx, notifiers=notifiers,
-                              irq_cpu=spec.irq_cpu, intx_line=PCI_INTX_PIN + i % 8)  # fmt: skip
-                vset.pci.add(t)
-            vset.transports.append(t)
+        for spec in specs:
+            add_device(machine, spec, transport, console=console, console_input=console_input)
     except BaseException:
         vset.close()
         raise
-    on_close = getattr(machine, "on_close", None)
-    if on_close is not None:
-        on_close(vset.close)  # I/O threads and image files go with the machine
-    vset.start()
     return vset
-
-
-def console_is_tty() -> bool:
-    return sys.stdin.isatty()
 
 
 #: The IDT vector of kvmpy/virtio.h's interrupt handler (KV_VIRTIO_VECTOR).
