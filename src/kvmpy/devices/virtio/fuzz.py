@@ -190,7 +190,7 @@ class Harness:
             raise FuzzFailure(f"input took {dt:.2f} s of CPU (hang limit {HANG_S} s)")
 
     def _op(self, r: Reader, dev, transport, regs, host, queues):
-        op = r.u8() % 12
+        op = r.u8() % 24  # 2 and 3 (bring-ups, dozens of register accesses each) are rarer
         mem = self.memory
         if op == 0:  # raw register write
             size = (1, 2, 4, 8)[r.u8() % 4]
@@ -207,7 +207,7 @@ class Harness:
                 out = self._pci_read(r, host, regs, size)
             if len(out) != size:
                 raise FuzzFailure(f"a {size}-byte read returned {len(out)} bytes")
-        elif op in (2, 3):  # a driver's bring-up, with random feature choices
+        elif op == 2:  # a driver's bring-up, with random feature choices
             feats = F_VERSION_1 | (F_EVENT_IDX if r.u8() & 1 else 0)
             feats |= F_INDIRECT_DESC if r.u8() & 1 else 0
             feats |= dev.device_features & (r.u32() & 0x7FFF)
@@ -217,7 +217,7 @@ class Harness:
                              size=size, features=feats)  # fmt: skip
             except (RuntimeError, MemoryError):
                 return []  # the device refused (e.g. NEEDS_RESET); the driver gives up
-        elif op == 4 and queues:  # a chain of random buffers, maybe indirect
+        elif op in (3, 4, 12, 13, 14) and queues:  # a chain of random buffers, maybe indirect
             q = queues[r.u8() % len(queues)]
             n_out, n_in = r.u8() % 4, r.u8() % 4
             if self.kind == "block" and n_out:
@@ -236,9 +236,9 @@ class Harness:
                 if need == 1:
                     indirect = r.addr() % (RAM0_END - 128) & ~15
                 q.add(outs, ins, indirect_at=indirect)
-        elif op == 5 and queues:  # notify
+        elif op in (5, 15, 16) and queues:  # notify
             regs.notify(queues[r.u8() % len(queues)].index)
-        elif op == 6 and queues:  # random bytes over a ring or descriptor table
+        elif op in (6, 17, 18) and queues:  # random bytes over a ring or descriptor table
             q = queues[r.u8() % len(queues)]
             base = (q.desc, q.avail, q.used)[r.u8() % 3]
             mem_off = base + r.u16() % (16 * q.size + 8)
@@ -248,7 +248,7 @@ class Harness:
         elif op == 7 and queues:  # the avail index, anywhere
             q = queues[r.u8() % len(queues)]
             mem.write_u16(q.avail + 2, r.u16())
-        elif op == 8:  # random bytes anywhere in RAM
+        elif op in (8, 19):  # random bytes anywhere in RAM
             a = r.addr()
             blob = r.take(1 + r.u8() % 32)
             if mem.is_ram(a, len(blob)):
@@ -256,13 +256,13 @@ class Harness:
         elif op == 9:  # reset
             regs.reset()
             return []
-        elif op == 10 and queues:  # take what the device completed
+        elif op in (10, 20, 21) and queues:  # take what the device completed
             for q in queues:
                 try:
                     q.take_used()
                 except GuestMemoryError:
                     pass
-        elif op == 11 and self.kind == "console":
+        elif op in (11, 22) and self.kind == "console":
             dev.feed(r.take(r.u8()))
         return queues
 

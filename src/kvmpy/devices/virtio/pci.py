@@ -56,6 +56,7 @@ _FIELDS = [
     (C_STATUS, 1), (C_CFGGEN, 1), (C_QSELECT, 2), (C_QSIZE, 2), (C_QMSIX, 2), (C_QENABLE, 2),
     (C_QNOFF, 2), (C_QDESC, 8), (C_QDRIVER, 8), (C_QDEVICE, 8), (C_QNDATA, 2), (C_QRESET, 2),
 ]  # fmt: skip
+_FIELD_AT = dict(_FIELDS)
 
 
 class VirtioPci:
@@ -302,6 +303,12 @@ class VirtioPci:
         )
 
     def _common_write(self, offset: int, data: bytes) -> None:
+        size = _FIELD_AT.get(offset)
+        if size == len(data):  # the usual case: one whole field
+            self._set_field(offset, int.from_bytes(data, "little"))
+            return
+        # Part of a field or across fields (a 64-bit address as two dwords, odd guests):
+        # merge into the current values.
         cur = bytearray(self._common_bytes())
         end = min(offset + len(data), COMMON_SIZE)
         cur[offset:end] = data[: end - offset]
