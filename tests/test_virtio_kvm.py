@@ -90,3 +90,20 @@ def test_console_example(transport):
     assert r.exit_code == 0, out
     assert "hello from virtio-console" in out and "echo: KVMPY VIRTIO\n" in out
     assert stats[0]["bytes_in"] == 13
+
+
+def test_one_transport_per_machine_and_clean_close(tmp_path):
+    from kvmpy.errors import ConfigError
+    from kvmpy.vmm.virtio import add_device
+
+    with Machine(MachineConfig(mode="long-user", memory="32M")) as m:
+        vs = attach(m, [DeviceSpec("rng")], "pci")
+        assert m.virtio is vs
+        add_device(m, DeviceSpec("console"), "pci")
+        with pytest.raises(ConfigError, match="use pci"):
+            add_device(m, DeviceSpec("rng"), "mmio")
+        assert [d.kind for d in vs.devices] == ["entropy", "console"]
+        assert all(loop._thread is not None and loop._thread.is_alive() for loop in vs.loops)
+        threads = [loop._thread for loop in vs.loops]
+        vs.close()
+        assert m.virtio is None and not any(t.is_alive() for t in threads)
