@@ -93,13 +93,14 @@ class DeviceSpec:
 
 def build_device(spec: DeviceSpec, index: int, console: Callable[[bytes], None] | None,
                  console_input: int | None = None) -> VirtioDevice:  # fmt: skip
+    name = spec.options.get("name")
     if spec.kind == "block":
-        name = spec.id or f"vd{chr(ord('a') + index)}"
+        name = name or spec.id or f"vd{chr(ord('a') + index)}"
         return VirtioBlock(spec.path, name=name, readonly=spec.readonly, serial=spec.id)
     if spec.kind == "rng":
-        return VirtioRng(f"rng{index}", rate=int(spec.options.get("rate", 0)))
+        return VirtioRng(name or f"rng{index}", rate=int(spec.options.get("rate", 0)))
     if spec.kind == "console":
-        return VirtioConsole(f"hvc{index}", sink=console, input_fd=console_input)
+        return VirtioConsole(name or f"hvc{index}", sink=console, input_fd=console_input)
     raise ConfigError(f"unknown virtio device kind {spec.kind!r} (block, rng, console)")
 
 
@@ -402,3 +403,58 @@ def _route_ioapic_pins(machine, pins: Sequence[int], vector: int, cpu: int) -> N
         # fixed delivery, physical destination, active high, edge, unmasked
         chip.chip.ioapic.redirtbl[pin] = vector | (cpu & 0xFF) << 56
     vm.set_irqchip(chip)
+
+
+# --- device kinds (VmConfig "devices" entries; devices/registry.py) ----------------------------
+
+
+def _spec_args(kind: str, id: str, *, path: str = "", readonly: bool = False, serial: str = "",
+               irq_cpu: int | None = None, poll_us: int = 0, rate: int = 0) -> DeviceSpec:  # fmt: skip
+    for name, value in (("readonly", readonly),):
+        if not isinstance(value, bool):
+            raise ConfigError(f"device {id}: {name} must be true or false")
+    for name, value in (("poll_us", poll_us), ("rate", rate)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1 << 32:
+            raise ConfigError(f"device {id}: {name} must be a non-negative integer")
+    if irq_cpu is not None and (isinstance(irq_cpu, bool) or not isinstance(irq_cpu, int)
+                                or not 0 <= irq_cpu <= 255):  # fmt: skip
+        raise ConfigError(f"device {id}: irq_cpu must be a vCPU number")
+    options = {"poll_us": poll_us, "rate": rate, "name": id}
+    return DeviceSpec(kind, str(path), readonly, serial, irq_cpu, options)
+
+
+def _register_kinds() -> None:
+    """virtio-blk, virtio-rng and virtio-console as registry kinds, where the platform's
+    device registry exists: `machine.add_device("virtio-blk", "vda", path="disk.img",
+    transport="pci")`, rebuilt from a snapshot's VmConfig."""
+    try:
+        from ..devices.registry import device_kind
+    except ImportError:  # a kvmpy without the device registry
+        return
+
+    def transport_of(value: str) -> str:
+        if value not in TRANSPORTS:
+            raise ConfigError(f"unknown virtio transport {value!r} (mmio or pci)")
+        return value
+
+    @device_kind("virtio-blk")
+    def virtio_blk(machine, id, *, path: str, readonly: bool = False, serial: str = "",
+                   transport: str = "mmio", irq_cpu: int | None = None, poll_us: int = 0):  # fmt: skip
+        spec = _spec_args("block", id, path=path, readonly=readonly, serial=serial,
+                          irq_cpu=irq_cpu, poll_us=poll_us)  # fmt: skip
+        return add_device(machine, spec, transport_of(transport))
+
+    @device_kind("virtio-rng")
+    def virtio_rng(machine, id, *, transport: str = "mmio", rate: int = 0,
+                   irq_cpu: int | None = None):  # fmt: skip
+        return add_device(machine, _spec_args("rng", id, rate=rate, irq_cpu=irq_cpu),
+                          transport_of(transport))  # fmt: skip
+
+    @device_kind("virtio-console")
+    def virtio_console(machine, id, *, transport: str = "mmio", irq_cpu: int | None = None):
+        return add_device(machine, _spec_args("console", id, irq_cpu=irq_cpu),
+                          transport_of(transport),
+                          console_input=getattr(machine, "console_input", None))  # fmt: skip
+
+
+_register_kinds()
