@@ -410,3 +410,20 @@ def test_reset_during_operation_and_snapshot_round_trip(mem, disk):
     assert regs2.status() == 0 and not blk2.queues[0].ready
     blk.close()
     blk2.close()
+
+
+def test_device_writes_are_reported_to_dirty_tracking(mem):
+    """Device writes go through views, not GuestMemory.write: a live migration still hears
+    about every page the device wrote (buffers, used ring, avail_event)."""
+    t, regs, _ = mmio(VirtioRng(), mem)
+    (q,) = start(regs, Arena(mem, ARENA, 0x10000), 1)
+    dirty = []
+    mem.on_write = lambda gpa, n: dirty.append((gpa, n))
+    try:
+        q.add([], [(DATA, 100), (DATA + 0x3000, 50)])
+        regs.notify(0)
+    finally:
+        mem.on_write = None
+    assert (DATA, 100) in dirty and (DATA + 0x3000, 50) in dirty
+    assert any(q.used <= g < q.used + 4 + 8 * q.size for g, _ in dirty)
+    assert (q.used + 4 + 8 * q.size, 2) in dirty

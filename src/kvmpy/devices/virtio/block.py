@@ -141,7 +141,7 @@ class VirtioBlock(VirtioDevice):
                 break
             written = self._request(chain)
             self.requests += 1
-            q.push(chain.head, written)
+            q.push(chain, written)
             pushed = True
         if pushed:
             self.signal_used(q)

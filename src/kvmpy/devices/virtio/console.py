@@ -102,7 +102,7 @@ class VirtioConsole(VirtioDevice):
                 if self.sink is not None:
                     self.sink(data)
             self.requests += 1
-            q.push(chain.head, 0)
+            q.push(chain, 0)
             pushed = True
         if pushed:
             self.signal_used(q)
@@ -118,7 +118,7 @@ class VirtioConsole(VirtioDevice):
                 del self._input[:n]
                 self.bytes_in += n
                 self.requests += 1
-                q.push(chain.head, n)
+                q.push(chain, n)
                 pushed = True
         if pushed:
             self.signal_used(q)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...errors import GuestMemoryError
 from ...memory import GuestMemory
@@ -66,6 +66,9 @@ class Chain:
     head: int
     readable: list[memoryview]
     writable: list[memoryview]
+    #: (gpa, length) of each device-writable buffer: what a migration's dirty tracking must
+    #: learn about, since device writes go through views, not GuestMemory.write.
+    writable_at: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def readable_len(self) -> int:
@@ -232,6 +235,7 @@ class Virtqueue:
         in_indirect = False
         readable: list[memoryview] = []
         writable: list[memoryview] = []
+        writable_at: list[tuple[int, int]] = []
         unpack = _DESC.unpack_from
         while True:
             addr, length, flags, nxt = unpack(table, idx * 16)
@@ -268,6 +272,7 @@ class Virtqueue:
                 if length:
                     try:
                         writable.append(view(addr, length))
+                        writable_at.append((addr, length))
                     except GuestMemoryError:
                         raise QueueError(
                             f"queue {self.index}: buffer {addr:#x}+{length:#x} is outside guest RAM"
@@ -285,7 +290,7 @@ class Virtqueue:
                             f"queue {self.index}: buffer {addr:#x}+{length:#x} is outside guest RAM"
                         ) from None
             if not flags & DESC_F_NEXT:
-                return Chain(head, readable, writable)
+                return Chain(head, readable, writable, writable_at)
             if nxt >= table_len:
                 raise QueueError(
                     f"queue {self.index}: next index {nxt} outside a table of {table_len}"
@@ -302,20 +307,31 @@ class Virtqueue:
             assert self._used16 is not None
             self._used16[2 + 4 * self.size] = self.last_avail
             full_fence()
+            on_write = self.memory.on_write if self.memory is not None else None
+            if on_write is not None:
+                on_write(self.used_addr + 4 + 8 * self.size, 2)
         return self.pending() > 0
 
     # --- the used ring ---------------------------------------------------------------------
 
-    def push(self, head: int, written: int) -> None:
-        """Return chain `head` to the driver with `written` bytes written into it."""
+    def push(self, chain: Chain, written: int) -> None:
+        """Return `chain` to the driver with `written` bytes written into it."""
         if not self.ready:
             return
         assert self._used is not None and self._used16 is not None
-        _USED_ELEM.pack_into(self._used, 4 + 8 * (self.used_idx % self.size), head, written)
+        slot = self.used_idx % self.size
+        _USED_ELEM.pack_into(self._used, 4 + 8 * slot, chain.head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         # The element is stored before the index (x86 keeps stores in order).
         self._used16[1] = self.used_idx
         self.pushed += 1
+        on_write = self.memory.on_write if self.memory is not None else None
+        if on_write is not None:  # a live migration is tracking the VMM's writes
+            if written:
+                for gpa, length in chain.writable_at:
+                    on_write(gpa, length)
+            on_write(self.used_addr, 4)
+            on_write(self.used_addr + 4 + 8 * slot, 8)
 
     def needs_interrupt(self) -> bool:
         """Should the driver be interrupted for what was pushed since the last interrupt?

@@ -61,7 +61,7 @@ class VirtioRng(VirtioDevice):
                 self._tokens -= written
             self.bytes += written
             self.requests += 1
-            q.push(chain.head, written)
+            q.push(chain, written)
             pushed = True
         if pushed:
             self.signal_used(q)
