@@ -65,6 +65,50 @@ def attach_from_args(machine, args):
     return vset
 
 
+def add_virtio_devices(config, args):
+    """`config` with the devices the options ask for (VmConfig entries, so snapshots and
+    --dump-config carry them)."""
+    for spec in virtio_specs(args):
+        args_ = {"transport": args.transport}
+        if spec.irq_cpu is not None:
+            args_["irq_cpu"] = spec.irq_cpu
+        if spec.kind == "block":
+            ident = (
+                spec.id
+                or f"vd{chr(ord('a') + sum(d.kind == 'virtio-blk' for d in config.devices))}"
+            )
+            args_.update(path=str(os.path.abspath(spec.path)), readonly=spec.readonly,
+                         serial=spec.id)  # fmt: skip
+            config = config.with_device("virtio-blk", ident, **args_)
+        elif spec.kind == "rng":
+            config = config.with_device("virtio-rng", None, **args_)
+        else:
+            config = config.with_device("virtio-console", None, **args_)
+    return config
+
+
+def connect_virtio(machine, args) -> None:
+    """After the machine is built: the virtio console's input (stdin) and the SDK guest's
+    interrupt handlers."""
+    vset = getattr(machine, "virtio", None)
+    if vset is None:
+        return
+    from ..vmm.virtio import install_guest_handlers
+
+    consoles = [d for d in vset.devices if d.kind == "console"]
+    if consoles and getattr(args, "console", "serial") == "virtio":
+        fd = sys.stdin.fileno() if sys.stdin is not None else -1
+        try:
+            mode = os.fstat(fd).st_mode if fd >= 0 else 0
+        except OSError:
+            mode = 0
+        if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode):
+            consoles[0].input_fd = fd  # the device's I/O thread reads it when it is readable
+        elif stat.S_ISREG(mode):
+            consoles[0].feed(os.read(fd, 64 * 1024))  # a file cannot be polled: its start
+    install_guest_handlers(machine, vset)
+
+
 def render_stats(stats: list[dict], console) -> None:
     from rich.table import Table
 

@@ -181,12 +181,12 @@ class VirtioSet:
         return [t.stats() for t in self.transports]
 
     @contextmanager
-    def quiesced(self):
+    def quiesced(self, resume: Callable[[], bool] | None = None):
         """Hold every device still: no queue work runs until the block ends (the request under
         way finishes first; the rest stay in the available ring). A snapshot takes device
         state and guest memory inside it, so the two agree: each request is either still in
         the ring (the restored device serves it) or complete in the used ring, never half
-        done."""
+        done. `resume()`, if given, says whether to serve what was left afterwards."""
         for d in self.devices:
             d.quiescing = True  # the I/O threads stop between chains and let go of the lock
         locks = [d.lock for d in self.devices]
@@ -201,11 +201,13 @@ class VirtioSet:
         finally:
             for lock in reversed(locks):
                 lock.release()
-            # What was left in the rings: serve it now (the driver will not notify again).
-            for d in self.devices:
-                for q in d.queues:
-                    if q.ready and d.running:
-                        d.notify(q.index)
+            # What was left in the rings: serve it now (the driver will not notify again),
+            # unless the VM went elsewhere (a migration): then this side serves nothing more.
+            if resume is None or resume():
+                for d in self.devices:
+                    for q in d.queues:
+                        if q.ready and d.running:
+                            d.notify(q.index)
 
     def state(self) -> list[dict]:
         return [t.state() for t in self.transports]
