@@ -36,9 +36,9 @@ def call(kvm, nr, a0=0, a1=0, a2=0, a3=0, *, mode="long", setup=None, handler=No
             m.hypercalls.register(nr, handler, "test")
         if setup is not None:
             setup(m)
-        regs = m.vcpu.fd.get_regs()
+        regs = m.vcpus[0].fd.get_regs()
         regs.rax, regs.rdx, regs.rdi, regs.rsi, regs.rcx, regs.rbx = nr, 0x500, a0, a1, a2, a3
-        m.vcpu.fd.set_regs(regs)
+        m.vcpus[0].fd.set_regs(regs)
         result = m.run(timeout=30)
         return result, m
 
@@ -76,9 +76,9 @@ def test_num_exits_counts_exits_before_the_call(kvm):
     # Two exits through the debug console first: the hypercall sees 2.
     with Machine(MachineConfig(mode="long", memory=MEM), kvm=kvm) as m:
         m.load(load_raw(bytes.fromhex("e6e9e6e9") + bytes.fromhex("b803000000") + OUT_HLT))
-        regs = m.vcpu.fd.get_regs()
+        regs = m.vcpus[0].fd.get_regs()
         regs.rdx = 0x500
-        m.vcpu.fd.set_regs(regs)
+        m.vcpus[0].fd.set_regs(regs)
         r = m.run(timeout=30)
     assert r.regs["rax"] == 2
 
@@ -126,9 +126,9 @@ def test_num_exits_by_type_writes_the_text(kvm):
     with Machine(MachineConfig(mode="long", memory=MEM), kvm=kvm) as m:
         # in al, 0x80 (unknown port); out 0xe9, al; mov eax, 5; then the hypercall.
         m.load(load_raw(bytes.fromhex("e480e6e9b805000000") + OUT_HLT))
-        regs = m.vcpu.fd.get_regs()
+        regs = m.vcpus[0].fd.get_regs()
         regs.rdx, regs.rdi, regs.rsi = 0x500, DATA, 64
-        m.vcpu.fd.set_regs(regs)
+        m.vcpus[0].fd.set_regs(regs)
         m.memory.write(DATA, b"\xaa" * 64)
         result = m.run(timeout=30)
         text = b"IO in: 1\nIO out: 1\n"
@@ -145,9 +145,9 @@ def test_num_exits_by_type_errors(kvm):
     # A buffer that crosses the end of RAM: nothing is written, not even the part in RAM.
     with Machine(MachineConfig(mode="long", memory=MEM), kvm=kvm) as m:
         m.load(load_raw(OUT_HLT))
-        regs = m.vcpu.fd.get_regs()
+        regs = m.vcpus[0].fd.get_regs()
         regs.rax, regs.rdx, regs.rdi, regs.rsi = 5, 0x500, MEM - 4, 64
-        m.vcpu.fd.set_regs(regs)
+        m.vcpus[0].fd.set_regs(regs)
         m.memory.write(MEM - 4, b"\x55" * 4)
         result = m.run(timeout=30)
         assert result.regs["rax"] == neg(errno.EFAULT)
@@ -248,10 +248,10 @@ def test_random_registers_never_crash_the_vmm(hostile_machine, nr, a):
     # Reload every time: a hostile call may legitimately overwrite the guest's own code or
     # page tables (hc_num_exits_by_type writes wherever the guest points it).
     m.load(load_raw(OUT_HLT))
-    regs = m.vcpu.fd.get_regs()
+    regs = m.vcpus[0].fd.get_regs()
     regs.rax, regs.rdx = nr, 0x500
     regs.rdi, regs.rsi, regs.rcx, regs.rbx = a
-    m.vcpu.fd.set_regs(regs)
+    m.vcpus[0].fd.set_regs(regs)
     result = m.run(timeout=30)
     # The VMM never raises. The guest may wreck itself (e.g. point hc_num_exits_by_type at its
     # own code) and then stop on a fault, which is reported like any other stop.

@@ -206,7 +206,20 @@ def test_options_are_validated():
         {"vectors": 9},
         {"cpus": (0, 4096)},
         {"timeout": -1},
+        {"irq_cpu": 2, "receiver_vcpus": 2},
+        {"irq_cpu": -1},
     ]
     for kw in bad:
         with pytest.raises(ConfigError):
             IpcOptions(mechanism=IRQ, **kw).validated()
+
+
+@pytest.mark.parametrize("irq_cpu", [0, 2])
+def test_doorbells_reach_the_chosen_vcpu_of_a_multi_vcpu_receiver(irq_cpu):
+    """The receiver has 3 vCPUs; its doorbell MSI is routed to vCPU irq_cpu, whose handler
+    records its own CPU index (from its per-CPU block), and no doorbell exits to a VMM."""
+    result = run(IRQ, 64 * 1024, irq_cpu=irq_cpu, receiver_vcpus=3, shm_size=SMALL_SHM)
+    assert result["checksum_ok"]
+    assert result["receiver_irq_cpu"] == {"requested": irq_cpu, "last_handled_on": irq_cpu,
+                                          "vcpus": 3}  # fmt: skip
+    assert result["userspace_exits"] == 0

@@ -50,7 +50,8 @@ CHECKS = {
     "offsetof(struct kvmpy_ipc_info, runs_done)": L.INFO_RUNS_DONE,
     "offsetof(struct kvmpy_ipc_info, error)": L.INFO_ERROR,
     "offsetof(struct kvmpy_ipc_info, run)": L.INFO_RUNS,
-    "offsetof(struct kvmpy_ipc_info, seed) + 8": L.INFO_PARAMS.size,
+    "offsetof(struct kvmpy_ipc_info, irq_cpu) + 4": L.INFO_PARAMS.size,
+    "offsetof(struct kvmpy_ipc_info, irq_cpu)": L.INFO_PARAMS.size - 4,
     "sizeof(struct kvmpy_ring)": L.RING_CTL_SIZE,
     "offsetof(struct kvmpy_ring, head)": L.RING_HEAD,
     "offsetof(struct kvmpy_ring, notify_tsc)": L.RING_NOTIFY_TSC,
@@ -101,12 +102,12 @@ def test_info_params_pack_at_the_header_offsets():
         mechanism=L.Mechanism.SHM_IRQ, peer_id=3, peer=4, role=L.Role.RECEIVER,
         pio_width=L.PioWidth.DWORD, wait_mode=L.WaitMode.SPIN, vectors=2, size=12345, runs=5,
         pingpong=7, tsc_khz=2600000, shm_size=1 << 20, tx_ring=1, tx_data=2, rx_ring=3,
-        rx_data=4, ring_size=1 << 18, seed=99,
+        rx_data=4, ring_size=1 << 18, seed=99, irq_cpu=2,
     )  # fmt: skip
     raw = p.pack()
     magic, version, mech, peer_id, peer, role = struct.unpack_from("<QIIIII", raw)
     assert (magic, version, mech, peer_id, peer, role) == (L.MAGIC, L.VERSION, 3, 3, 4, 1)
-    assert struct.unpack_from("<Q", raw, len(raw) - 8)[0] == 99
+    assert struct.unpack_from("<QI", raw, len(raw) - 12) == (99, 2)
 
 
 def _fletcher(data: bytes) -> tuple[int, int]:

@@ -23,7 +23,7 @@ def test_tsc_offset_zero_gives_two_vms_one_timebase(kvm):
         Machine(MachineConfig(mode="long", memory="2M"), kvm=kvm) as a,
         Machine(MachineConfig(mode="long", memory="2M"), kvm=kvm) as b,
     ):
-        fa, fb = a.vcpu.fd, b.vcpu.fd
+        fa, fb = a.vcpus[0].fd, b.vcpus[0].fd
         assert fa.has_device_attr(0, 0)
         for f in (fa, fb):
             f.set_tsc_offset(0)
@@ -37,4 +37,4 @@ def test_tsc_offset_zero_gives_two_vms_one_timebase(kvm):
 @pytest.mark.kvm
 def test_has_device_attr_is_false_for_an_unknown_attribute(kvm):
     with Machine(MachineConfig(mode="long", memory="2M"), kvm=kvm) as m:
-        assert not m.vcpu.fd.has_device_attr(0x7FFF, 0x7FFF)
+        assert not m.vcpus[0].fd.has_device_attr(0x7FFF, 0x7FFF)

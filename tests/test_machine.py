@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 
 import pytest
 
@@ -66,7 +67,8 @@ def test_ram_layout_leaves_the_mmio_hole():
         (MachineConfig(memory="512K"), "at least 1M"),
         (MachineConfig(memory="2T"), "at most 1T"),
         (MachineConfig(memory=(1 << 20) + 1), "multiple of 4K"),
-        (MachineConfig(vcpus=2), "one vCPU"),
+        (MachineConfig(vcpus=0), "1 to 16 vCPUs"),
+        (MachineConfig(vcpus=17), "1 to 16 vCPUs"),
         (MachineConfig(pit=True), "needs the in-kernel irqchip"),
         (MachineConfig(mode="nope"), "unknown mode"),
     ],
@@ -173,7 +175,7 @@ def test_request_stop_and_pause_from_another_thread(assemble, kvm):
     code = assemble("1: jmp 1b")
     with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as m:
         m.load(load_raw(code))
-        vcpu = m.vcpu
+        vcpu = m.vcpus[0]
         t = threading.Timer(0.2, vcpu.request_pause, kwargs={"kick": True})
         t.start()
         assert vcpu.run() is None  # paused, not stopped
@@ -190,11 +192,11 @@ def test_vcpu_in_a_thread_can_be_kicked(assemble, kvm):
     with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as m:
         m.load(load_raw(code))
         stops = []
-        t = threading.Thread(target=lambda: stops.append(m.vcpu.run()))
+        t = threading.Thread(target=lambda: stops.append(m.vcpus[0].run()))
         t.start()
-        while m.vcpu.thread_ident is None:
+        while m.vcpus[0].thread_ident is None:
             pass
-        m.vcpu.request_stop(StopReason.INTERRUPTED, "test", kick=True)
+        m.vcpus[0].request_stop(StopReason.INTERRUPTED, "test", kick=True)
         t.join(timeout=10)
         assert not t.is_alive()
         assert stops[0].reason is StopReason.INTERRUPTED and stops[0].message == "test"
@@ -278,38 +280,48 @@ def test_yield_on_io_yields_at_hypercalls_too(kvm):
     code = bytes.fromhex("e6e9b80300000066ba0005efef31c031ffef")
     with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
         m.load(load_raw(code))
-        m.vcpu.yield_on_io = True
+        m.vcpus[0].yield_on_io = True
         results = []
         for _ in range(10):
-            stop = m.vcpu.run()
+            stop = m.vcpus[0].run()
             results.append(stop.reason if stop else None)
             if stop:
                 break
         assert results == [None, None, None, StopReason.EXIT]
-        assert m.result(m.vcpu.stopped).regs["rax"] == 0
+        assert m.result(m.vcpus[0].stopped).regs["rax"] == 0
 
 
 @pytest.mark.kvm
-def test_on_pause_sees_a_paused_vcpu_and_can_end_the_run(assemble, kvm):
-    """run(on_pause=) hands each pause to the caller (the control channel's hook); returning
-    None goes on, a Stop ends the run."""
+def test_pause_resume_and_end_run_from_another_thread(assemble, kvm):
+    """pause() holds every vCPU out of the guest (its registers are then stable), resume() lets
+    it go on, end_run() ends the run with the caller's reason."""
     code = assemble("1: inc %rbx\n jmp 1b")
-    pauses = []
+    seen = []
 
-    def on_pause():
-        pauses.append(m.vcpu.fd.get_regs().rbx)
-        if len(pauses) == 1:
-            threading.Timer(0.05, m.vcpu.request_pause, kwargs={"kick": True}).start()
-            return None
-        return Stop(StopReason.INTERRUPTED, 0, "ended by on_pause")
+    def controller():
+        while not m.running:
+            time.sleep(0.001)
+        time.sleep(0.05)
+        m.pause()
+        seen.append(m.vcpu_call(0, lambda: m.vcpus[0].get_regs().rbx))
+        time.sleep(0.05)
+        seen.append(m.vcpu_call(0, lambda: m.vcpus[0].get_regs().rbx))  # still paused
+        m.resume()
+        time.sleep(0.05)
+        m.pause()
+        seen.append(m.vcpu_call(0, lambda: m.vcpus[0].get_regs().rbx))
+        m.end_run(Stop(StopReason.INTERRUPTED, 0, "ended by the controller"))
+        m.resume()
 
     with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as m:
         m.load(load_raw(code))
-        threading.Timer(0.05, m.vcpu.request_pause, kwargs={"kick": True}).start()
-        result = m.run(timeout=30, on_pause=on_pause)
-        assert m.vcpu.stopped.message == "ended by on_pause"
-    assert result.stop_reason is StopReason.INTERRUPTED and result.message == "ended by on_pause"
-    assert len(pauses) == 2 and 0 < pauses[0] < pauses[1] <= result.regs["rbx"]
+        t = threading.Thread(target=controller)
+        t.start()
+        result = m.run(timeout=30)
+        t.join()
+    assert result.stop_reason is StopReason.INTERRUPTED
+    assert result.message == "ended by the controller"
+    assert 0 < seen[0] == seen[1] < seen[2] <= result.regs["rbx"]
 
 
 @pytest.mark.kvm
@@ -323,8 +335,8 @@ def test_mark_restored_runs_a_machine_set_up_by_hand(gcc_available, kvm):
         a.load_file(image)
         with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as b:
             b.memory.write(0, a.memory.read(0, 16 << 20))
-            b.vcpu.fd.set_sregs(a.vcpu.fd.get_sregs())
-            b.vcpu.fd.set_regs(a.vcpu.fd.get_regs())
+            b.vcpus[0].fd.set_sregs(a.vcpus[0].fd.get_sregs())
+            b.vcpus[0].fd.set_regs(a.vcpus[0].fd.get_regs())
             b.mark_restored(a.layout, a.entry_ip)
             assert b.boot.regs.rip == a.entry_ip and b.layout is a.layout
             copy = b.run(timeout=30)

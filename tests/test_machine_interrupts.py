@@ -13,8 +13,9 @@ import pytest
 from kvmpy.arch.x86 import gdt as G
 from kvmpy.arch.x86.modes import SEL_KCODE
 from kvmpy.errors import ConfigError
+from kvmpy.hv.kvm.vcpu import APIC_REG_SVR, APIC_SVR_ENABLE
 from kvmpy.loader import load_raw
-from kvmpy.machine import APIC_REG_SVR, APIC_SVR_ENABLE, Machine, MachineConfig
+from kvmpy.machine import Machine, MachineConfig
 from kvmpy.result import StopReason
 
 VECTOR = 0x41
@@ -41,7 +42,7 @@ int main(void)
 
 
 def _lapic_svr(machine) -> int:
-    raw = bytes(machine.vcpu.fd.get_lapic())
+    raw = bytes(machine.vcpus[0].fd.get_lapic())
     return int.from_bytes(raw[APIC_REG_SVR : APIC_REG_SVR + 4], "little")
 
 

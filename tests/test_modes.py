@@ -78,7 +78,7 @@ def test_entry_privilege(mode, cpl, iopl, build_guest, kvm):
 
     with Machine(MachineConfig(mode=mode, memory="16M"), kvm=kvm) as m:
         m.load_file(build_guest(ENTRY_STATE, mode))
-        regs, sregs = m.vcpu.fd.get_regs(), m.vcpu.fd.get_sregs()
+        regs, sregs = m.vcpus[0].fd.get_regs(), m.vcpus[0].fd.get_sregs()
         assert (regs.rflags >> 12) & 3 == iopl
         assert not regs.rflags & (1 << 9)  # interrupts off without an irqchip
         assert sregs.cs.dpl == cpl
@@ -95,7 +95,7 @@ def test_interrupts_enabled_at_entry_with_irqchip(build_guest, kvm):
 
     with Machine(MachineConfig(mode="long-user", memory="16M", irqchip=True), kvm=kvm) as m:
         m.load_file(build_guest(ENTRY_STATE, "long-user"))
-        assert m.vcpu.fd.get_regs().rflags & (1 << 9)
+        assert m.vcpus[0].fd.get_regs().rflags & (1 << 9)
         result = m.run(timeout=30)
     assert result.stop_reason is StopReason.EXIT, result.message
 

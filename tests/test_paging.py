@@ -1084,7 +1084,7 @@ def _kvm_machine(kvm, mode="long", memory="16M"):
 
 def _compare_with_kvm(machine, addrs) -> tuple[int, int]:
     """Compare translate() with KVM_TRANSLATE; returns (valid, invalid) counts."""
-    fd, mem = machine.vcpu.fd, machine.memory
+    fd, mem = machine.vcpus[0].fd, machine.memory
     s = fd.get_sregs()
     valid = invalid = 0
     for a in sorted(addrs):
@@ -1174,7 +1174,7 @@ def test_kvm_translate_matches_own_tables(kvm, mode):
         mem.write_u64(g.entry_addr(0x0000_5100_0000_0000, 3), 0xFF_F000 | RWU)  # PD not present
         mem.write_u64(g.root + 0x1A0 * 8, 0x10_0000_0000 | PTE_P | RWU)  # PDPT outside RAM
 
-        fd = m.vcpu.fd
+        fd = m.vcpus[0].fd
         s = fd.get_sregs()
         s.cr3 = g.root
         fd.set_sregs(s)
@@ -1209,7 +1209,7 @@ def test_kvm_translate_matches_kvmpy_identity_map(kvm, mode, memory):
         assert valid == 2 * (size // PAGE_4K) + 1
         # U/S: KVM_TRANSLATE does not report it, so check ours against the layout here and
         # against the CPU in test_kvm_cpl3_access_matches_translate.
-        s = m.vcpu.fd.get_sregs()
+        s = m.vcpus[0].fd.get_sregs()
         for a in (0, layout.base - 1, layout.base, layout.end - 1, layout.stack_top - 1):
             t = translate(a, s.cr0, s.cr3, s.cr4, s.efer, mem.read_u32, mem.read_u64)
             supervisor_only = mode == "long-user" and layout.base <= a < layout.end
@@ -1220,7 +1220,7 @@ def test_kvm_translate_matches_kvmpy_identity_map(kvm, mode, memory):
 def test_kvm_translate_32_bit_regimes(kvm):
     """paged32 and PAE sregs: compare with whatever paging state KVM kept (see the note above)."""
     with _kvm_machine(kvm, "paged32") as m:
-        mem, fd = m.memory, m.vcpu.fd
+        mem, fd = m.memory, m.vcpus[0].fd
         # Non-identity 32-bit tables at 4 MiB: 4 KiB pages and a 4 MiB page.
         pd, pt = 0x40_0000, 0x40_1000
         mem.fill(pd, 2 * PAGE_4K)
@@ -1272,7 +1272,7 @@ def test_kvm_cpl3_access_matches_translate(kvm, target):
 
     with Machine(MachineConfig(mode="long-user", memory="16M"), kvm=kvm) as m:
         m.load(load_raw(_ACCESS_CODE))
-        mem, fd, layout = m.memory, m.vcpu.fd, m.layout
+        mem, fd, layout = m.memory, m.vcpus[0].fd, m.layout
         s = fd.get_sregs()
         addr = {
             "user-ram": 0x30_0000,

@@ -87,27 +87,51 @@ def snapshot_at(image: Path, path: Path, *, lines=None, later=None, irqchip=Fals
             def counting(ctx, *args):
                 r = hc_print_str(ctx, *args)
                 if m.output.count(b"\n") == lines:
-                    ctx.vcpu.request_pause()
+                    m.pause_from_guest()
                 return r
 
             m.hypercalls.register(HC_PRINT_STR, counting, "print_str", replace=True)
-        else:
-            # Kick the vCPU from outside once `later` lines are out: it is then somewhere
-            # in the computation between two lines (not at an exit).
-            def kick_later():
+
+        def pause() -> None:
+            if lines is not None:
+                m.wait_paused(60)
+            else:
+                # Pause from outside once `later` lines are out: the guest is then somewhere
+                # in the computation between two lines (not at an exit).
                 while m.output.count(b"\n") < later:
                     time.sleep(0.0005)
-                m.vcpu.request_pause(kick=True)
+                m.pause()
 
-            threading.Thread(target=kick_later, daemon=True).start()
-
-        def take():
-            snapshot.take(m, path)
-            return Stop(StopReason.INTERRUPTED, 0, "snapshot taken")
-
-        result = m.run(timeout=60, on_pause=take)
+        result = run_and_take(m, pause, lambda: snapshot.take(m, path))
         assert result.message == "snapshot taken", result.message
         return result.output
+
+
+def run_and_take(m: Machine, pause, take, timeout: float = 60.0):
+    """Run `m`; in another thread, `pause()` it, `take()` (a snapshot), and end the run."""
+    errors = []
+
+    def controller() -> None:
+        try:
+            pause()
+            take()
+            m.end_run(Stop(StopReason.INTERRUPTED, 0, "snapshot taken"))
+        except BaseException as e:  # reported by the test thread
+            errors.append(e)
+            m.request_stop(StopReason.VMM_ERROR, f"controller failed: {e}")
+        finally:
+            try:
+                m.resume()
+            except Exception:
+                pass
+
+    t = threading.Thread(target=controller, daemon=True)
+    t.start()
+    result = m.run(timeout=timeout)
+    t.join(10)
+    if errors:
+        raise errors[0]
+    return result
 
 
 # --- state, in one process ---------------------------------------------------------------------
@@ -123,10 +147,13 @@ def test_state_round_trip_in_process(images, reference, irqchip):
         def grab():
             saved["state"] = json.loads(json.dumps(state.capture(a)))
             saved["memory"] = a.memory.read(0, 16 << 20)
-            return Stop(StopReason.INTERRUPTED, 0, "saved")
 
-        threading.Timer(0.03, a.vcpu.request_pause, kwargs={"kick": True}).start()
-        before = a.run(timeout=60, on_pause=grab).output
+        def pause():
+            while a.output.count(b"\n") < 3:  # mid-run, wherever the guest is
+                time.sleep(0.0005)
+            a.pause()
+
+        before = run_and_take(a, pause, grab).output
     with Machine(cfg) as b:
         b.memory.write(0, saved["memory"])
         state.apply(b, saved["state"])
@@ -147,7 +174,9 @@ def test_state_of_another_shape_is_refused(images):
             (lambda s: s["vcpus"][0].update(regs="AAAA"), "registers is 3 bytes"),
             (lambda s: s["vcpus"][0].update(sregs="!!"), "not valid base64"),
             (lambda s: s["vcpus"][0]["msrs"].append([1]), "MSR list is malformed"),
-            (lambda s: s["vmm"]["stats"].update(counts=[1]), "wrong length"),
+            (lambda s: s["vmm"]["stats"][0].update(counts=[1]), "wrong length"),
+            (lambda s: s["vmm"]["stats"].append({}), "do not match its vCPU count"),
+            (lambda s: s["vmm"]["smp"].update(parked=[]), r"SMP state \(parked\)"),
             (lambda s: s["vmm"]["devices"].update({"pio:0x3f8:uart": {}}), "lacks: pio:0x3f8"),
             (lambda s: s["vmm"]["layout"].update(extra=1), "unexpected fields"),
             (lambda s: s.pop("vmm"), "no VMM state"),
@@ -231,7 +260,7 @@ def test_snapshot_of_a_lazily_restored_vm(images, reference, tmp_path):
         def counting(ctx, *args):
             ret = hc_print_str(ctx, *args)
             if m.output.count(b"\n") == 10:
-                ctx.vcpu.request_pause()
+                m.pause_from_guest()
             return ret
 
         m.hypercalls.register(HC_PRINT_STR, counting, "print_str", replace=True)
@@ -240,9 +269,8 @@ def test_snapshot_of_a_lazily_restored_vm(images, reference, tmp_path):
             info = snapshot.take(m, tmp_path / "b")
             assert r.loader.stats()["populated_all"]
             assert info["pages_written"] >= r.info["pages_in_snapshot"] - 2
-            return Stop(StopReason.INTERRUPTED, 0, "again")
 
-        middle = m.run(timeout=60, on_pause=take).output
+        middle = run_and_take(m, lambda: m.wait_paused(60), take).output
     finally:
         r.close()
     proc = kvmpy("restore", tmp_path / "b")
@@ -417,8 +445,8 @@ def test_session_api(images):
             s.wait_started()
             s.pause()
             seen["paused"] = s.status()["state"]
-            seen["exits"] = m.vcpu.stats.total
-            seen["job"] = s.call_paused(lambda: m.vcpu.fd.get_regs().rip)
+            seen["exits"] = m.vcpus[0].stats.total
+            seen["job"] = s.call_paused(lambda: m.vcpus[0].fd.get_regs().rip)
             s.resume()
             control.stop(s)
 
@@ -689,3 +717,81 @@ def test_device_states_travel_with_the_snapshot(images, tmp_path):
     assert (fresh["pio"].count, fresh["mmio"].count) == (5, 7)
     with pytest.raises(SnapshotError, match="lacks: mmio:0xd0000000:counter, pio:0x600:counter"):
         snapshot.restore(tmp_path / "s")
+
+
+# --- SMP machines ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smp_chain(gcc_available):
+    from kvmpy.sdk.examples import find_example
+
+    image = find_example("smp-chain").build()
+    ref = {}
+    for n in (2, 4):
+        with Machine(MachineConfig(mode="long-user", memory="64M", vcpus=n)) as m:
+            m.load_file(image)
+            result = m.run(timeout=120)
+        assert result.stop_reason is StopReason.EXIT, result.message
+        ref[n] = result.output
+    assert ref[2] != ref[4]
+    return image, ref
+
+
+@pytest.mark.parametrize("vcpus", [2, 4])
+@pytest.mark.parametrize("where", ["line", "mid-step"])
+def test_smp_snapshot_restores_every_vcpu(smp_chain, tmp_path, vcpus, where):
+    """At a line (the secondaries parked) or mid-step (every vCPU computing, wherever it is):
+    a restore in a new process continues with output identical to an uninterrupted run."""
+    image, ref = smp_chain
+    with Machine(MachineConfig(mode="long-user", memory="64M", vcpus=vcpus)) as m:
+        m.load_file(image)
+        if where == "line":
+            from kvmpy.hypercalls import HC_PRINT_STR, hc_print_str
+
+            def counting(ctx, *args):
+                r = hc_print_str(ctx, *args)
+                if m.output.count(b"\n") == 40:
+                    m.pause_from_guest()
+                return r
+
+            m.hypercalls.register(HC_PRINT_STR, counting, "print_str", replace=True)
+            pause = lambda: m.wait_paused(60)  # noqa: E731
+        else:
+
+            def pause():
+                while m.output.count(b"\n") < 60:
+                    time.sleep(0.0005)
+                time.sleep(0.002)
+                m.pause()
+
+        before = run_and_take(m, pause, lambda: snapshot.take(m, tmp_path / "snap")).output
+    proc = kvmpy("restore", tmp_path / "snap", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    after, doc = split_json(proc.stdout)
+    assert before + after == ref[vcpus]
+    assert len(doc["vcpus"]) == vcpus
+
+
+def test_smp_migration_between_two_processes(smp_chain, tmp_path):
+    image, ref = smp_chain
+    sock = tmp_path / "vm.sock"
+    with (
+        receiver("--json") as (dst, port),
+        running(image, sock, "--json", "--vcpus", "4") as src,
+    ):
+        while control.request(sock, "stats", timeout=5)["output_bytes"] < 2000:
+            time.sleep(0.01)
+        # Through the library, not `kvmpy ctl`: a new interpreter can take a second to start
+        # on a busy machine, and the guest runs for a few seconds only.
+        mig = control.request(sock, "migrate", {"address": f"127.0.0.1:{port}"}, timeout=60)
+        assert mig["downtime_ms"] > 0
+        src_out, src_err = src.communicate(timeout=120)
+        dst_out, dst_err = dst.communicate(timeout=120)
+    assert src.returncode == 0 and dst.returncode == 0, (src_err, dst_err)
+    before, src_doc = split_json(src_out)
+    after, dst_doc = split_json(dst_out)
+    assert 0 < len(before) < len(ref[4])
+    assert before + after == ref[4]
+    assert src_doc["stop_reason"] == "migrated" and dst_doc["stop_reason"] == "exit"
+    assert len(dst_doc["vcpus"]) == 4

@@ -80,9 +80,9 @@ def machines(kvm):
 @pytest.mark.kvm
 def test_on_io_switches_at_every_port_io_exit(example, machines):
     vms = machines(example("io-heavy"), example("io-heavy"))
-    before = [m.vcpu.stats.counts[ExitReason.IO] for m in vms]
+    before = [m.vcpus[0].stats.counts[ExitReason.IO] for m in vms]
     result = Scheduler(vms, "on-io").run(0.3)
-    ios = [m.vcpu.stats.counts[ExitReason.IO] - b for m, b in zip(vms, before, strict=True)]
+    ios = [m.vcpus[0].stats.counts[ExitReason.IO] - b for m, b in zip(vms, before, strict=True)]
     a, b = result.vms
     assert (a.name, b.name) == ("io-heavy", "io-heavy-2")
     for vm, n in zip(result.vms, ios, strict=True):
@@ -94,7 +94,7 @@ def test_on_io_switches_at_every_port_io_exit(example, machines):
     assert result.switch_cost_us is not None and result.exit_latency_us is None
     assert result.quantum_s is None
     # The vCPUs are as they were before the schedule.
-    assert not vms[0].vcpu.yield_on_io and not vms[0].vcpu.exact_timing
+    assert not vms[0].vcpus[0].yield_on_io and not vms[0].vcpus[0].exact_timing
 
 
 @pytest.mark.kvm
@@ -143,13 +143,13 @@ def test_threads_runs_each_vcpu_in_its_own_thread(example, machines, weights, ni
     vms = machines(example("spin"), example("spin"))
     seen = []
     for m in vms:
-        original = m.vcpu.run
+        original = m.vcpus[0].run
 
         def spy(original=original):
             seen.append(threading.get_ident())
             return original()
 
-        m.vcpu.run = spy
+        m.vcpus[0].run = spy
     result = Scheduler(vms, "threads", weights=weights).run(0.3)
     assert len(set(seen)) == 2 and threading.get_ident() not in seen
     assert [v.nice for v in result.vms] == nices
@@ -203,10 +203,10 @@ def test_stopped_vms_stay_out_of_later_runs(build_guest, example, machines, poli
     sched = Scheduler(vms, policy, quantum=0.002)
     first = sched.run(0.3)
     assert first.vms[0].state == "exit"
-    exits = vms[0].vcpu.stats.total
+    exits = vms[0].vcpus[0].stats.total
     second = sched.run(0.1)
     assert second.vms[0].state == "exit" and second.vms[0].host_s == 0
-    assert vms[0].vcpu.stats.total == exits  # not entered again
+    assert vms[0].vcpus[0].stats.total == exits  # not entered again
     assert second.vms[1].host_s > 0
 
 

@@ -21,10 +21,10 @@ THREE_IO_EXITS = (
 def test_yield_on_io_returns_after_every_port_io_exit_hypercalls_included(assemble, kvm):
     with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
         m.load(load_raw(assemble(THREE_IO_EXITS)))
-        m.vcpu.yield_on_io = True
+        m.vcpus[0].yield_on_io = True
         returns = []
         while True:
-            stop = m.vcpu.run()
+            stop = m.vcpus[0].run()
             returns.append(stop)
             if stop is not None:
                 break
@@ -33,7 +33,7 @@ def test_yield_on_io_returns_after_every_port_io_exit_hypercalls_included(assemb
         # The hypercall results were delivered across the yields: 0 exits before the first,
         # 2 before the second.
         assert returns[3].exit_code == 2
-        assert m.vcpu.regs_dict()["rbx"] == 0
+        assert m.vcpus[0].regs_dict()["rbx"] == 0
         assert m.output == b"A"
 
 
@@ -41,7 +41,7 @@ def test_yield_on_io_returns_after_every_port_io_exit_hypercalls_included(assemb
 def test_without_yield_on_io_the_same_guest_runs_to_its_stop(assemble, kvm):
     with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
         m.load(load_raw(assemble(THREE_IO_EXITS)))
-        stop = m.vcpu.run()
+        stop = m.vcpus[0].run()
         assert stop.reason is StopReason.EXIT and stop.exit_code == 2
 
 
@@ -49,7 +49,7 @@ def test_without_yield_on_io_the_same_guest_runs_to_its_stop(assemble, kvm):
 def test_cancel_pause_withdraws_a_pending_pause(assemble, kvm):
     with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
         m.load(load_raw(assemble(THREE_IO_EXITS)))
-        vcpu = m.vcpu
+        vcpu = m.vcpus[0]
         assert vcpu.cancel_pause() is False
         vcpu.request_pause()
         assert vcpu.cancel_pause() is True
@@ -62,7 +62,7 @@ def test_cancel_pause_withdraws_a_pending_pause(assemble, kvm):
 def test_cancel_pause_leaves_a_requested_stop_alone(assemble, kvm):
     with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
         m.load(load_raw(assemble(THREE_IO_EXITS)))
-        vcpu = m.vcpu
+        vcpu = m.vcpus[0]
         vcpu.request_pause()
         vcpu.request_stop(StopReason.INTERRUPTED, "host says stop")
         vcpu.cancel_pause()

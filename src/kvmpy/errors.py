@@ -43,3 +43,8 @@ class HostLimitation(KvmpyError):
 
 class BuildError(KvmpyError):
     """Compiling a guest with the SDK failed."""
+
+
+class SnapshotError(KvmpyError):
+    """A snapshot that cannot be written, or read back: missing, truncated, corrupted, of
+    another format version, or made on a machine this host cannot recreate."""

@@ -20,7 +20,7 @@ from .arch.x86.vmem import Regime, VirtualMemory
 from .errors import ConfigError, GuestMemoryError
 
 if TYPE_CHECKING:
-    from .vcpu import Vcpu
+    from .hv.base import VcpuBackend, VmOps
 
 PORT = 0x500
 
@@ -48,17 +48,21 @@ class GuestExit(Exception):
 
 
 class HypercallContext:
-    """What a handler can reach: the vCPU, its machine's memory, output and exit counters.
+    """What a handler can reach: the vCPU (a backend vCPU: `get_regs`, `get_sregs`, ...), its
+    machine, the machine's memory, and the vCPU's exit count.
 
-    One per vCPU, reused for every call (the hot path allocates nothing).
+    One per vCPU, reused for every call (the hot path allocates nothing). Handlers of an SMP
+    machine run in the calling vCPU's thread, concurrently with other vCPUs' handlers.
     """
 
-    __slots__ = ("vcpu", "machine", "memory", "exits")
+    __slots__ = ("vcpu", "machine", "memory", "exits", "cpu")
 
-    def __init__(self, vcpu: Vcpu):
+    def __init__(self, vcpu: VcpuBackend, machine: VmOps):
         self.vcpu = vcpu
-        self.machine = vcpu.machine
-        self.memory = vcpu.machine.memory
+        self.machine = machine
+        self.memory = machine.memory
+        #: Index of the vCPU making the call.
+        self.cpu = vcpu.index
         #: Exits this vCPU has taken, including the one for the current hypercall.
         self.exits = 0
 
@@ -67,7 +71,7 @@ class HypercallContext:
 
     @property
     def regime(self) -> Regime:
-        return Regime.from_sregs(self.vcpu.fd.get_sregs())
+        return Regime.from_sregs(self.vcpu.get_sregs())
 
     def vmem(self) -> VirtualMemory:
         """Guest-virtual memory as the vCPU sees it now (reads the control registers once)."""

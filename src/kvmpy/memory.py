@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING
 
 from .errors import ConfigError, GuestMemoryError
 from .kvm import _sys
-from .kvm.constants import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 if TYPE_CHECKING:
-    from .kvm.vm import VmFd
+    from .hv.base import VmBackend
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +117,7 @@ class GuestMemory:
     def __init__(self) -> None:
         self.regions: list[MemoryRegion] = []
         self._starts: list[int] = []
-        self._vm: VmFd | None = None
-        self._next_slot = 0
+        self._vm: VmBackend | None = None
         #: Called as on_write(gpa, length) after each write through `write`, `fill` and
         #: `write_u*` (not through a `view`). KVM's dirty log sees only the guest's own writes,
         #: so a live migration learns of the VMM's writes (hypercall results) here.
@@ -186,31 +184,20 @@ class GuestMemory:
             self._register(region)
         return region
 
-    def attach(self, vm: VmFd) -> None:
-        """Register every region (and every later one) as a KVM memslot of `vm`."""
+    def attach(self, vm: VmBackend) -> None:
+        """Map every region (and every later one) into the backend VM `vm` (KVM: memslots)."""
         self._vm = vm
         for region in self.regions:
             if region.slot is None:
-                self._register(region)
+                vm.map_memory(region)
 
     def _register(self, region: MemoryRegion) -> None:
         assert self._vm is not None
-        region.slot = self._next_slot
-        self._next_slot += 1
-        region.flags = KVM_MEM_READONLY if region.readonly else 0
-        self._vm.set_user_memory_region(
-            region.slot, region.gpa, region.size, region.hva, region.flags
-        )
+        self._vm.map_memory(region)
 
     def set_dirty_logging(self, region: MemoryRegion, enabled: bool) -> None:
-        assert self._vm is not None and region.slot is not None
-        if enabled:
-            region.flags |= KVM_MEM_LOG_DIRTY_PAGES
-        else:
-            region.flags &= ~KVM_MEM_LOG_DIRTY_PAGES
-        self._vm.set_user_memory_region(
-            region.slot, region.gpa, region.size, region.hva, region.flags
-        )
+        assert self._vm is not None
+        self._vm.set_dirty_logging(region, enabled)
 
     def close(self) -> None:
         for region in self.regions:

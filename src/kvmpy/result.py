@@ -91,6 +91,8 @@ class Stop:
     fault: Fault | None = None
     #: Registers at the fault (from the exception frame) when they differ from the vCPU's.
     regs: Any = None
+    #: Index of the vCPU that stopped the VM.
+    cpu: int = 0
 
 
 @dataclass
@@ -104,6 +106,10 @@ class RunResult:
     fault: Fault | None = None
     duration_s: float = 0.0
     output: bytes = b""
+    #: The vCPU whose stop ended the run.
+    cpu: int = 0
+    #: Per-vCPU statistics of an SMP machine (`stats` is their sum); empty for one vCPU.
+    vcpu_stats: list[ExitStats] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -128,6 +134,8 @@ class RunResult:
             "sregs": self.sregs,
             "fault": self.fault.to_dict() if self.fault else None,
             "stats": self.stats.to_dict(),
+            "cpu": self.cpu,
+            **({"vcpus": [s.to_dict() for s in self.vcpu_stats]} if self.vcpu_stats else {}),
             "duration_s": round(self.duration_s, 6),
             **self.extra,
         }

@@ -55,6 +55,27 @@ class ExitStats:
     loop_ns: int = 0
     ports: dict[int, PortStats] = field(default_factory=dict)
 
+    @classmethod
+    def merged(cls, parts: list[ExitStats]) -> ExitStats:
+        """The sum of several vCPUs' statistics (times add up as vCPU time, not wall time)."""
+        if len(parts) == 1:
+            return parts[0]
+        total = cls()
+        for p in parts:
+            for r in range(MAX_REASON):
+                total.counts[r] += p.counts[r]
+                total.vmm_ns[r] += p.vmm_ns[r]
+                total.timed[r] += p.timed[r]
+            total.loop_ns += p.loop_ns
+            for ps in p.ports.values():
+                t = total.port(ps.port, ps.name)
+                t.name = t.name or ps.name
+                t.reads += ps.reads
+                t.writes += ps.writes
+                t.time_ns += ps.time_ns
+                t.timed += ps.timed
+        return total
+
     def est_vmm_ns(self, reason: int) -> float:
         t = self.timed[reason]
         return self.vmm_ns[reason] / t * self.counts[reason] if t else 0.0

@@ -167,7 +167,7 @@ def run_floor(image: bytes, mode: str, exits: int) -> Sample:
     from ..kvm.vcpu import RUN_DIRTY_REGS, RUN_SYNC_REGS
 
     with _machine(image, mode) as machine:
-        vcpu = machine.vcpu.fd
+        vcpu = machine.vcpus[0].fd
         u64 = vcpu.run_view.cast("Q")
         try:
             ioctl, fd, kvm_run = fcntl.ioctl, vcpu.fd, K.KVM_RUN

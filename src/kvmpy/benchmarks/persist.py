@@ -72,7 +72,7 @@ class _Source:
 
         self.machine = Machine(MachineConfig(mode="long-user", memory=memory))
         self.machine.load_file(image)
-        khz = self.machine.vcpu.fd.get_tsc_khz()
+        khz = self.machine.vcpus[0].fd.get_tsc_khz()
         params = HashchainParams(
             work_bytes=touch,
             lines=2,
@@ -104,7 +104,7 @@ class _Source:
                 if self.session.state != "stopped":
                     from ..result import StopReason
 
-                    self.machine.vcpu.request_stop(StopReason.INTERRUPTED, "benchmark", kick=True)
+                    self.machine.request_stop(StopReason.INTERRUPTED, "benchmark")
 
         driver = helper_thread(body, name="bench-persist")
         try:

@@ -58,6 +58,15 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--vectors", type=positive_int, default=2, help="doorbell vectors per peer (2-4)"
     )
+    p.add_argument(
+        "--irq-cpu", type=int, default=0, metavar="K",
+        help="shm-irq: deliver the receiver's doorbells to its vCPU K (the receiver then runs "
+        "its ring loop there)",
+    )  # fmt: skip
+    p.add_argument(
+        "--vcpus", type=positive_int, metavar="N",
+        help="vCPUs of the receiver VM (default: enough for --irq-cpu)",
+    )  # fmt: skip
     pin = p.add_mutually_exclusive_group()
     pin.add_argument(
         "--cpus", metavar="A,B", help="pin the sender's VMM to CPU A and the receiver's to B"
@@ -106,6 +115,8 @@ def options_from_args(args):
         vectors=args.vectors,
         cpus=cpus,
         timeout=args.timeout,
+        irq_cpu=args.irq_cpu,
+        receiver_vcpus=args.vcpus if args.vcpus is not None else max(1, args.irq_cpu + 1),
     ).validated()
 
 

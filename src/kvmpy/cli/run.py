@@ -10,7 +10,13 @@ from pathlib import Path
 from ..arch.x86.modes import Mode
 from ..errors import ConfigError
 from ..result import RunResult, StopReason
-from .virtio_opts import add_virtio_options, attach_from_args, render_stats
+from .virtio_opts import (
+    add_virtio_devices,
+    add_virtio_options,
+    connect_virtio,
+    render_stats,
+    virtio_specs,
+)
 
 
 def add_parser(sub) -> None:
@@ -21,11 +27,27 @@ def add_parser(sub) -> None:
         "Guest output goes to stdout; kvmpy exits with the guest's exit code "
         "(125 if the guest crashed, 124 on --timeout, 130 on Ctrl-C).",
     )
-    p.add_argument("image", metavar="IMAGE", help="raw or ELF image, or a bundled example name")
+    p.add_argument(
+        "image", metavar="IMAGE", nargs="?",
+        help="raw or ELF image, or a bundled example name (or --config)",
+    )  # fmt: skip
+    p.add_argument(
+        "--config", metavar="FILE.json",
+        help="the whole machine from a VM config file (kvmpy run ... --dump-config writes one)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dump-config", action="store_true",
+        help="print the VM config these options describe (JSON) and exit without running",
+    )  # fmt: skip
     p.add_argument(
         "--mode", choices=[m.value for m in Mode], help="CPU mode (default: from the image)"
     )
-    p.add_argument("--mem", default="64M", metavar="SIZE", help="guest RAM (default 64M)")
+    p.add_argument("--mem", metavar="SIZE", help="guest RAM (default 64M)")
+    p.add_argument(
+        "--vcpus", type=int, metavar="N",
+        help="vCPUs, each in its own host thread (default 1, or the example's; SMP guests use "
+        "kvmpy/smp.h)",
+    )  # fmt: skip
     p.add_argument(
         "--load-addr", type=_address, metavar="GPA", help="where a raw image loads (default 0)"
     )
@@ -36,7 +58,7 @@ def add_parser(sub) -> None:
         "--irqchip", action="store_true", help="create the in-kernel irqchip (LAPIC in x2APIC mode)"
     )
     add_virtio_options(p)
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, parser=p)
 
 
 def add_result_options(p) -> None:
@@ -75,36 +97,77 @@ def resolve_image(name: str, mode: Mode | None) -> tuple[Path, Mode | None]:
     return example.build(mode), mode
 
 
-def cmd_run(args) -> int:
-    from ..machine import Machine, MachineConfig
+def default_vcpus(name: str, path: Path) -> int:
+    """A bundled example's own vCPU count (its kvmpy-vcpus tag), else 1."""
+    if path.exists() and ("/" in name or name.startswith(".") or Path(name).exists()):
+        return 1
+    from ..sdk.examples import find_example
+
+    example = find_example(name)
+    return example.vcpus if example is not None else 1
+
+
+def vm_config(args):
+    """The VmConfig the command line describes: --config FILE, or IMAGE and the options."""
+    from ..machine import MachineConfig
+    from ..vmm.config import ImageBoot, VmConfig
+
+    if args.config:
+        if args.image:
+            args.parser.error("give an IMAGE or --config FILE, not both")
+        given = [o for o, v in (("--mode", args.mode), ("--mem", args.mem),
+                                ("--vcpus", args.vcpus), ("--load-addr", args.load_addr),
+                                ("--entry", args.entry)) if v is not None]  # fmt: skip
+        if args.irqchip:
+            given.append("--irqchip")
+        if given:
+            args.parser.error(f"{given[0]} conflicts with --config: put it in the config file")
+        if virtio_specs(args):
+            raise ConfigError("--disk, --rng and --console virtio conflict with --config: put "
+                              "the devices in the config file")  # fmt: skip
+        config = VmConfig.load(args.config)
+        if config.boot is None:
+            raise ConfigError(f"{args.config} has no boot source ('boot')")
+        return config
+    if not args.image:
+        args.parser.error("nothing to run: give an IMAGE (or --config FILE)")
+    from ..loader import load_file
 
     mode = Mode(args.mode) if args.mode else None
     path, mode = resolve_image(args.image, mode)
-    from ..loader import load_file
-
+    vcpus = args.vcpus if args.vcpus is not None else default_vcpus(args.image, path)
     image = load_file(path, args.load_addr, args.entry)
     mode = mode or image.mode_hint or (Mode.PROTECTED if image.bits == 32 else Mode.LONG)
+    machine = MachineConfig(mode=mode, memory=args.mem or "64M", vcpus=vcpus,
+                            irqchip=args.irqchip)  # fmt: skip
+    boot = ImageBoot(str(path.resolve()), args.load_addr, args.entry)
+    return add_virtio_devices(VmConfig(machine, boot), args).validated()
+
+
+def cmd_run(args) -> int:
+    from ..vmm import builder
+
     if args.timeout is not None and args.timeout <= 0:
         raise ConfigError("--timeout must be positive")
-    config = MachineConfig(mode=mode, memory=args.mem, irqchip=args.irqchip)
+    config = vm_config(args)
+    if args.dump_config:
+        sys.stdout.write(config.to_json() + "\n")
+        return 0
     out = sys.stdout.buffer
-    vset = None
-    with Machine(config, console=out, capture_output=False) as machine:
-        vcpu = machine.vcpu
-        vcpu.trace = args.trace_exits
-        machine.load(image)
-        vset = attach_from_args(machine, args)
-        try:
-            if args.control:
-                from .ctl import run_with_control
+    mode = config.machine.mode
+    path = config.boot.path if hasattr(config.boot, "path") else str(config.boot)
+    with builder.build(config, console=out, capture_output=False) as machine:
+        for vcpu in machine.vcpus:
+            vcpu.trace = args.trace_exits
+        connect_virtio(machine, args)
+        if args.control:
+            from .ctl import run_with_control
 
-                result = run_with_control(machine, args.control, args.timeout)
-            else:
-                result = machine.run(timeout=args.timeout, handle_sigint=True)
-        finally:
-            virtio = vset.stats() if vset is not None else None
-            if vset is not None:
-                vset.close()
+            result = run_with_control(machine, args.control, args.timeout)
+        else:
+            result = machine.run(timeout=args.timeout, handle_sigint=True)
+        vset = getattr(machine, "virtio", None)
+        virtio = vset.stats() if vset is not None else None
     out.flush()
     report(result, stats=args.stats, as_json=args.json, image=str(path), mode=mode,
            virtio=virtio)  # fmt: skip
@@ -125,6 +188,8 @@ def report(result: RunResult, *, stats: bool, as_json: bool, image: str, mode: M
     if stats:
         for table in result.stats.rich_tables():
             err.print(table)
+        if result.vcpu_stats:
+            err.print(vcpu_table(result))
         if virtio:
             render_stats(virtio, err)
         err.print(
@@ -157,3 +222,19 @@ def format_registers(result: RunResult) -> str:
             f"[{f.instruction_bytes.hex(' ') or 'unreadable'}]"
         )
     return "\n".join(lines)
+
+
+def vcpu_table(result: RunResult):
+    """Exits per vCPU of an SMP machine (the tables above are their sum)."""
+    from rich.table import Table
+
+    reasons = sorted({r for s in result.vcpu_stats for r in s.by_reason()})
+    t = Table(title="VM exits by vCPU")
+    t.add_column("vCPU", justify="right")
+    for r in reasons:
+        t.add_column(r, justify="right")
+    t.add_column("total", justify="right")
+    for i, s in enumerate(result.vcpu_stats):
+        by = s.by_reason()
+        t.add_row(str(i), *(str(by.get(r, 0)) for r in reasons), str(s.total))
+    return t

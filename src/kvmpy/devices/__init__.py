@@ -27,6 +27,14 @@ class RaiseIrq(Effect):
     level: int = 1
 
 
+@dataclass(frozen=True)
+class StopVm(Effect):
+    """End the VM: `reason` is a `StopReason` value (e.g. "reset" for an i8042 reset)."""
+
+    reason: str
+    message: str = ""
+
+
 class Device:
     name = "device"
 

@@ -65,6 +65,9 @@ class IpcOptions:
     start_timeout: float = 60.0
     #: Guest images by role, instead of the bundled examples (tests use hostile guests).
     images: dict[str, str] | None = None
+    #: The receiver's vCPUs, and which of them its doorbells interrupt (shm-irq).
+    irq_cpu: int = 0
+    receiver_vcpus: int = 1
 
     def validated(self) -> IpcOptions:
         if self.pingpong:
@@ -90,6 +93,13 @@ class IpcOptions:
             for cpu in self.cpus:
                 if cpu not in allowed:
                     raise ConfigError(f"CPU {cpu} is not one this process may use")
+        if not 0 <= self.irq_cpu < self.receiver_vcpus:
+            raise ConfigError(
+                f"--irq-cpu {self.irq_cpu} is not a vCPU of the receiver (it has "
+                f"{self.receiver_vcpus}: give --vcpus)"
+            )
+        if self.irq_cpu and self.mechanism is not Mechanism.SHM_IRQ:
+            raise ConfigError("--irq-cpu is for --mechanism shm-irq (the others have no doorbell)")
         for t in (self.timeout, self.io_timeout, self.stall_timeout, self.start_timeout):
             if t is not None and t <= 0:
                 raise ConfigError("timeouts must be positive")
@@ -145,6 +155,8 @@ def specs_for(opts: IpcOptions) -> dict[str, PeerSpec]:
             vectors=opts.vectors, seed=opts.seed, memory=GUEST_RAM,
             cpu=opts.cpus[peer_id] if opts.cpus else None, timeout=timeout,
             io_timeout=opts.io_timeout, stall_timeout=opts.stall_timeout,
+            vcpus=opts.receiver_vcpus if role == "receiver" else 1,
+            irq_cpu=opts.irq_cpu if role == "receiver" else 0,
         )  # fmt: skip
     return specs
 
@@ -275,6 +287,12 @@ def summarize(opts: IpcOptions, s: dict, r: dict) -> dict:
             "receiver": int(statistics.median(f.exits_receiver for f in measured)),
         },
         checksum_ok=all(f.checksum_ok for f in figures),
+        # Which of the receiver's vCPUs took its last doorbell (its per-CPU %gs:0).
+        receiver_irq_cpu={
+            "requested": opts.irq_cpu,
+            "last_handled_on": r.get("irq_last_cpu"),
+            "vcpus": opts.receiver_vcpus,
+        },  # fmt: skip
         warmup_seconds=warm.seconds,
         first_touch_seconds={
             "sender": _ticks_to_s(s["first_touch_tsc"], khz),

@@ -14,38 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from ..devices import Device
 from ..errors import ConfigError
-from ..kvm import constants as K
-from ..kvm import structs as S
 from .layout import MAX_VECTORS, PORT_DOORBELL, VECTOR_BASE, WAIT_GATE_VECTOR
-
-MSI_ADDRESS = 0xFEE0_0000
-#: GSIs 0-23 are the in-kernel PIC and IOAPIC pins; the doorbells' MSIs come after them.
-GSI_BASE = 24
-
-
-def default_irqchip_routes() -> list[S.kvm_irq_routing_entry]:
-    """KVM's own default table (PIC and IOAPIC pins). KVM_SET_GSI_ROUTING replaces the whole
-    table, so these are kept next to the MSI routes."""
-    routes = []
-    for gsi in range(24):
-        e = S.kvm_irq_routing_entry(gsi=gsi, type=K.KVM_IRQ_ROUTING_IRQCHIP)
-        e.u.irqchip.irqchip = 2  # IOAPIC
-        e.u.irqchip.pin = gsi
-        routes.append(e)
-        if gsi < 16:
-            e = S.kvm_irq_routing_entry(gsi=gsi, type=K.KVM_IRQ_ROUTING_IRQCHIP)
-            e.u.irqchip.irqchip = 0 if gsi < 8 else 1  # PIC master, slave
-            e.u.irqchip.pin = gsi % 8
-            routes.append(e)
-    return routes
-
-
-def msi_route(gsi: int, vector: int, apic_id: int = 0) -> S.kvm_irq_routing_entry:
-    e = S.kvm_irq_routing_entry(gsi=gsi, type=K.KVM_IRQ_ROUTING_MSI)
-    e.u.msi.address_lo = MSI_ADDRESS | (apic_id << 12)
-    e.u.msi.address_hi = 0
-    e.u.msi.data = vector
-    return e
 
 
 def doorbell_value(peer: int, vector: int) -> int:
@@ -56,24 +25,30 @@ def wire(
     machine,
     incoming: Sequence[int],
     outgoing: Mapping[int, Sequence[int]],
-) -> None:
+    irq_cpu: int = 0,
+) -> list:
     """Connect `machine` to its peers' doorbells.
 
-    `incoming[v]` is the eventfd that raises this VM's vector v (an irqfd here);
-    `outgoing[q][v]` the eventfd that raises peer q's vector v (an ioeventfd here)."""
+    `incoming[v]` is the eventfd that raises this VM's vector v on vCPU `irq_cpu` (an irqfd
+    here, through an MSI the machine's interrupt owner routes); `outgoing[q][v]` the eventfd
+    that raises peer q's vector v (an ioeventfd here). Returns the interrupt lines."""
     if not 0 < len(incoming) <= MAX_VECTORS:
         raise ConfigError(f"a peer has 1 to {MAX_VECTORS} doorbell vectors (got {len(incoming)})")
-    vm = machine.vm
-    routes = default_irqchip_routes()
-    routes += [msi_route(GSI_BASE + v, VECTOR_BASE + v) for v in range(len(incoming))]
-    vm.set_gsi_routing(routes)
+    if not 0 <= irq_cpu < machine.config.vcpus:
+        raise ConfigError(
+            f"--irq-cpu {irq_cpu} is not a vCPU of this VM (it has {machine.config.vcpus})"
+        )
+    lines = []
     for v, fd in enumerate(incoming):
-        vm.irqfd(fd, GSI_BASE + v)
+        line = machine.interrupts.msi(f"ipc-doorbell{v}", vector=VECTOR_BASE + v, cpu=irq_cpu)
+        line.attach_eventfd(fd)
+        lines.append(line)
     for q, fds in outgoing.items():
         if not 0 <= q <= 0xFFFF:
             raise ConfigError(f"peer ID {q} is outside 0..65535")
         for v, fd in enumerate(fds):
-            vm.ioeventfd(fd, PORT_DOORBELL, 4, datamatch=doorbell_value(q, v), pio=True)
+            machine.ioeventfd(PORT_DOORBELL, 4, doorbell_value(q, v), pio=True, fd=fd)
+    return lines
 
 
 def install_handlers(machine, vectors: int) -> None:

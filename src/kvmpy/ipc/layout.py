@@ -109,10 +109,12 @@ class WaitMode(enum.IntEnum):
 # --- the info page -----------------------------------------------------------------------------
 
 # Offsets into struct kvmpy_ipc_info.
-INFO_PARAMS = struct.Struct("<QIIIIIIIIQIIQQQQQQQQ")  # magic .. seed, at 0
+INFO_PARAMS = struct.Struct("<QIIIIIIIIQIIQQQQQQQQI")  # magic .. seed, irq_cpu, at 0
 INFO_IRQ_TOTAL = 0x100
 INFO_IRQ_COUNT = 0x108
 INFO_IRQ_LAST_TSC = 0x128
+#: u32: the vCPU (its index, from the per-CPU block at %gs:0) that took the last doorbell.
+INFO_IRQ_LAST_CPU = 0x130
 INFO_PROGRESS = 0x140
 INFO_FIRST_TOUCH = 0x148
 INFO_RUNS_DONE = 0x150
@@ -151,13 +153,14 @@ class InfoParams:
     rx_data: int = 0
     ring_size: int = 0
     seed: int = 0
+    irq_cpu: int = 0
 
     def pack(self) -> bytes:
         return INFO_PARAMS.pack(
             MAGIC, VERSION, self.mechanism.code, self.peer_id, self.peer, int(self.role),
             int(self.pio_width), int(self.wait_mode), self.vectors, self.size, self.runs,
             self.pingpong, self.tsc_khz, self.shm_size, self.tx_ring, self.tx_data,
-            self.rx_ring, self.rx_data, self.ring_size, self.seed,
+            self.rx_ring, self.rx_data, self.ring_size, self.seed, self.irq_cpu,
         )  # fmt: skip
 
 

@@ -25,15 +25,18 @@ from dataclasses import dataclass, field
 
 from ..devices import Device
 from ..errors import KvmError, KvmpyError
-from ..kvm.constants import Cap, ExitReason
+from ..hv.base import Capability
+from ..kvm.constants import ExitReason
 from ..loader import load_file
-from ..result import StopReason
+from ..result import Stop, StopReason
+from ..stats import ExitStats
 from . import doorbell
 from .control import Aborted, IpcError, Link, PeerGone, make_abort
 from .layout import (
     INFO_ERROR,
     INFO_FIRST_TOUCH,
     INFO_GPA,
+    INFO_IRQ_LAST_CPU,
     INFO_PROGRESS,
     INFO_RUNS,
     INFO_RUNS_DONE,
@@ -86,6 +89,9 @@ class PeerSpec:
     seed: int = 1
     memory: int = 32 << 20
     cpu: int | None = None
+    #: vCPUs of this VM, and which one takes the doorbell interrupts (shm-irq).
+    vcpus: int = 1
+    irq_cpu: int = 0
     #: Whole run, one wait for the peer (barrier, relay), and no visible progress.
     timeout: float = 120.0
     io_timeout: float = 20.0
@@ -164,7 +170,9 @@ class Peer:
             raise IpcError(f"guest RAM must end below {MAX_GUEST_RAM:#x} for ipc guests")
         irq = self.mechanism is Mechanism.SHM_IRQ
         m = Machine(
-            MachineConfig(mode="long-user", memory=spec.memory, irqchip=irq, name=self.name),
+            MachineConfig(
+                mode="long-user", memory=spec.memory, irqchip=irq, name=self.name, vcpus=spec.vcpus
+            ),  # fmt: skip
             capture_output=True,
         )
         self.machine = m
@@ -183,7 +191,7 @@ class Peer:
                         f"the guest image [{start:#x}, {end:#x}) overlaps the ipc window at {lo:#x}"
                     )
         m.load(image, reserved=reserved)
-        fd = m.vcpu.fd
+        fd = m.vcpus[0].fd
         try:
             # One timebase for both VMs: guest rdtsc in the sender and the receiver can be
             # subtracted. (KVM-PVM is there already and ignores the call.)
@@ -207,7 +215,7 @@ class Peer:
             vectors=spec.vectors, size=spec.size, runs=spec.runs, pingpong=spec.pingpong,
             tsc_khz=self.tsc_khz, shm_size=spec.shm_size if shared else 0, tx_ring=tx_ring,
             tx_data=tx_data, rx_ring=rx_ring, rx_data=rx_data, ring_size=ring_size,
-            seed=spec.seed,
+            seed=spec.seed, irq_cpu=spec.irq_cpu,
         )  # fmt: skip
         m.memory.write(INFO_GPA, params.pack())
         m.add_pio_device(PORT_SYNC, 4, SyncPort(self))
@@ -216,8 +224,8 @@ class Peer:
             relay_sock = socket.socket(fileno=self.fds.pop("relay"))
             self.relay = Relay(relay_sock, spec.io_timeout, self.abort_fd)
             # Without KVM_CAP_COALESCED_PIO (Linux < 4.20) every `out` exits; still correct.
-            if spec.pio_coalesce and m.kvm.check_extension(Cap.COALESCED_PIO):
-                m.vm.register_coalesced_mmio(PORT_DATA, 4, pio=True)
+            if spec.pio_coalesce and Capability.COALESCED_IO in m.vm.capabilities:
+                m.vm.register_coalesced(PORT_DATA, 4, pio=True)
                 page = fd.run_view[2 * 4096 : 3 * 4096]
                 self.ring = CoalescedRing(page, PORT_DATA)
             self.data_port = PioDataPort(self.relay, self.ring)
@@ -227,10 +235,14 @@ class Peer:
         if irq:
             incoming = [self.fds[f"irq{v}"] for v in range(spec.vectors)]
             outgoing = {spec.peer: [self.fds[f"peer_irq{v}"] for v in range(spec.vectors)]}
-            doorbell.wire(m, incoming, outgoing)
+            doorbell.wire(m, incoming, outgoing, irq_cpu=spec.irq_cpu)
             doorbell.install_handlers(m, spec.vectors)
 
     # --- barriers and runs (called from the vCPU thread, inside exits) -----------------------
+
+    def _stats(self) -> ExitStats:
+        """The VM's exits so far, every vCPU's (a guest may run its loop on another CPU)."""
+        return ExitStats.merged([v.stats for v in self.machine.vcpus])
 
     def _counters(self) -> dict:
         c = {"doorbells_unmatched": self.doorbells.unmatched}
@@ -274,8 +286,7 @@ class Peer:
                 break
         finally:
             self.in_barrier = False
-        m = self.machine
-        stats = m.vcpu.stats
+        stats = self._stats()
         io = int(ExitReason.IO)
         now = time.perf_counter_ns()
         self.current = RunWindow(
@@ -291,7 +302,7 @@ class Peer:
         if w is None:
             return  # a stray write; the guest's own business
         self.current = None
-        stats = self.machine.vcpu.stats
+        stats = self._stats()
         io = int(ExitReason.IO)
         now = time.perf_counter_ns()
         c1 = self._counters()
@@ -313,7 +324,7 @@ class Peer:
             self.abort_reason = reason
             os.eventfd_write(self.abort_fd, 1)
             if self.machine is not None:
-                self.machine.vcpu.request_stop(StopReason.INTERRUPTED, reason, kick=True)
+                self.machine.request_stop(StopReason.INTERRUPTED, reason)
 
     def _progress(self) -> tuple:
         """Anything that moves while the transfer does: the guest's own counters, and the
@@ -370,17 +381,18 @@ class Peer:
     def run(self) -> dict:
         self.build()
         self.link.send({"op": "ready", "tsc_khz": self.tsc_khz, "tsc_shared": self.tsc_shared})
-        vcpu = self.machine.vcpu
         mon = threading.Thread(target=self.monitor, name=f"ipc-monitor-{self.spec.peer_id}")
         mon.start()
         error = None
         stop = None
         t0 = time.perf_counter()
         try:
-            while stop is None:
-                stop = vcpu.run()
-        except IpcError as e:
-            error = self.abort_reason if isinstance(e, Aborted) and self.abort_reason else str(e)
+            res = self.machine.run()
+            stop = Stop(res.stop_reason, res.exit_code, res.message, cpu=res.cpu)
+            # A device of ours that gave up (a dead relay, an abort) stops the machine from
+            # its vCPU thread with the error as the message.
+            if stop.reason is StopReason.VMM_ERROR:
+                error = self.abort_reason or stop.message
         finally:
             elapsed = time.perf_counter() - t0
             if self.data_port is not None and error is None:
@@ -426,7 +438,9 @@ class Peer:
             "first_touch_tsc": mem.read_u64(INFO_GPA + INFO_FIRST_TOUCH),
             "runs": runs,
             "samples": samples,
-            "stats": m.vcpu.stats.to_dict(),
+            "stats": ExitStats.merged([v.stats for v in m.vcpus]).to_dict(),
+            "irq_cpu": spec.irq_cpu,
+            "irq_last_cpu": mem.read_u32(INFO_GPA + INFO_IRQ_LAST_CPU),
             "elapsed_s": elapsed,
             "doorbells_unmatched": self.doorbells.unmatched,
             "pio_coalesced": self.ring is not None,
@@ -494,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m kvmpy.ipc.peer CONTROL_FD (started by kvmpy ipc)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="kvmpy ipc peer: %(message)s")
-    from ..vcpu import install_kick_handler
+    from ..hv.signals import install_kick_handler
 
     install_kick_handler()
     sock = socket.socket(fileno=int(argv[0]))

@@ -187,7 +187,7 @@ class Session:
 
     def run(self) -> dict[str, dict]:
         """Run both peers to the end; their result dicts by role, or IpcError."""
-        from ..vcpu import install_kick_handler
+        from ..hv.signals import install_kick_handler
 
         if self.same_process:
             install_kick_handler()

@@ -94,9 +94,7 @@ def migrate(
 
 def stop(session: VmSession) -> dict[str, Any]:
     session.check_live()
-    session.machine.vcpu.request_stop(
-        StopReason.INTERRUPTED, "stopped by the control channel", kick=True
-    )
+    session.machine.request_stop(StopReason.INTERRUPTED, "stopped by the control channel")
     return {"state": "stopping"}
 
 

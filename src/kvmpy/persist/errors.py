@@ -3,12 +3,9 @@ can act on (the CLI prints each as one `kvmpy: error:` line)."""
 
 from __future__ import annotations
 
-from ..errors import KvmpyError
+from ..errors import KvmpyError, SnapshotError
 
-
-class SnapshotError(KvmpyError):
-    """A snapshot that cannot be written, or read back: missing, truncated, corrupted, of
-    another format version, or made on a machine this host cannot recreate."""
+__all__ = ["ControlError", "LazyRestoreUnavailable", "MigrationError", "SnapshotError"]
 
 
 class LazyRestoreUnavailable(SnapshotError):

@@ -194,13 +194,14 @@ def disk_usage(path: Path) -> int:
 
 
 def _summary(state: dict) -> dict:
-    vmm, config = state.get("vmm", {}), state.get("config", {})
+    vmm, config = state.get("vmm", {}), state.get("config", {}).get("machine", {})
     return {
         "mode": config.get("mode"),
         "memory": config.get("memory"),
+        "vcpus": config.get("vcpus"),
         "irqchip": config.get("irqchip"),
         "output_bytes": vmm.get("output_bytes"),
-        "exits": sum(vmm.get("stats", {}).get("counts", [])),
+        "exits": sum(sum(s.get("counts", [])) for s in vmm.get("stats", [])),
     }
 
 

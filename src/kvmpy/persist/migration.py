@@ -32,7 +32,6 @@ import json
 import logging
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +42,7 @@ from ..errors import KvmpyError
 from ..machine import Machine
 from ..memory import PAGE_SIZE, GuestMemory
 from ..result import Stop, StopReason
+from ..vmm import builder
 from . import lazy, memfile, state
 from .errors import ControlError, MigrationError, SnapshotError
 from .session import VmSession
@@ -204,7 +204,7 @@ class DirtyTracker:
         parts = [self.carried]
         self.carried = np.empty(0, dtype=np.int64)
         for (r, base), bitmap in zip(self.layout, self.bitmaps, strict=True):
-            self.machine.vm.get_dirty_log(r.slot, bitmap)
+            self.machine.vm.get_dirty_log(r, bitmap)
             bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), bitorder="little")
             parts.append(np.flatnonzero(bits[: r.size // PAGE_SIZE]) + base // PAGE_SIZE)
         if vmm:
@@ -293,8 +293,6 @@ def migrate(
     rounds_limit = DEFAULT_MAX_ROUNDS if max_rounds is None else int(max_rounds)
     if goal_ms <= 0 or rounds_limit < 1:
         raise MigrationError("the downtime goal and the round limit must be positive")
-    if threading.get_ident() == session._vcpu_thread:
-        raise MigrationError("migrate from another thread than the vCPU's")
     with session.exclusive("a migration"):
         return _migrate(session, host, port, progress, goal_ms, rounds_limit)
 
@@ -322,7 +320,7 @@ def _migrate(session, host, port, progress, goal_ms, rounds_limit) -> dict[str, 
                 "protocol": PROTOCOL,
                 "version": VERSION,
                 "state_version": state.STATE_VERSION,
-                "config": state.config_to_dict(machine.config),
+                "config": state.config_to_dict(machine),
                 "memory": machine.memory.size,
                 "page_size": PAGE_SIZE,
             },
@@ -395,13 +393,16 @@ def _migrate(session, host, port, progress, goal_ms, rounds_limit) -> dict[str, 
             # The guest stopped when the vCPU left KVM_RUN, a little before this job started.
             t_stop = session.paused_at
             marks = {"job_start": time.monotonic()}
-            dirty = tracker.collect()
-            marks["dirty_log"] = time.monotonic()
-            pages, sent = sender.send_pages(dirty, rnd)
-            link.send(ROUND_END, RUN.pack(0, pages, rnd))
-            marks["pages_sent"] = time.monotonic()
-            st = state.capture(machine)
-            marks["state_captured"] = time.monotonic()
+            # Devices hold still from the last dirty pages to the state (virtio I/O threads
+            # write guest RAM on their own); they go on only if the VM stays here.
+            with state.devices_quiesced(machine, resume=lambda: not committed):
+                dirty = tracker.collect()
+                marks["dirty_log"] = time.monotonic()
+                pages, sent = sender.send_pages(dirty, rnd)
+                link.send(ROUND_END, RUN.pack(0, pages, rnd))
+                marks["pages_sent"] = time.monotonic()
+                st = state.capture(machine)
+                marks["state_captured"] = time.monotonic()
             link.send_json(STATE, st)
             link.expect(ROUND_ACK)  # the last round's, sent before the state was read
             ready = link.expect(READY_TO_RUN)
@@ -569,13 +570,12 @@ class Incoming:
         if hello.get("state_version") != state.STATE_VERSION or hello.get("page_size") != PAGE_SIZE:
             raise MigrationError("the source's state format differs from this kvmpy's")
         config = state.config_from_dict(hello.get("config"))
-        machine = self.machine = Machine(
-            config, kvm=kvm, console=console, capture_output=capture_output
-        )
+        machine = self.machine = builder.build(
+            config, load=False, kvm=kvm, console=console, capture_output=capture_output,
+            setup=setup,
+        )  # fmt: skip
         if machine.memory.size != hello.get("memory"):
             raise MigrationError("the source's memory size does not match its configuration")
-        if setup is not None:
-            setup(machine)
         link.send_json(READY, {})
         memory = machine.memory
         total_pages = memory.size // PAGE_SIZE

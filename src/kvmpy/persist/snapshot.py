@@ -18,6 +18,7 @@ from ..kvm import Kvm
 from ..machine import Machine, ram_layout
 from ..memory import PAGE_SIZE
 from ..result import StopReason
+from ..vmm import builder
 from . import format, lazy, memfile, state
 from .errors import SnapshotError
 from .handler import HandlerProcess
@@ -27,9 +28,12 @@ def take(machine: Machine, path: str | os.PathLike) -> dict[str, Any]:
     """Write a snapshot of `machine` (vCPU paused, pending I/O completed) to `path`."""
     t0 = time.perf_counter()
     lazy.settle(machine.memory)
-    st = state.capture(machine)
-    t_state = time.perf_counter()
-    res = format.write(path, st, machine.memory)
+    # Device I/O threads write guest RAM on their own: they hold still while the state and
+    # memory are written, so the two agree.
+    with state.devices_quiesced(machine):
+        st = state.capture(machine)
+        t_state = time.perf_counter()
+        res = format.write(path, st, machine.memory)
     total = (time.perf_counter() - t0) * 1e3
     return {
         "path": str(Path(path).resolve()),
@@ -102,8 +106,9 @@ def restore(
 
     Eagerly, all of guest RAM is read (and checked) before this returns; with `lazy_memory`,
     RAM starts empty and a page-fault handler brings each chunk in when it is first touched.
-    `setup(machine)` runs before the state is applied: add the devices the original machine
-    had there (the snapshot holds their state, not their code). `handler`, for a lazy restore,
+    The machine is rebuilt from the snapshot's VmConfig, devices included; `setup(machine)`
+    runs before the state is applied: add there the devices only user code knows (kinds not
+    registered with kvmpy.devices.registry), whose state the snapshot holds but not code. `handler`, for a lazy restore,
     is a page-fault handler process started beforehand (`HandlerProcess.start()`), so it is
     ready when the VM starts; without one, one is started here and the first fault waits
     for it."""
@@ -113,21 +118,22 @@ def restore(
     try:
         state.check_version(snap.state)
         config = state.config_from_dict(snap.state.get("config"))
-        ram = sum(size for _, size in ram_layout(config.memory))  # type: ignore[arg-type]
+        ram = sum(size for _, size in ram_layout(config.machine.memory))  # type: ignore[arg-type]
         if ram != snap.memory_size:
             raise SnapshotError(
                 f"{path}: the memory file holds {snap.memory_size} bytes but the machine "
                 f"configuration needs {ram}"
             )
-        machine = Machine(config, kvm=kvm, console=console, capture_output=capture_output)
-        if setup is not None:
-            setup(machine)
+        machine = builder.build(
+            config, load=False, kvm=kvm, console=console, capture_output=capture_output,
+            setup=setup,
+        )  # fmt: skip
         t_mem = time.monotonic_ns()
         if lazy_memory:
             m = machine
 
             def stop_vm(message: str) -> None:
-                m.vcpu.request_stop(StopReason.VMM_ERROR, message, kick=True)
+                m.request_stop(StopReason.VMM_ERROR, message)
 
             loader = lazy.LazyLoader(machine.memory, snap, on_error=stop_vm, process=handler)
             handler = None  # the loader owns it now

@@ -88,7 +88,7 @@ class _VM:
     def __init__(self, index: int, spec: SchedVM, name: str, counter: ProgressCounter | None):
         self.index = index
         self.machine = spec.machine
-        self.vcpu = spec.machine.vcpu
+        self.vcpu = spec.machine.vcpus[0]
         self.name = name
         self.weight = float(spec.weight)
         self.counter = counter

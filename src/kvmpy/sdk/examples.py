@@ -6,6 +6,7 @@ An example is one file in kvmpy/guest/examples/ whose header comment says what i
     kvmpy-modes: real protected paged32 long long-user   (the modes it is meant for)
     kvmpy-default-mode: long-user                         (optional)
     kvmpy-format: raw                                     (optional: a raw image, not an ELF)
+    kvmpy-vcpus: 4                                        (optional: default vCPU count)
 
 Builds are cached under $KVMPY_CACHE_DIR (default $XDG_CACHE_HOME/kvmpy, ~/.cache/kvmpy),
 keyed by a hash of the example, the SDK files, the mode and the compiler, so an edit to any of
@@ -47,6 +48,8 @@ class Example:
     modes: tuple[Mode, ...]
     default_mode: Mode
     raw: bool = False
+    #: vCPUs `kvmpy run NAME` gives it when --vcpus is not given.
+    vcpus: int = 1
 
     def build(self, mode: Mode | None = None) -> Path:
         """The built image for `mode` (default: the example's), from the cache if current."""
@@ -122,6 +125,7 @@ def _parse(path: Path) -> Example | None:
         modes=modes,
         default_mode=default,
         raw=tags.get("format") == "raw",
+        vcpus=int(tags.get("vcpus", "1")),
     )
 
 

@@ -23,20 +23,16 @@ import itertools
 import logging
 import os
 import selectors
-import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
+from ..hv.signals import helper_thread_signals
+
 log = logging.getLogger(__name__)
 
 Callback = Callable[[], None]
-
-# Signals that belong to the main thread (Ctrl-C, --timeout, child exits) or to vCPU threads
-# (kicks). A thread that does not block them could take a process-directed one instead of the
-# thread that acts on it.
-BLOCKED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD, signal.SIGUSR1}
 
 
 class EventLoop:
@@ -133,7 +129,7 @@ class EventLoop:
             pass  # the pipe is full (a wake-up is pending anyway) or the loop is closed
 
     def _run(self) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_SIGNALS)
+        helper_thread_signals()
         while not self._stopping:
             timeout = None
             with self._lock:

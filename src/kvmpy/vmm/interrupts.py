@@ -52,6 +52,7 @@ class _Line:
         self.owner = owner
         self.gsi = gsi
         self._efd: int | None = None
+        self._own_efd = True
         #: Times the VMM itself injected this line (irqfd injections are not seen here).
         self.injected = 0
 
@@ -69,13 +70,23 @@ class _Line:
             self._efd = efd
         return self._efd
 
+    def attach_eventfd(self, fd: int) -> None:
+        """Make `fd` (an eventfd someone else owns, e.g. one another VMM process signals)
+        inject this interrupt: KVM's irqfd without creating a new eventfd."""
+        if self._efd is not None:
+            raise ConfigError(f"the interrupt of {self.owner} has an eventfd already")
+        require(self._m.vm, Capability.IRQFD, f"the interrupt of {self.owner}")
+        self._m.vm.irqfd(fd, self.gsi)
+        self._efd, self._own_efd = fd, False
+
     def close(self) -> None:
         if self._efd is not None:
             try:
                 self._m.vm.irqfd(self._efd, self.gsi, deassign=True)
             except OSError:
                 pass  # the VM is going away
-            os.close(self._efd)
+            if self._own_efd:
+                os.close(self._efd)
             self._efd = None
 
 
@@ -158,7 +169,10 @@ class InterruptManager:
     def msi(self, owner: str, *, vector: int | None = None, cpu: int = 0) -> MsiInterrupt:
         """A new MSI for `owner` to `vector` on vCPU `cpu` (vector allocated when None)."""
         require(self.vm, Capability.MSI, f"the MSI of {owner}")
-        vector = self.resources.allocate_vector(owner) if vector is None else _vector(vector)
+        if vector is None:
+            vector = self.resources.allocate_vector(owner)
+        else:
+            vector = self.resources.claim_vector(owner, _vector(vector))
         gsi = self.resources.allocate_gsi(owner)
         line = MsiInterrupt(self, owner, gsi, msi_address(cpu), vector)
         with self._lock:

@@ -104,6 +104,13 @@ DEVICE_WINDOW_END = 0xFEC0_0000
 
 USER_STACK_SIZE = 64 * 1024
 REAL_STACK_SIZE = 4 * 1024
+#: Pages of each CPU's ring-0 area: its TSS (3 pages, with the I/O bitmap), IST1 stack (1),
+#: RSP0 stack (2).
+CPU_AREA_PAGES = 6
+#: Bytes per CPU in the per-CPU data page (kvmpy/smp.h's struct kvmpy_cpu), which each CPU
+#: reaches through its GS base.
+PERCPU_SIZE = 256
+MAX_CPUS = PAGE_SIZE // PERCPU_SIZE
 
 RFLAGS_RESERVED = 1 << 1
 RFLAGS_IF = 1 << 9
@@ -125,6 +132,14 @@ class SystemLayout:
     page_tables: list[int] = field(default_factory=list)
     stack_base: int = 0
     stack_top: int = 0
+    ncpus: int = 1
+    #: The per-CPU data page (user-accessible, at the bottom of the stack area).
+    percpu: int = 0
+    #: Per CPU (index 0 = the fields above): [tss, ist_top, rsp0_top, stack_top].
+    cpus: list[list[int]] = field(default_factory=list)
+
+    def tss_selector(self, cpu: int) -> int:
+        return SEL_TSS + 16 * cpu
 
     def stub_vector(self, linear_rip: int) -> int | None:
         """The vector whose stub executed the `out` that ends at `linear_rip`, if any."""
@@ -143,6 +158,17 @@ class BootState:
     regs: S.kvm_regs
     sregs: S.kvm_sregs
     layout: SystemLayout
+    #: Special registers of CPUs 1..n-1 (their own TSS and GS base); their general registers
+    #: are set when they are started (`ap_regs`).
+    ap_sregs: list[S.kvm_sregs] = field(default_factory=list)
+
+    def ap_regs(self, cpu: int, entry: int, args: tuple[int, ...] = ()) -> S.kvm_regs:
+        """General registers for CPU `cpu` starting at `entry` with `args` in rdi, rsi, rdx
+        and its own stack."""
+        regs = S.kvm_regs(rflags=self.regs.rflags, rip=entry, rsp=self.layout.cpus[cpu][3])
+        for name, value in zip(("rdi", "rsi", "rdx"), args, strict=False):
+            setattr(regs, name, value)
+        return regs
 
 
 def _free_spot(
@@ -176,8 +202,14 @@ def _page_table_pages(mode: Mode, ram_top: int) -> int:
     return 0
 
 
-def place(mode: Mode, memory: GuestMemory, reserved: Sequence[tuple[int, int]]) -> SystemLayout:
-    """Choose addresses for the system area and the initial stack."""
+def place(
+    mode: Mode, memory: GuestMemory, reserved: Sequence[tuple[int, int]], ncpus: int = 1
+) -> SystemLayout:
+    """Choose addresses for the system area and the initial stacks."""
+    if not 1 <= ncpus <= MAX_CPUS:
+        raise ConfigError(f"kvmpy guests run on 1 to {MAX_CPUS} vCPUs (got {ncpus})")
+    if mode is Mode.REAL and ncpus > 1:
+        raise ConfigError("real-mode guests run on one vCPU: use a 32- or 64-bit mode for SMP")
     ram_top = max(r.end for r in memory)
     pt_pages = _page_table_pages(mode, ram_top)
     if mode is Mode.REAL:
@@ -186,9 +218,10 @@ def place(mode: Mode, memory: GuestMemory, reserved: Sequence[tuple[int, int]]) 
         stack = REAL_STACK_SIZE
         limits = (0x10000, 0x100000)
     else:
-        # GDT, IDT, stubs, TSS (3 pages), IST stack, 2-page RSP0 stack, then page tables.
-        area = (1 + 1 + 1 + 3 + 1 + 2 + pt_pages) * PAGE_SIZE
-        stack = USER_STACK_SIZE
+        # GDT, IDT, stubs, then each CPU's TSS (3 pages), IST stack, 2-page RSP0 stack, then
+        # page tables. The stack area holds the per-CPU data page and one stack per CPU.
+        area = (3 + CPU_AREA_PAGES * ncpus + pt_pages) * PAGE_SIZE
+        stack = PAGE_SIZE + USER_STACK_SIZE * ncpus
         limits = (1 << 32,) if mode.bits == 32 else (1 << 32, 1 << 52)
     layout = SystemLayout()
     taken = list(reserved)
@@ -215,17 +248,26 @@ def place(mode: Mode, memory: GuestMemory, reserved: Sequence[tuple[int, int]]) 
         )
     layout.base, layout.end = base, base + area
     layout.stack_base, layout.stack_top = sbase, sbase + stack
+    layout.ncpus = ncpus
     if mode is Mode.REAL:
         layout.idt = base
         layout.stubs = base + PAGE_SIZE
+        layout.cpus = [[0, 0, 0, layout.stack_top]]
     else:
         layout.gdt = base
         layout.idt = base + PAGE_SIZE
         layout.stubs = base + 2 * PAGE_SIZE
-        layout.tss = base + 3 * PAGE_SIZE
-        layout.ist_top = base + 7 * PAGE_SIZE
-        layout.rsp0_top = base + 9 * PAGE_SIZE
+        layout.percpu = sbase
+        for i in range(ncpus):
+            cpu = base + (3 + CPU_AREA_PAGES * i) * PAGE_SIZE
+            stack_top = layout.stack_top - i * USER_STACK_SIZE
+            layout.cpus.append([cpu, cpu + 4 * PAGE_SIZE, cpu + 6 * PAGE_SIZE, stack_top])
+        layout.tss, layout.ist_top, layout.rsp0_top = layout.cpus[0][:3]
     return layout
+
+
+def page_tables_start(layout: SystemLayout) -> int:
+    return layout.base + (3 + CPU_AREA_PAGES * layout.ncpus) * PAGE_SIZE
 
 
 def build(
@@ -236,9 +278,10 @@ def build(
     *,
     interrupts: bool = False,
     use_1g_pages: bool = False,
+    ncpus: int = 1,
 ) -> BootState:
     """Write the system area for `mode` into guest RAM and return the entry register state."""
-    layout = place(mode, memory, reserved)
+    layout = place(mode, memory, reserved, ncpus)
     memory.fill(layout.base, layout.end - layout.base)
     stubs = STUB_CODE * 256
     memory.write(layout.stubs, stubs)
@@ -250,7 +293,30 @@ def build(
         _build_protected_or_long(mode, memory, layout, entry, regs, sregs, use_1g_pages)
     if interrupts:
         regs.rflags |= RFLAGS_IF
-    return BootState(mode, regs, sregs, layout)
+    boot = BootState(mode, regs, sregs, layout)
+    if mode is not Mode.REAL:
+        _build_percpu(memory, boot)
+    return boot
+
+
+def _build_percpu(memory: GuestMemory, boot: BootState) -> None:
+    """Each CPU's data block (id, CPU count: what kvmpy/smp.h reads through %gs) and the special
+    registers of CPUs 1..n-1: the BSP's, with their own TSS and GS base."""
+    layout = boot.layout
+    memory.fill(layout.percpu, PAGE_SIZE)
+    for i in range(layout.ncpus):
+        block = layout.percpu + i * PERCPU_SIZE
+        memory.write(block, struct.pack("<IIQ", i, layout.ncpus, block))
+    boot.sregs.gs.base = layout.percpu
+    for i in range(1, layout.ncpus):
+        sregs = S.kvm_sregs.from_buffer_copy(boot.sregs)
+        tss, _ist, _rsp0, _stack = layout.cpus[i]
+        bits64 = boot.mode.bits == 64
+        sregs.tr = G.tss(layout.tss_selector(i), tss, TSS_SIZE - 1).to_kvm()
+        sregs.gs.base = layout.percpu + i * PERCPU_SIZE
+        if not bits64:
+            sregs.gs.base &= 0xFFFFFFFF
+        boot.ap_sregs.append(sregs)
 
 
 def _build_real(memory: GuestMemory, layout: SystemLayout, entry: int, regs, sregs) -> None:
@@ -291,21 +357,28 @@ def _build_protected_or_long(
     tss = G.tss(SEL_TSS, layout.tss, TSS_SIZE - 1)
     table = bytearray(8) + kcode.descriptor() + kdata.descriptor()
     table += G.flat_code32(SEL_UCODE32, 3).descriptor() + udata.descriptor() + ucode.descriptor()
-    table += G.Segment(SEL_TSS, layout.tss, TSS_SIZE - 1, G.TYPE_TSS_AVAIL, s=0).descriptor()
-    if not long:
-        table += bytes(8)
+    # One TSS per CPU, 16-byte descriptors (a 64-bit TSS descriptor's size) from SEL_TSS on.
+    for i in range(layout.ncpus):
+        cpu_tss = layout.cpus[i][0]
+        table += G.Segment(
+            layout.tss_selector(i), cpu_tss, TSS_SIZE - 1, G.TYPE_TSS_AVAIL, s=0
+        ).descriptor()
+        if not long:
+            table += bytes(8)
     memory.write(layout.gdt, bytes(table))
 
-    # TSS: ring-0 stack for interrupts taken at CPL3, IST1 for exceptions, the I/O bitmap.
-    t = bytearray(TSS_SIZE)
-    if long:
-        struct.pack_into("<Q", t, 4, layout.rsp0_top)
-        struct.pack_into("<Q", t, 36, layout.ist_top)
-    else:
-        struct.pack_into("<II", t, 4, layout.rsp0_top, SEL_KDATA)
-    struct.pack_into("<H", t, 102, TSS_IOMAP_OFFSET)
-    t[-1] = 0xFF
-    memory.write(layout.tss, bytes(t))
+    # Each TSS: the CPU's ring-0 stack for interrupts taken at CPL3, IST1 for exceptions, and
+    # the I/O bitmap.
+    for cpu_tss, ist_top, rsp0_top, _stack in layout.cpus:
+        t = bytearray(TSS_SIZE)
+        if long:
+            struct.pack_into("<Q", t, 4, rsp0_top)
+            struct.pack_into("<Q", t, 36, ist_top)
+        else:
+            struct.pack_into("<II", t, 4, rsp0_top, SEL_KDATA)
+        struct.pack_into("<H", t, 102, TSS_IOMAP_OFFSET)
+        t[-1] = 0xFF
+        memory.write(cpu_tss, bytes(t))
 
     idt = bytearray()
     for v in range(256):
@@ -331,7 +404,7 @@ def _build_protected_or_long(
 
     if mode in (Mode.PAGED32, Mode.LONG, Mode.LONG_USER):
         ranges = _map_ranges(memory, layout, user, devices=long)
-        alloc = TableAllocator(layout.base + 9 * PAGE_SIZE, layout.end, memory.write)
+        alloc = TableAllocator(page_tables_start(layout), layout.end, memory.write)
         if long:
             cr3 = build_identity_map_64(ranges, alloc, memory.write_u64, use_1g)
             sregs.cr4 |= CR4_PAE

@@ -12,6 +12,7 @@
  */
 #include <kvmpy.h>
 #include <kvmpy/ipc.h>
+#include <kvmpy/smp.h>
 
 /* Publish at most this much at a time, so the consumer starts on it while the producer
  * fills the next piece. */
@@ -127,7 +128,7 @@ static void touch(struct kvmpy_ring_end *e, int write)
 	}
 }
 
-int main(void)
+static int run_all(void)
 {
 	struct kvmpy_ipc_info *info = kvmpy_ipc_info();
 	if (!kvmpy_ipc_present() || info->shm_size == 0 ||
@@ -191,4 +192,24 @@ int main(void)
 			return 4;
 	}
 	return 0;
+}
+
+static volatile int status;
+
+static void on_irq_cpu(void *arg)
+{
+	(void)arg;
+	status = run_all();
+}
+
+int main(void)
+{
+	/* The doorbells interrupt vCPU irq_cpu: run the ring loop there, where its wake-ups
+	 * land (Xen's per-event-channel vCPU binding), while CPU 0 waits in the VMM. */
+	uint32_t cpu = kvmpy_ipc_info()->irq_cpu;
+	if (cpu == 0 || cpu >= smp_num_cpus())
+		return run_all();
+	smp_start(cpu, on_irq_cpu, 0);
+	smp_wait(1ULL << cpu);
+	return status;
 }

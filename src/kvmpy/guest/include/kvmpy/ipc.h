@@ -128,12 +128,16 @@ struct kvmpy_ipc_info {
 	uint64_t rx_ring, rx_data; /* and its receive ring */
 	uint64_t ring_size;       /* data bytes per ring, a power of two */
 	uint64_t seed;            /* benchmark: pattern seed of run 0 */
-	uint64_t vmm_reserved[17];
+	uint32_t irq_cpu;         /* the vCPU the doorbells interrupt (kvmpy ipc --irq-cpu) */
+	uint32_t vmm_pad;
+	uint64_t vmm_reserved[16];
 	/* 0x100: written by the interrupt handlers (ring 0) */
 	volatile uint64_t irq_total;
 	volatile uint64_t irq_count[KVMPY_IPC_MAX_VECTORS];
 	volatile uint64_t irq_last_tsc;
-	uint64_t irq_reserved[2];
+	volatile uint32_t irq_last_cpu;   /* the vCPU that took the last one (its %gs:0) */
+	uint32_t irq_reserved32;
+	uint64_t irq_reserved[1];
 	/* 0x140: written by the guest */
 	volatile uint64_t progress;       /* bytes moved so far in this run (the VMM watches it) */
 	volatile uint64_t first_touch_tsc; /* ticks spent touching the ring and buffers first */
@@ -207,6 +211,8 @@ __asm__(".pushsection .text.kvmpy_ipc_irq,\"axG\",@progbits,kvmpy_ipc_irq,comdat
 	"	rdtsc\n"
 	"	movl %eax, 0x40000128\n"
 	"	movl %edx, 0x4000012C\n"
+	"	movl %gs:0, %eax\n"
+	"	movl %eax, 0x40000130\n"
 	"	movl $0x80B, %ecx\n"
 	"	xorl %eax, %eax\n"
 	"	xorl %edx, %edx\n"

@@ -1,4 +1,4 @@
-"""The vCPU run loop: KVM_RUN, decode the exit, dispatch it, count it.
+"""The KVM backend's vCPU: its run loop (KVM_RUN, decode the exit, dispatch it, count it).
 
 The hot path is written for the hot path. On our hosts a hypercall round trip (guest at CPL0)
 costs ~9.7 µs in a minimal C VMM, ~10.7 µs in a bare Python loop over fcntl.ioctl, and ~11.8 µs
@@ -25,45 +25,36 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .arch.x86.modes import FAULT_PORT, VECTORS_WITH_ERROR_CODE, Mode
-from .arch.x86.vmem import Regime, VirtualMemory
-from .devices import Output, RaiseIrq
-from .disasm import disassemble_one
-from .errors import GuestMemoryError
-from .hypercalls import ENOSYS, GuestExit, HypercallContext
-from .hypercalls import PORT as HC_PORT
-from .kvm import constants as K
-from .kvm import structs as S
-from .kvm.vcpu import RUN_DIRTY_REGS, RUN_EXIT_UNION, RUN_SYNC_REGS, RUN_VALID_REGS, VcpuFd
-from .result import Fault, Stop, StopReason, exception_name
-from .stats import EXACT_FIRST, MAX_REASON, SAMPLE_EVERY, ExitStats
+from ...arch.x86.faults import PAGED32_REFUSED, fault_stub_stop, stop_with_fault
+from ...arch.x86.modes import FAULT_PORT, Mode
+from ...devices import Output
+from ...errors import ConfigError, GuestMemoryError
+from ...hypercalls import ENOSYS, GuestExit, HypercallContext
+from ...hypercalls import PORT as HC_PORT
+from ...kvm import constants as K
+from ...kvm import structs as S
+from ...kvm.vcpu import RUN_DIRTY_REGS, RUN_EXIT_UNION, RUN_SYNC_REGS, RUN_VALID_REGS, VcpuFd
+from ...result import Stop, StopReason
+from ...stats import EXACT_FIRST, MAX_REASON, SAMPLE_EVERY, ExitStats
+from ..signals import KICK_SIGNAL
 
 if TYPE_CHECKING:
-    from .machine import Machine
+    from ..base import VmOps
 
 log = logging.getLogger(__name__)
 
 MASK64 = (1 << 64) - 1
 
-#: The signal kick() sends to interrupt KVM_RUN in a vCPU thread.
-KICK_SIGNAL = signal.SIGUSR1
-
-
-def _ignore_kick(signum, frame) -> None:
-    pass
-
-
-def install_kick_handler() -> bool:
-    """Give KICK_SIGNAL a no-op handler unless the program set its own (main thread only).
-    Returns whether a usable handler is in place."""
-    if threading.current_thread() is not threading.main_thread():
-        return signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
-        signal.signal(KICK_SIGNAL, _ignore_kick)
-    return True
-
+MSR_IA32_APIC_BASE = 0x1B
+APIC_BASE_BSP = 1 << 8
+APIC_BASE_EXTD = 1 << 10  # x2APIC
+APIC_BASE_ENABLE = 1 << 11
+APIC_DEFAULT_BASE = 0xFEE0_0000
+APIC_REG_SVR = 0xF0
+APIC_SVR_ENABLE = 1 << 8
 
 # Indices into the typed views of kvm_run (see <linux/kvm.h>); asserted in tests.
 _IO_DIRECTION = RUN_EXIT_UNION  # u8
@@ -82,14 +73,18 @@ _HLT = K.ExitReason.HLT
 _OUT = K.KVM_EXIT_IO_OUT
 
 
-class Vcpu:
-    """One vCPU of a machine and its run loop."""
+class KvmVcpu:
+    """One KVM vCPU and its run loop (the `VcpuBackend` of the KVM backend)."""
 
-    def __init__(self, machine: Machine, fd: VcpuFd):
-        self.machine = machine
+    def __init__(self, ops: VmOps, fd: VcpuFd, index: int):
+        self.ops = ops
         self.fd = fd
+        self.index = index
         self.stats = ExitStats()
-        self.ctx = HypercallContext(self)
+        self.ctx = HypercallContext(self, ops)
+        #: Called with (vcpu, instruction bytes) when KVM could not emulate an instruction;
+        #: returns True when it handled it (a host-specific fallback) and the guest goes on.
+        self.on_emulation_failure: Callable[[KvmVcpu, bytes | None], bool] | None = None
         #: Log every exit (kvmpy run --trace-exits).
         self.trace = False
         #: Return None after every handled port-I/O exit (the on-io scheduler).
@@ -131,7 +126,7 @@ class Vcpu:
         self, reason: StopReason = StopReason.INTERRUPTED, message: str = "", kick: bool = False
     ) -> None:
         """Make `run()` return a Stop with `reason` (as `request_pause`, but final)."""
-        self._stop_requested = Stop(reason, 0, message or "stopped by the host")
+        self._stop_requested = Stop(reason, 0, message or "stopped by the host", cpu=self.index)
         self.fd.run_struct.immediate_exit = 1
         if kick:
             self.kick()
@@ -212,7 +207,7 @@ class Vcpu:
         stats = self.stats
         counts, vmm_ns, timed = stats.counts, stats.vmm_ns, stats.timed
         hc_stats = stats.port(HC_PORT, "hypercall")
-        hc_table = self.machine.hypercalls.table
+        hc_table = self.ops.hypercalls.table
         ctx = self.ctx
         trace = self.trace
         yield_on_io = self.yield_on_io
@@ -228,6 +223,7 @@ class Vcpu:
         # does both), so the fast path carries no per-exit test for them.
         hc_out32 = -1 if (trace or yield_on_io) else _HC_OUT32
         mask64, enosys, efault = MASK64, ENOSYS, -14
+        index = self.index
         n = stats.total
         t_loop = now()
         try:
@@ -264,7 +260,9 @@ class Vcpu:
                         try:
                             result = handler(ctx, u64[rdi], u64[rsi], u64[rcx], u64[rbx])
                         except GuestExit as e:
-                            return Stop(StopReason.EXIT, e.code, f"exit hypercall, code {e.code}")
+                            return Stop(
+                                StopReason.EXIT, e.code, f"exit hypercall, code {e.code}", cpu=index
+                            )
                         except GuestMemoryError:
                             result = efault  # a handler touched a bad guest pointer
                     u64[rax] = result & mask64
@@ -288,7 +286,7 @@ class Vcpu:
                         timed[reason] += 1
                         return None
                 elif reason == exit_hlt:
-                    return Stop(StopReason.HLT, 0, "hlt")
+                    return Stop(StopReason.HLT, 0, "hlt", cpu=index)
                 else:
                     stop = slow_exit(reason, n)
                     if stop is not None:
@@ -309,7 +307,7 @@ class Vcpu:
         off = u64[_IO_DATA_OFFSET]
         nbytes = size * count
         data = u8[off : off + nbytes]
-        entry = self.machine.pio_bus.entries.get(port)
+        entry = self.ops.pio_bus.entries.get(port)
         ps = self.stats.port(port, entry.device.name if entry else "")
         t0 = time.perf_counter_ns()
         if out:
@@ -359,14 +357,16 @@ class Vcpu:
         """The hypercall path for everything the fast path does not take."""
         u64 = self._u64
         self.ctx.exits = self.stats.total
-        handler = self.machine.hypercalls.table.get(nr)
+        handler = self.ops.hypercalls.table.get(nr)
         if handler is None:
             result = ENOSYS
         else:
             try:
                 result = handler(self.ctx, u64[_RDI], u64[_RSI], u64[_RCX], u64[_RBX])
             except GuestExit as e:
-                return Stop(StopReason.EXIT, e.code, f"exit hypercall, code {e.code}")
+                return Stop(
+                    StopReason.EXIT, e.code, f"exit hypercall, code {e.code}", cpu=self.index
+                )
             except GuestMemoryError:
                 result = -14
         u64[_RAX] = result & MASK64
@@ -375,11 +375,9 @@ class Vcpu:
 
     def _apply(self, effect) -> None:
         if isinstance(effect, Output):
-            self.machine.console_write(effect.data)
-        elif isinstance(effect, RaiseIrq):
-            self.machine.vm.irq_line(effect.gsi, effect.level)
+            self.ops.console_write(effect.data)
         else:
-            self.machine.apply_effect(effect)
+            self.ops.apply_effect(effect, self.index)
 
     # --- rare exits ----------------------------------------------------------------------------
 
@@ -403,7 +401,7 @@ class Vcpu:
         if reason == ER.SYSTEM_EVENT:
             kind = run.system_event.type
             if kind == K.KVM_SYSTEM_EVENT_RESET:
-                return Stop(StopReason.RESET, 0, "the guest requested a reset")
+                return Stop(StopReason.RESET, 0, "the guest requested a reset", cpu=self.index)
             return self._stop_with_fault(StopReason.SHUTDOWN, f"system event {kind}")
         name = K.ExitReason.name_of(reason)
         return self._stop_with_fault(
@@ -411,7 +409,7 @@ class Vcpu:
         )
 
     def _mmio(self, mmio) -> None:
-        hit = self.machine.mmio_bus.lookup(mmio.phys_addr)
+        hit = self.ops.mmio_bus.lookup(mmio.phys_addr)
         length = min(mmio.len, 8)
         if hit is None:
             ps = self.stats.port(-1)  # MMIO to nothing is counted under port -1
@@ -449,14 +447,8 @@ class Vcpu:
 
     def _shutdown(self, n: int) -> Stop:
         regs = self.fd.get_regs()
-        if self.machine.mode is Mode.PAGED32 and n == 1 and regs.rip == self.machine.entry_ip:
-            return Stop(
-                StopReason.HOST_LIMITATION,
-                0,
-                "this host's KVM cannot run 32-bit paged guests (the vCPU shut down before its "
-                "first instruction; KVM-PVM drops CR0.PG outside long mode): use --mode "
-                "protected or long, or a VT-x/AMD-V host",
-            )
+        if self.ops.mode is Mode.PAGED32 and n == 1 and regs.rip == self.ops.entry_ip:
+            return Stop(StopReason.HOST_LIMITATION, 0, PAGED32_REFUSED, cpu=self.index)
         return self._stop_with_fault(StopReason.SHUTDOWN, "triple fault: the vCPU shut down")
 
     def _internal_error(self, run) -> Stop:
@@ -472,6 +464,9 @@ class Vcpu:
             ef = run.emulation_failure
             if ef.flags & K.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
                 insn = bytes(ef.insn_bytes[: min(ef.insn_size, 15)])
+            hook = self.on_emulation_failure
+            if hook is not None and hook(self, insn):
+                return None
         return self._stop_with_fault(
             StopReason.INTERNAL_ERROR,
             f"internal error {sub}: {names.get(sub, 'unknown')}",
@@ -480,91 +475,15 @@ class Vcpu:
 
     def _check_fault_stub(self) -> Stop | None:
         """An `out` to FAULT_PORT from one of kvmpy's exception stubs: report the exception."""
-        layout = self.machine.layout
-        if layout is None:
-            return None
-        sregs = self.fd.get_sregs()
-        regime = Regime.from_sregs(sregs)
-        regs = self.fd.get_regs()
-        vector = layout.stub_vector(sregs.cs.base + regs.rip if not regime.long_mode else regs.rip)
-        if vector is None or regime.cpl != 0:
-            return None
-        vm = VirtualMemory(self.machine.memory, regime)
-        bits = regime.code_bits
-        slot = bits // 8
-        has_error = vector in VECTORS_WITH_ERROR_CODE and bits != 16
-        try:
-            sp = (
-                regs.rsp
-                if bits == 64
-                else sregs.ss.base + (regs.rsp & (0xFFFF if bits == 16 else 0xFFFFFFFF))
-            )
-            raw = vm.read(sp, slot * 6)
-        except GuestMemoryError:
-            return self._stop_with_fault(
-                StopReason.EXCEPTION, f"{exception_name(vector)} (exception frame unreadable)"
-            )
-        words = [int.from_bytes(raw[i * slot : (i + 1) * slot], "little") for i in range(6)]
-        error = words.pop(0) if has_error else None
-        rip, cs = words[0], words[1] & 0xFFFF
-        regs.rip = rip
-        regs.rflags = words[2]
-        if bits == 64 or (cs & 3):
-            regs.rsp = words[3]
-        else:
-            regs.rsp = (regs.rsp + slot * (3 + (1 if has_error else 0))) & 0xFFFFFFFF
-        cr2 = sregs.cr2 if vector == 14 else None
-        where = f" at {rip:#x}"
-        if cr2 is not None:
-            where += f" (address {cr2:#x})"
-        ring = f" in ring {cs & 3}" if bits != 16 else ""
-        msg = f"{exception_name(vector)}{ring}{where}"
-        if error is not None:
-            msg += f", error code {error:#x}"
-        code_base = (cs << 4) if bits == 16 else 0 if bits == 64 else sregs.cs.base
-        return self._stop_with_fault(
-            StopReason.EXCEPTION,
-            msg,
-            regs=regs,
-            sregs=sregs,
-            vector=vector,
-            error_code=error,
-            cr2=cr2,
-            code_base=code_base,
-            cs=cs,
-        )
+        return fault_stub_stop(self.ops, self.fd.get_regs(), self.fd.get_sregs(), self.index)
 
     def _stop_with_fault(
-        self,
-        reason: StopReason,
-        message: str,
-        *,
-        regs: S.kvm_regs | None = None,
-        sregs: S.kvm_sregs | None = None,
-        insn_bytes: bytes | None = None,
-        vector: int | None = None,
-        error_code: int | None = None,
-        cr2: int | None = None,
-        code_base: int | None = None,
-        cs: int | None = None,
+        self, reason: StopReason, message: str, *, insn_bytes: bytes | None = None
     ) -> Stop:
-        regs = regs or self.fd.get_regs()
-        sregs = sregs or self.fd.get_sregs()
-        regime = Regime.from_sregs(sregs)
-        bits = regime.code_bits
-        if code_base is None:
-            code_base = 0 if bits == 64 else sregs.cs.base
-        linear = code_base + regs.rip
-        if insn_bytes is None:
-            insn_bytes = VirtualMemory(self.machine.memory, regime).read_partial(linear, 15)
-        decoded = disassemble_one(insn_bytes, regs.rip, bits) if insn_bytes else None
-        text = decoded[0] if decoded else None
-        if decoded:
-            insn_bytes = insn_bytes[: decoded[1]]
-        fault = Fault(regs.rip, text, insn_bytes, vector, error_code, cr2, cs)
-        if text:
-            message = f"{message}; faulting instruction: {text}"
-        return Stop(reason, 0, message, fault, regs)
+        return stop_with_fault(
+            self.ops, reason, message, self.fd.get_regs(), self.fd.get_sregs(), self.index,
+            insn_bytes=insn_bytes,
+        )  # fmt: skip
 
     def _trace(self, reason: int) -> None:
         run = self.fd.run_struct
@@ -576,7 +495,7 @@ class Vcpu:
             extra = f" {d} port={io.port:#x} size={io.size} count={io.count}"
             if io.port == HC_PORT and io.direction == _OUT:
                 nr = self._u32[io.data_offset >> 2] if io.size == 4 else None
-                extra += f" hypercall={self.machine.hypercalls.name(nr) if nr is not None else '?'}"
+                extra += f" hypercall={self.ops.hypercalls.name(nr) if nr is not None else '?'}"
         elif reason == K.ExitReason.MMIO:
             m = run.mmio
             extra = f" {'write' if m.is_write else 'read'} addr={m.phys_addr:#x} len={m.len}"
@@ -584,8 +503,58 @@ class Vcpu:
             extra = ""
         print(f"[exit {self.stats.total}] {name} rip={rip:#x}{extra}", file=sys.stderr)
 
-    # --- registers -----------------------------------------------------------------------------
+    # --- registers and state -------------------------------------------------------------------
 
     def regs_dict(self) -> dict[str, int]:
         regs = self.fd.get_regs()
         return {name: getattr(regs, name) for name in S.GPR_NAMES}
+
+    def get_regs(self) -> S.kvm_regs:
+        return self.fd.get_regs()
+
+    def set_regs(self, regs: S.kvm_regs) -> None:
+        self.fd.set_regs(regs)
+
+    def get_sregs(self) -> S.kvm_sregs:
+        return self.fd.get_sregs()
+
+    def set_sregs(self, sregs: S.kvm_sregs) -> None:
+        self.fd.set_sregs(sregs)
+
+    def set_fpu(self, fpu: S.kvm_fpu) -> None:
+        self.fd.set_fpu(fpu)
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        return self.fd.get_msrs(indices)
+
+    def set_msrs(self, msrs: dict[int, int]) -> int:
+        return self.fd.set_msrs(msrs)
+
+    def set_mp_state(self, state: int) -> None:
+        self.fd.set_mp_state(state)
+
+    def enable_x2apic(self, bsp: bool) -> None:
+        """Put the in-kernel LAPIC in x2APIC mode and software-enable it (SVR), with spurious
+        vector 0xFF: xAPIC MMIO writes from ring 0 shut the vCPU down on KVM-PVM, and SDK guests
+        reach the LAPIC through MSRs (EOI: wrmsr 0x80B; ICR: 0x830)."""
+        base = APIC_DEFAULT_BASE | APIC_BASE_ENABLE | APIC_BASE_EXTD | (APIC_BASE_BSP if bsp else 0)
+        if self.fd.set_msrs({MSR_IA32_APIC_BASE: base}) != 1:
+            raise ConfigError("KVM refused to switch the LAPIC to x2APIC mode")
+        lapic = self.fd.get_lapic()
+        # Through the raw buffer: ctypes hands a c_char array field out as bytes cut at the
+        # first NUL (offset 0 of the LAPIC page is zero), so `lapic.regs` is empty.
+        raw = memoryview(lapic).cast("B")
+        svr = int.from_bytes(raw[APIC_REG_SVR : APIC_REG_SVR + 4], "little")
+        raw[APIC_REG_SVR : APIC_REG_SVR + 4] = (svr | APIC_SVR_ENABLE | 0xFF).to_bytes(4, "little")
+        raw.release()
+        self.fd.set_lapic(lapic)
+
+    def save_state(self) -> dict:
+        from . import state
+
+        return state.capture_vcpu(self)
+
+    def restore_state(self, d: dict) -> None:
+        from . import state
+
+        state.apply_vcpu(self, d)
