@@ -115,11 +115,12 @@ def run_guest(image: Path, transport: str, jobs=JOBS, seed: int = 12345, poll_us
 
 
 def _tsc_khz(machine) -> int:
+    """The guest's TSC rate, from the KVM vCPU (KVM_GET_TSC_KHZ)."""
+    vcpu = machine.vcpus[0]
     try:
-        return int(machine.vcpu.fd.get_tsc_khz())
-    except (AttributeError, OSError):
-        backend = getattr(machine.vcpus[0], "backend", None)
-        return int(backend.fd.get_tsc_khz())
+        return int(vcpu.fd.get_tsc_khz())
+    except (AttributeError, OSError) as e:
+        raise BenchmarkError(f"cannot read the guest's TSC frequency: {e}") from None
 
 
 def run_reference_c(image: Path, jobs=JOBS, seed: int = 12345) -> dict:
