@@ -389,12 +389,18 @@ def install_guest_handlers(machine, vset: VirtioSet | None = None) -> bool:
     if not all(n in symbols for n in names) or not machine.config.irqchip:
         return False
     machine.set_interrupt_handler(GUEST_VECTOR, symbols["kvmpy_virtio_irq_entry"])
-    machine.set_interrupt_handler(3, symbols["kvmpy_virtio_wait_gate"], dpl=3)
+    # The int3 gate is one per image: kvmpy/smp.h's (and ipc.h's) take it when present; the
+    # guest then waits for interrupts by spinning on the count (irq_ready = 2).
+    ready = 1
+    if any(n in symbols for n in ("kvmpy_smp_gate", "kvmpy_ipc_wait_gate")):
+        ready = 2
+    else:
+        machine.set_interrupt_handler(3, symbols["kvmpy_virtio_wait_gate"], dpl=3)
     if vset is not None and vset.transport == "mmio":
         pins = [t.pin for t in vset.transports if getattr(t, "pin", None) is not None]
         if pins:
             _route_ioapic_pins(machine, pins, GUEST_VECTOR, cpu=0)
-    machine.memory.write_u64(symbols["kvmpy_virtio_irq_ready"], 1)
+    machine.memory.write_u64(symbols["kvmpy_virtio_irq_ready"], ready)
     return True
 
 

@@ -480,8 +480,9 @@ static inline int kv_vq_wait(struct kv_vq *q, uint32_t *len)
 
 /* Interrupts the ring-0 handler has counted. */
 extern volatile uint64_t kvmpy_virtio_irqs;
-/* Set to 1 by kvmpy when it has installed the handler and the wait gate (a machine with an
- * in-kernel irqchip): interrupts can be used. */
+/* Set by kvmpy when it has installed the handler (a machine with an in-kernel irqchip):
+ * interrupts can be used. 1: the wait gate too; 2: no wait gate (kvmpy/smp.h or ipc.h owns
+ * the int3 gate in this image), so waiting spins on the interrupt count. */
 extern volatile uint64_t kvmpy_virtio_irq_ready;
 /* The x2APIC ID (kvmpy: the vCPU index) of the CPU that took the last interrupt. */
 extern volatile uint32_t kvmpy_virtio_irq_cpu;
@@ -562,7 +563,11 @@ static inline int kv_vq_wait_irq(struct kv_vq *q, uint32_t *len)
 		kv_mb();
 		if ((head = kv_vq_poll(q, len)) >= 0)
 			return head;
-		kv_virtio_wait_irq(seen);
+		if (kvmpy_virtio_irq_ready == 1)
+			kv_virtio_wait_irq(seen);
+		else
+			while (kvmpy_virtio_irqs == seen)
+				kv_cpu_relax();
 	}
 }
 
