@@ -28,9 +28,12 @@ def take(machine: Machine, path: str | os.PathLike) -> dict[str, Any]:
     """Write a snapshot of `machine` (vCPU paused, pending I/O completed) to `path`."""
     t0 = time.perf_counter()
     lazy.settle(machine.memory)
-    st = state.capture(machine)
-    t_state = time.perf_counter()
-    res = format.write(path, st, machine.memory)
+    # Device I/O threads write guest RAM on their own: they hold still while the state and
+    # memory are written, so the two agree.
+    with state.devices_quiesced(machine):
+        st = state.capture(machine)
+        t_state = time.perf_counter()
+        res = format.write(path, st, machine.memory)
     total = (time.perf_counter() - t0) * 1e3
     return {
         "path": str(Path(path).resolve()),
