@@ -122,6 +122,24 @@ def test_custom_port_device(assemble, kvm):
     assert 1 <= ports["0x602"]["out"] <= 3
 
 
+class Broken(Device):
+    name = "broken"
+
+    def read(self, offset, size):
+        raise RuntimeError("no register here")
+
+
+@pytest.mark.kvm
+def test_a_device_that_raises_stops_the_vm_with_vmm_error(assemble, kvm):
+    code = assemble("mov $0x600, %dx\n in %dx, %al\n hlt")
+    with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
+        m.add_pio_device(0x600, 4, Broken())
+        m.load(load_raw(code))
+        result = m.run(timeout=30)  # raises nothing
+    assert result.stop_reason is StopReason.VMM_ERROR
+    assert "device broken raised RuntimeError: no register here" in result.message
+
+
 @pytest.mark.kvm
 def test_unassigned_ports_and_mmio(assemble, kvm):
     # in from a port nobody owns reads all ones; so does MMIO outside RAM; writes are ignored.

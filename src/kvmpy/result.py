@@ -21,7 +21,7 @@ class StopReason(enum.StrEnum):
     HOST_LIMITATION = "host_limitation"  # this host's KVM cannot run the requested mode
     INTERRUPTED = "interrupted"  # stopped from the host (Ctrl-C, request_stop)
     TIMEOUT = "timeout"  # the run's time limit passed
-    VMM_ERROR = "vmm_error"  # KVM_RUN itself failed
+    VMM_ERROR = "vmm_error"  # KVM_RUN failed, or a Python handler or device did
     MIGRATED = "migrated"  # the VM went on in another process (kvmpy.persist)
 
     @property

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import operator
 import signal
 import sys
 import threading
@@ -261,13 +262,22 @@ class Vcpu:
                     if handler is None:
                         result = enosys
                     else:
+                        # `try` costs nothing in CPython 3.11 until something raises, so a
+                        # Python handler's mistakes are caught here at no per-exit cost.
                         try:
                             result = handler(ctx, u64[rdi], u64[rsi], u64[rcx], u64[rbx])
                         except GuestExit as e:
                             return Stop(StopReason.EXIT, e.code, f"exit hypercall, code {e.code}")
                         except GuestMemoryError:
                             result = efault  # a handler touched a bad guest pointer
-                    u64[rax] = result & mask64
+                        except Exception as e:
+                            return self._handler_raised(nr, e)
+                    try:
+                        u64[rax] = result & mask64
+                    except Exception:  # None (means 0), a numpy int, or not an int at all
+                        stop = self._odd_result(nr, result)
+                        if stop is not None:
+                            return stop
                     u64[dirty] = sync_regs
                     if t_exit:
                         dt = now() - t_exit
@@ -351,6 +361,8 @@ class Vcpu:
                     value = device.read(offset, size)
                     data[i * size : (i + 1) * size] = bytes(value[:size]).ljust(size, b"\xff")
             return None
+        except Exception as e:  # a Python device model failed: the VMM's fault, not the guest's
+            return self._device_raised(entry.device.name if entry else f"port {port:#x}", e)
         finally:
             ps.time_ns += time.perf_counter_ns() - t0
             ps.timed += 1
@@ -369,9 +381,44 @@ class Vcpu:
                 return Stop(StopReason.EXIT, e.code, f"exit hypercall, code {e.code}")
             except GuestMemoryError:
                 result = -14
-        u64[_RAX] = result & MASK64
+            except Exception as e:
+                return self._handler_raised(nr, e)
+        try:
+            u64[_RAX] = result & MASK64
+        except Exception:
+            stop = self._odd_result(nr, result)
+            if stop is not None:
+                return stop
         u64[_DIRTY] = K.KVM_SYNC_X86_REGS
         return None
+
+    def _handler_raised(self, nr: int, e: Exception) -> Stop:
+        """A Python hypercall handler raised: the VMM's side failed, not the guest's, so the VM
+        stops with VMM_ERROR (run() itself raises nothing its caller did not ask for)."""
+        name = self.machine.hypercalls.name(nr)
+        log.debug("hypercall %d (%s) raised", nr, name, exc_info=e)
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        return self._stop_with_fault(
+            StopReason.VMM_ERROR, f"hypercall {nr} ({name}) handler raised {detail}"
+        )
+
+    def _odd_result(self, nr: int, result) -> Stop | None:
+        """A handler's result that is not a plain int: None means 0, an integer type (numpy's)
+        is taken as its value, anything else stops the VM."""
+        if result is None:
+            self._u64[_RAX] = 0
+            return None
+        try:
+            self._u64[_RAX] = operator.index(result) & MASK64
+            return None
+        except Exception:
+            pass
+        name = self.machine.hypercalls.name(nr)
+        return self._stop_with_fault(
+            StopReason.VMM_ERROR,
+            f"hypercall {nr} ({name}) handler returned {type(result).__name__} {result!r:.60}, "
+            "not an int",
+        )
 
     def _apply(self, effect) -> None:
         if isinstance(effect, Output):
@@ -387,8 +434,7 @@ class Vcpu:
         ER = K.ExitReason
         run = self.fd.run_struct
         if reason == ER.MMIO:
-            self._mmio(run.mmio)
-            return None
+            return self._mmio(run.mmio)
         if reason in (ER.IRQ_WINDOW_OPEN, ER.INTR):
             return None
         if reason == ER.SHUTDOWN:
@@ -410,7 +456,12 @@ class Vcpu:
             StopReason.UNHANDLED_EXIT, f"kvmpy has no handler for the {name} exit"
         )
 
-    def _mmio(self, mmio) -> None:
+    def _device_raised(self, name: str, e: Exception) -> Stop:
+        log.debug("device %s raised", name, exc_info=e)
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        return self._stop_with_fault(StopReason.VMM_ERROR, f"device {name} raised {detail}")
+
+    def _mmio(self, mmio) -> Stop | None:
         hit = self.machine.mmio_bus.lookup(mmio.phys_addr)
         length = min(mmio.len, 8)
         if hit is None:
@@ -422,16 +473,20 @@ class Vcpu:
                 ps.reads += 1
                 for i in range(length):
                     mmio.data[i] = 0xFF
-            return
+            return None
         device, offset = hit
-        if mmio.is_write:
-            effect = device.write(offset, bytes(mmio.data[:length]))
-            if effect is not None:
-                self._apply(effect)
-        else:
-            value = bytes(device.read(offset, length)[:length]).ljust(length, b"\xff")
-            for i in range(length):
-                mmio.data[i] = value[i]
+        try:
+            if mmio.is_write:
+                effect = device.write(offset, bytes(mmio.data[:length]))
+                if effect is not None:
+                    self._apply(effect)
+            else:
+                value = bytes(device.read(offset, length)[:length]).ljust(length, b"\xff")
+                for i in range(length):
+                    mmio.data[i] = value[i]
+        except Exception as e:
+            return self._device_raised(device.name, e)
+        return None
 
     def _interrupted(self) -> Stop | None | bool:
         """KVM_RUN returned EINTR: a pause, a stop, or a stray signal (False: keep going)."""
