@@ -15,6 +15,7 @@ entry state.
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import struct
@@ -37,6 +38,7 @@ from .hypercalls import PORT as HYPERCALL_PORT
 from .hypercalls import Hypercalls
 from .kvm import Cap, Kvm
 from .kvm import structs as S
+from .limits import check_duration
 from .loader import Image, load_file
 from .memory import PAGE_SIZE, GuestMemory, parse_size
 from .result import RunResult, Stop, StopReason
@@ -78,18 +80,24 @@ class MachineConfig:
 
     def validated(self) -> MachineConfig:
         mode = Mode.parse(self.mode) if isinstance(self.mode, str) else self.mode
-        size = parse_size(self.memory)
-        if size < MIN_MEMORY:
-            raise ConfigError(f"guest memory must be at least 1M (got {self.memory})")
-        if size > MAX_MEMORY:
-            raise ConfigError(f"guest memory must be at most 1T (got {self.memory})")
-        if size % PAGE_SIZE:
-            raise ConfigError(f"guest memory must be a multiple of 4K (got {self.memory})")
+        size = check_memory_size(self.memory)
         if self.vcpus != 1:
             raise ConfigError("kvmpy runs one vCPU per machine so far (SMP guests are planned)")
         if self.pit and not self.irqchip:
             raise ConfigError("the in-kernel PIT needs the in-kernel irqchip (irqchip=True)")
         return MachineConfig(mode, size, self.vcpus, self.irqchip, self.pit, self.name)
+
+
+def check_memory_size(memory: int | str) -> int:
+    """A guest RAM size in bytes, or ConfigError if it is not one a machine can have."""
+    size = parse_size(memory)
+    if size < MIN_MEMORY:
+        raise ConfigError(f"guest memory must be at least 1M (got {memory})")
+    if size > MAX_MEMORY:
+        raise ConfigError(f"guest memory must be at most 1T (got {memory})")
+    if size % PAGE_SIZE:
+        raise ConfigError(f"guest memory must be a multiple of 4K (got {memory})")
+    return size
 
 
 def ram_layout(size: int) -> list[tuple[int, int]]:
@@ -283,7 +291,20 @@ class Machine:
             if len(out) > 2 * self._capture_limit:
                 del out[: len(out) - self._capture_limit]
         if self._sink is not None:
-            self._sink(data)
+            try:
+                self._sink(data)
+            except OSError as e:  # stdout closed by its reader, a full disk...
+                self._output_failed(e)
+
+    def _output_failed(self, e: OSError) -> None:
+        """The guest's output cannot be written: stop the VM (not the VMM with a traceback),
+        and drop the sink so that nothing else is written to it."""
+        self._sink = None
+        why = "broken pipe: the reader went away" if e.errno == errno.EPIPE else e.strerror
+        for vcpu in self.vcpus:
+            vcpu.request_stop(
+                StopReason.OUTPUT_ERROR, f"cannot write the guest's output: {why or e}", kick=True
+            )
 
     @property
     def output(self) -> bytes:
@@ -315,6 +336,8 @@ class Machine:
         returns ends the run (a control channel pausing, snapshotting or migrating the VM)."""
         if self.boot is None:
             raise ConfigError("load an image before running the machine")
+        if timeout is not None:
+            timeout = check_duration(timeout)
         vcpu = self.vcpu
         main = threading.current_thread() is threading.main_thread()
         if (timeout or handle_sigint) and not main:

@@ -23,6 +23,7 @@ class StopReason(enum.StrEnum):
     TIMEOUT = "timeout"  # the run's time limit passed
     VMM_ERROR = "vmm_error"  # KVM_RUN failed, or a Python handler or device did
     MIGRATED = "migrated"  # the VM went on in another process (kvmpy.persist)
+    OUTPUT_ERROR = "output_error"  # the guest's output could not be written (EPIPE, ENOSPC)
 
     @property
     def ok(self) -> bool:
@@ -33,6 +34,7 @@ class StopReason(enum.StrEnum):
 EXIT_STATUS = {
     StopReason.TIMEOUT: 124,
     StopReason.INTERRUPTED: 130,
+    StopReason.OUTPUT_ERROR: 74,  # EX_IOERR in <sysexits.h>
 }
 EXIT_STATUS_CRASH = 125
 
@@ -93,10 +95,15 @@ class Stop:
     regs: Any = None
 
 
+#: Stops where the guest ended by itself, so it has an exit code (hlt counts as code 0).
+GUEST_ENDED = (StopReason.EXIT, StopReason.HLT)
+
+
 @dataclass
 class RunResult:
     stop_reason: StopReason
-    exit_code: int
+    #: The guest's exit code, or None if the guest did not end by itself.
+    exit_code: int | None
     message: str
     regs: dict[str, int]
     sregs: dict[str, int]
@@ -105,6 +112,12 @@ class RunResult:
     duration_s: float = 0.0
     output: bytes = b""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The guest's exit code exists only if the guest ended by itself; after a timeout, a
+        # fault or a signal there is none (None, null in JSON), not a 0 that reads as success.
+        if self.stop_reason not in GUEST_ENDED:
+            self.exit_code = None  # type: ignore[assignment]
 
     @property
     def exits(self) -> dict[str, int]:

@@ -8,6 +8,7 @@ import sys
 
 from ..benchmarks import positive_int
 from ..ipc.report import format_rate, format_time
+from .options import seconds, size
 
 
 def add_parser(sub) -> None:
@@ -26,14 +27,18 @@ def add_parser(sub) -> None:
         help="port I/O relayed by the VMMs, a ring in shared memory with spinning ends, or "
         "the same ring with doorbell interrupts (ivshmem-doorbell)",
     )  # fmt: skip
-    p.add_argument("--size", default="4K", metavar="SIZE", help="bytes per run (default 4K)")
+    p.add_argument(
+        "--size", type=size, default="4K", metavar="SIZE", help="bytes per run (default 4K)"
+    )
     p.add_argument("--runs", type=positive_int, default=5, help="measured runs (default 5)")
     p.add_argument(
         "--same-process", action="store_true", help="run both VMMs as threads of this process"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--pingpong", action="store_true", help="measure small-message round trips")
-    p.add_argument("--msg", default="64", metavar="SIZE", help="ping-pong message (default 64)")
+    p.add_argument(
+        "--msg", type=size, default="64", metavar="SIZE", help="ping-pong message (default 64)"
+    )
     p.add_argument(
         "--rounds", type=positive_int, default=200, help="round trips per run (default 200)"
     )
@@ -51,6 +56,7 @@ def add_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument(
         "--shm-size",
+        type=size,
         default="2M",
         metavar="SIZE",
         help="shared region size; two rings get the largest power of two that fits (default 2M)",
@@ -60,10 +66,13 @@ def add_parser(sub) -> None:
     )
     pin = p.add_mutually_exclusive_group()
     pin.add_argument(
-        "--cpus", metavar="A,B", help="pin the sender's VMM to CPU A and the receiver's to B"
+        "--cpus",
+        type=_cpus,
+        metavar="A,B",
+        help="pin the sender's VMM to CPU A and the receiver's to B",
     )
     pin.add_argument("--no-pin", action="store_true", help="leave the VMMs unpinned")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long")
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS", help="give up after this long")
     p.add_argument(
         "--guest", metavar="IMAGE",
         help="instead of measuring, run IMAGE (a guest built with kvmpy/ipc.h, or a bundled "
@@ -80,18 +89,11 @@ def _cpus(text: str) -> tuple[int, int]:
 
 
 def options_from_args(args):
-    from ..errors import ConfigError
     from ..ipc.bench import IpcOptions, default_cpus
     from ..ipc.layout import Mechanism, PioWidth, WaitMode
     from ..memory import parse_size
 
-    if args.cpus:
-        try:
-            cpus = _cpus(args.cpus)
-        except argparse.ArgumentTypeError as e:
-            raise ConfigError(str(e)) from None
-    else:
-        cpus = None if args.no_pin else default_cpus()
+    cpus = args.cpus or (None if args.no_pin else default_cpus())
     size = parse_size(args.msg if args.pingpong else args.size)
     return IpcOptions(
         mechanism=Mechanism.parse(args.mechanism),
@@ -110,9 +112,13 @@ def options_from_args(args):
 
 
 def cmd_ipc(args) -> int:
+    from ..errors import ConfigError, UsageError
     from ..ipc.bench import run_ipc, with_reference
 
-    opts = options_from_args(args)
+    try:
+        opts = options_from_args(args)
+    except ConfigError as e:  # flags that do not go together
+        raise UsageError(str(e)) from None
     if args.guest:
         return run_user_guest(opts, args)
     try:

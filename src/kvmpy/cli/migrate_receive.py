@@ -24,21 +24,19 @@ def add_parser(sub) -> None:
 def cmd_migrate_receive(args) -> int:
     # Imported before the migration arrives: between GO and the first KVM_RUN (the downtime)
     # there is no time for imports.
-    from ..errors import ConfigError
     from ..persist import control, session  # noqa: F401
     from ..persist.migration import Incoming, parse_address
     from .ctl import run_with_control
+    from .outputs import GuestConsole
     from .run import report
 
-    if args.timeout is not None and args.timeout <= 0:
-        raise ConfigError("--timeout must be positive")
     host, port = parse_address(args.listen)
     incoming = Incoming(host, port)
     try:
         h, p = incoming.address
         sys.stderr.write(f"kvmpy: waiting for a migration on {h}:{p}\n")
         sys.stderr.flush()
-        out = sys.stdout.buffer
+        out = GuestConsole()
         machine = incoming.receive(console=out, capture_output=False)
     except KeyboardInterrupt:
         incoming.close()
@@ -60,7 +58,5 @@ def cmd_migrate_receive(args) -> int:
     finally:
         incoming.close()
         machine.close()
-    out.flush()
-    report(result, stats=args.stats, as_json=args.json, image=f"migration from "
-           f"{extra.get('migration', {}).get('source', '?')}", mode=mode)  # fmt: skip
-    return result.process_exit_status
+    return report(result, stats=args.stats, as_json=args.json, image=f"migration from "
+           f"{extra.get('migration', {}).get('source', '?')}", mode=mode, console=out)  # fmt: skip

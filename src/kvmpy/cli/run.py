@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from ..arch.x86.modes import Mode
-from ..errors import ConfigError
 from ..result import RunResult, StopReason
+from .options import guest_memory, seconds
+from .outputs import GuestConsole, write_stdout
+
+log = logging.getLogger("kvmpy.cli")
 
 
 def add_parser(sub) -> None:
@@ -24,7 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--mode", choices=[m.value for m in Mode], help="CPU mode (default: from the image)"
     )
-    p.add_argument("--mem", default="64M", metavar="SIZE", help="guest RAM (default 64M)")
+    p.add_argument(
+        "--mem", type=guest_memory, default="64M", metavar="SIZE", help="guest RAM (default 64M)"
+    )
     p.add_argument(
         "--load-addr", type=_address, metavar="GPA", help="where a raw image loads (default 0)"
     )
@@ -42,7 +48,7 @@ def add_result_options(p) -> None:
     p.add_argument("--stats", action="store_true", help="print exit statistics (stderr)")
     p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
     p.add_argument(
-        "--timeout", type=float, metavar="SECONDS", help="stop the guest after this long"
+        "--timeout", type=seconds, metavar="SECONDS", help="stop the guest after this long"
     )
     p.add_argument(
         "--control", metavar="SOCK", help="serve a control channel on this unix socket (kvmpy ctl)"
@@ -82,46 +88,88 @@ def cmd_run(args) -> int:
 
     image = load_file(path, args.load_addr, args.entry)
     mode = mode or image.mode_hint or (Mode.PROTECTED if image.bits == 32 else Mode.LONG)
-    if args.timeout is not None and args.timeout <= 0:
-        raise ConfigError("--timeout must be positive")
     config = MachineConfig(mode=mode, memory=args.mem, irqchip=args.irqchip)
-    out = sys.stdout.buffer
+    out = GuestConsole()
     with Machine(config, console=out, capture_output=False) as machine:
         vcpu = machine.vcpu
         vcpu.trace = args.trace_exits
         machine.load(image)
+        _log_start(machine, image, path)
         if args.control:
             from .ctl import run_with_control
 
             result = run_with_control(machine, args.control, args.timeout)
         else:
             result = machine.run(timeout=args.timeout, handle_sigint=True)
-    out.flush()
-    report(result, stats=args.stats, as_json=args.json, image=str(path), mode=mode)
-    return result.process_exit_status
+    return report(result, stats=args.stats, as_json=args.json, image=str(path), mode=mode,
+                  console=out)  # fmt: skip
 
 
-def report(result: RunResult, *, stats: bool, as_json: bool, image: str, mode: Mode) -> None:
+def _log_start(machine, image, path) -> None:
+    """What `-v` shows before the guest starts: the image, the machine, kvmpy's layout."""
+    from ..memory import format_size
+
+    log.info(
+        "%s: %s image, %d segment(s), %s, entry %#x",
+        path, image.kind, len(image.segments), format_size(image.size), machine.entry_ip,
+    )  # fmt: skip
+    layout = machine.layout
+    log.info(
+        "machine: %s mode, %s of RAM, %s; kvmpy's structures at %s",
+        machine.mode.value,
+        format_size(machine.memory.size),
+        "in-kernel irqchip" if machine.config.irqchip else "no irqchip",
+        f"{layout.base:#x}-{layout.end:#x}" if layout is not None else "?",
+    )
+
+
+#: Stops reported in one line, without a register dump: they say nothing about the guest.
+_NO_DUMP = (StopReason.HOST_LIMITATION, StopReason.INTERRUPTED, StopReason.OUTPUT_ERROR)
+
+
+def report(
+    result: RunResult,
+    *,
+    stats: bool,
+    as_json: bool,
+    image: str,
+    mode: Mode,
+    console: GuestConsole | None = None,
+) -> int:
+    """The end of every command that ran a VM (run, restore, migrate-receive): the stop on
+    stderr, --stats on stderr, --json on stdout. Returns the process's exit status."""
     from rich.console import Console
 
+    log.info(
+        "stopped (%s) after %d exits in %.1f ms",
+        result.stop_reason.value, result.stats.total, result.duration_s * 1e3,
+    )  # fmt: skip
+    output_ok = result.stop_reason is not StopReason.OUTPUT_ERROR
+    if console is not None and output_ok:
+        console.flush()  # OutputError if the last of the guest's output cannot be written
     # Plain writes: guest-controlled text (disassembly like "[rax]") must not meet rich markup.
-    if not result.stop_reason.ok:
+    if not output_ok:
+        sys.stderr.write(f"kvmpy: error: {result.message}; the VM was stopped\n")
+    elif not result.stop_reason.ok:
         sys.stderr.write(f"kvmpy: guest stopped: {result.stop_reason.value}: {result.message}\n")
-        if result.stop_reason is not StopReason.HOST_LIMITATION:
+        if result.stop_reason not in _NO_DUMP:
             sys.stderr.write(format_registers(result) + "\n")
-        sys.stderr.flush()
+    sys.stderr.flush()
     err = Console(stderr=True, highlight=False)
     if stats:
         for table in result.stats.rich_tables():
             err.print(table)
+        code = "none" if result.exit_code is None else result.exit_code
         err.print(
             f"{result.stats.total} exits in {result.duration_s * 1e3:.1f} ms; "
-            f"stop: {result.stop_reason.value}, exit code {result.exit_code}"
+            f"stop: {result.stop_reason.value}, guest exit code {code}"
         )
-    if as_json:
+    if as_json and output_ok:
         doc = {"image": image, "mode": mode.value, **result.to_dict()}
-        sys.stdout.write(json.dumps(doc) + "\n")
-        sys.stdout.flush()
+        # On a line of its own, whatever the guest's last byte was.
+        lead = "" if console is None or console.ends_line else "\n"
+        write_stdout(lead + json.dumps(doc) + "\n")
+    return result.process_exit_status
 
 
 def format_registers(result: RunResult) -> str:

@@ -39,6 +39,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from ..kvm import constants as K
+from ..limits import duration_problem
 from ..machine import Machine
 from ..result import Stop
 from .errors import SchedError
@@ -249,8 +250,9 @@ class Scheduler:
                 raise SchedError(
                     f"the duration must be a number of seconds (got {duration!r})"
                 ) from None
-            if not (math.isfinite(duration) and duration > 0):
-                raise SchedError(f"the duration must be positive (got {duration:g} s)")
+            problem = duration_problem(duration)
+            if problem is not None:
+                raise SchedError(f"the duration {problem} (got {duration:g} s)")
         if threading.current_thread() is not threading.main_thread():
             raise SchedError(
                 "the scheduler needs the main thread: its timer and Ctrl-C are signals, and "
@@ -665,7 +667,11 @@ def parse_duration(text: str) -> float:
     try:
         value = round(float(num) * _UNITS[unit]) / 1e9
     except (ValueError, OverflowError):
-        raise SchedError(f"not a duration: {text!r} (use e.g. 10ms, 5s, 250us)") from None
+        raise SchedError(
+            f"not a duration: {text!r} (use a finite number with a unit, e.g. 10ms, 5s, 250us)"
+        ) from None
     if not math.isfinite(value) or value < 0:
-        raise SchedError(f"not a duration: {text!r} (use e.g. 10ms, 5s, 250us)")
+        raise SchedError(
+            f"not a duration: {text!r} (use a finite number with a unit, e.g. 10ms, 5s, 250us)"
+        )
     return value
