@@ -318,6 +318,13 @@ class Vcpu:
         count = u32[_IO_COUNT]
         off = u64[_IO_DATA_OFFSET]
         nbytes = size * count
+        if size not in (1, 2, 4) or off + nbytes > len(u8):
+            # KVM never reports these; a loop over `count` items would run for ever.
+            return self._stop_with_fault(
+                StopReason.VMM_ERROR,
+                f"KVM reported an impossible I/O exit (port {port:#x}, size {size}, count "
+                f"{count}, data at offset {off})",
+            )
         data = u8[off : off + nbytes]
         entry = self.machine.pio_bus.entries.get(port)
         ps = self.stats.port(port, entry.device.name if entry else "")

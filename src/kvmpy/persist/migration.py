@@ -628,12 +628,14 @@ class Incoming:
                 link.send_json(READY_TO_RUN, {"restore_ms": restore_ms})
                 go = link.expect(GO)
                 self.t_go = time.monotonic()
+                # GO's figures only feed the report: the VM is committed to run here now, so
+                # a malformed one is replaced, never a reason to fail.
                 self.info.update(
-                    rounds=int(go.get("rounds", len(per_round))),
+                    rounds=int(_figure(go, "rounds", len(per_round))),
                     pages_per_round=[per_round[r] for r in sorted(per_round)],
-                    source_stop_ms=float(go.get("source_stop_ms", 0.0)),
-                    one_way_ms=float(go.get("one_way_ms", 0.0)),
-                    source_total_s=go.get("source_total_s"),
+                    source_stop_ms=_figure(go, "source_stop_ms", 0.0),
+                    one_way_ms=_figure(go, "one_way_ms", 0.0),
+                    source_total_s=_figure(go, "source_total_s", None),
                     restore_ms=restore_ms,
                 )
                 return machine
@@ -665,6 +667,16 @@ class Incoming:
         }
         self.report = report
         return report
+
+
+def _figure(doc: dict, key: str, default):
+    """A finite, non-negative number the other side reported, or `default`."""
+    value = doc.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    if not 0 <= value < 1e12:  # NaN fails this too
+        return default
+    return value
 
 
 def _scatter(arrays, numbers: np.ndarray, data: np.ndarray | None) -> None:
