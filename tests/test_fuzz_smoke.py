@@ -52,6 +52,7 @@ def _receive(stream_messages):
     M = h.migration
     a, b = socket.socketpair()
     data = b"".join(M.HDR.pack(k, len(p)) + p for k, p in stream_messages)
+
     def feed():
         with contextlib.suppress(OSError):
             b.sendall(data)
