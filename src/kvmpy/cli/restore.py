@@ -39,6 +39,7 @@ def cmd_restore(args) -> int:
 def _restore(args, handler) -> int:
     # Everything the run needs is imported before restore() starts its clock.
     from ..persist import control, session  # noqa: F401
+    from ..persist.errors import SnapshotError
     from ..persist.snapshot import restore
     from .ctl import run_with_control
     from .outputs import GuestConsole
@@ -54,8 +55,11 @@ def _restore(args, handler) -> int:
             restored.machine, args.control, args.timeout, before_first_run=restored.mark_first_run
         )
         result.extra["restore"] = restored.report()
+        failure = restored.failure
     finally:
         restored.close()
+    if failure is not None:  # the same one line as an eager restore of the same snapshot
+        raise SnapshotError(failure)
     return report(
         result, stats=args.stats, as_json=args.json, image=str(args.dir), mode=mode, console=out
     )

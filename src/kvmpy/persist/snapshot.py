@@ -56,6 +56,11 @@ class Restored:
     info: dict[str, Any] = field(default_factory=dict)
     first_run_ns: int | None = None
 
+    @property
+    def failure(self) -> str | None:
+        """Why a lazy restore stopped the VM (damaged memory, a dead handler), or None."""
+        return self.loader.failure if self.loader is not None else None
+
     def mark_first_run(self) -> None:
         """Call just before the first KVM_RUN: the end of the restore proper."""
         if self.first_run_ns is None:
@@ -97,6 +102,7 @@ def restore(
     capture_output: bool = True,
     setup: Callable[[Machine], None] | None = None,
     handler: HandlerProcess | None = None,
+    lazy_background: bool = True,
 ) -> Restored:
     """Build a machine from the snapshot at `path` and put its state back.
 
@@ -106,7 +112,9 @@ def restore(
     had there (the snapshot holds their state, not their code). `handler`, for a lazy restore,
     is a page-fault handler process started beforehand (`HandlerProcess.start()`), so it is
     ready when the VM starts; without one, one is started here and the first fault waits
-    for it."""
+    for it. `lazy_background=False` keeps the handler from checking and loading the rest of
+    memory between faults (every page then comes in on first touch; tests count faults so).
+    A lazy restore whose memory turns out damaged stops the VM: `Restored.failure` says why."""
     t0 = time.monotonic_ns()
     snap = format.open_snapshot(path)
     machine = loader = None
@@ -129,7 +137,8 @@ def restore(
             def stop_vm(message: str) -> None:
                 m.vcpu.request_stop(StopReason.VMM_ERROR, message, kick=True)
 
-            loader = lazy.LazyLoader(machine.memory, snap, on_error=stop_vm, process=handler)
+            loader = lazy.LazyLoader(machine.memory, snap, on_error=stop_vm, process=handler,
+                                     background=lazy_background)  # fmt: skip
             handler = None  # the loader owns it now
             loaded = 0
         else:
