@@ -505,6 +505,10 @@ class MigrationReceiver:
                 msgs[i] = (kind, json.dumps(_mutate_json(json.loads(payload), r)).encode())
             else:
                 msgs[i] = (kind, _mutate_bytes(payload, r))
+        handshake = r.u8() % 4 == 0
+        if handshake:
+            auth = {"nonce": r.take(32).hex(), "mac": r.take(32).hex()}
+            msgs = [(M.AUTH, json.dumps(_mutate_json(auth, r)).encode()), *msgs]
         stream = b"".join(M.HDR.pack(k, len(p)) + p for k, p in msgs)
         if r.u8() % 4 == 0:  # a lying length or a cut stream
             stream = stream[: r.u32() % (len(stream) + 1)]
@@ -521,8 +525,11 @@ class MigrationReceiver:
             incoming.machine = None
             incoming.info = {}
             try:
-                incoming._receive(link, self.kvm, None, True, None)
-            except (KvmpyError, OSError, ConnectionError):
+                if handshake:  # the destination's first words with a stranger
+                    M._server_handshake(link, b"fuzz-key-0123456789abcdef")
+                else:
+                    incoming._receive(link, self.kvm, None, True, None)
+            except (KvmpyError, OSError, ConnectionError, M._NotAMigration):
                 pass
             with contextlib.suppress(OSError):
                 a.shutdown(socket.SHUT_RDWR)

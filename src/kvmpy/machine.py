@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from . import signals
 from .arch.x86 import gdt as G
 from .arch.x86 import modes
 from .arch.x86.cpuid import vcpu_cpuid
@@ -342,7 +343,7 @@ class Machine:
         main = threading.current_thread() is threading.main_thread()
         if (timeout or handle_sigint) and not main:
             raise ConfigError("timeout and Ctrl-C handling need the main thread")
-        old_alarm = old_int = None
+        old_alarm = None
         if timeout:
             old_alarm = signal.signal(
                 signal.SIGALRM,
@@ -351,11 +352,14 @@ class Machine:
                 ),
             )
             signal.setitimer(signal.ITIMER_REAL, timeout)
-        if handle_sigint:
-            old_int = signal.signal(
-                signal.SIGINT,
-                lambda *_: vcpu.request_stop(StopReason.INTERRUPTED, "interrupted (Ctrl-C)"),
+        # SIGINT and SIGTERM alike (kvmpy.signals): the VM stops, the caller reports.
+        on_signal = signals.handled(
+            lambda signum: vcpu.request_stop(
+                StopReason.INTERRUPTED, signals.describe(signum), signum=signum
             )
+        )
+        if handle_sigint:
+            on_signal.__enter__()
         t0 = time.perf_counter()
         try:
             stop = None
@@ -371,7 +375,7 @@ class Machine:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, old_alarm)
             if handle_sigint:
-                signal.signal(signal.SIGINT, old_int)
+                on_signal.__exit__(None, None, None)
         return self.result(stop, time.perf_counter() - t0)
 
     def result(self, stop: Stop, duration: float = 0.0) -> RunResult:
@@ -398,6 +402,7 @@ class Machine:
             },
             stats=self.vcpu.stats,
             fault=stop.fault,
+            signal=stop.signum,
             duration_s=duration,
             output=self.output,
         )

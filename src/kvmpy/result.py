@@ -93,6 +93,8 @@ class Stop:
     fault: Fault | None = None
     #: Registers at the fault (from the exception frame) when they differ from the vCPU's.
     regs: Any = None
+    #: The signal that stopped the VM (SIGINT, SIGTERM), for `interrupted`.
+    signum: int | None = None
 
 
 #: Stops where the guest ended by itself, so it has an exit code (hlt counts as code 0).
@@ -109,6 +111,8 @@ class RunResult:
     sregs: dict[str, int]
     stats: ExitStats
     fault: Fault | None = None
+    #: The signal that stopped the VM, if one did (interrupted).
+    signal: int | None = None
     duration_s: float = 0.0
     output: bytes = b""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -129,6 +133,8 @@ class RunResult:
             return self.exit_code & 0xFF
         if self.stop_reason in (StopReason.HLT, StopReason.MIGRATED):
             return 0
+        if self.stop_reason is StopReason.INTERRUPTED and self.signal:
+            return 128 + self.signal  # as a shell reports a signal: 130, 143
         return EXIT_STATUS.get(self.stop_reason, EXIT_STATUS_CRASH)
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,7 +146,19 @@ class RunResult:
             "regs": self.regs,
             "sregs": self.sregs,
             "fault": self.fault.to_dict() if self.fault else None,
+            "signal": _signal_name(self.signal),
             "stats": self.stats.to_dict(),
             "duration_s": round(self.duration_s, 6),
             **self.extra,
         }
+
+
+def _signal_name(signum: int | None) -> str | None:
+    if not signum:
+        return None
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)

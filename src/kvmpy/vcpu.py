@@ -129,10 +129,15 @@ class Vcpu:
             self.kick()
 
     def request_stop(
-        self, reason: StopReason = StopReason.INTERRUPTED, message: str = "", kick: bool = False
+        self,
+        reason: StopReason = StopReason.INTERRUPTED,
+        message: str = "",
+        kick: bool = False,
+        signum: int | None = None,
     ) -> None:
-        """Make `run()` return a Stop with `reason` (as `request_pause`, but final)."""
-        self._stop_requested = Stop(reason, 0, message or "stopped by the host")
+        """Make `run()` return a Stop with `reason` (as `request_pause`, but final); `signum`:
+        the signal that asked for it, if one did."""
+        self._stop_requested = Stop(reason, 0, message or "stopped by the host", signum=signum)
         self.fd.run_struct.immediate_exit = 1
         if kick:
             self.kick()

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 
+from .. import signals
 from ..errors import KvmpyError, UsageError
 from .outputs import (
     EXIT_OUTPUT_ERROR,
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         {signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD, signal.SIGUSR1},
     )
     closed = guard_standard_fds()
+    signals.install()  # SIGINT and SIGTERM alike, even if SIGINT was inherited ignored
     parser = make_parser()
     args = parser.parse_args(argv)
     verbose = args.verbose + getattr(args, "verbose_after", 0)
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(e))
         discard_stdout()
         return EXIT_OUTPUT_ERROR
+    except KeyboardInterrupt as e:  # SIGINT/SIGTERM where no command caught it
+        _error(f"{signals.describe(getattr(e, 'signum', 2))}")
+        return signals.exit_status(e)
     except UsageError as e:
         _error(str(e))
         return 2

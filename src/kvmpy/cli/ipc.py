@@ -8,6 +8,7 @@ import sys
 
 from ..benchmarks import positive_int
 from ..ipc.report import format_rate, format_time
+from ..signals import exit_status
 from .options import seconds, size
 
 
@@ -123,9 +124,9 @@ def cmd_ipc(args) -> int:
         return run_user_guest(opts, args)
     try:
         result = with_reference(opts, run_ipc(opts))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("kvmpy: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(e)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
     else:
@@ -141,9 +142,9 @@ def run_user_guest(opts, args) -> int:
     path, _mode = resolve_image(args.guest, Mode.LONG_USER)
     try:
         result = run_guest(opts, str(path))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("kvmpy: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(e)
     if args.json:
         sys.stdout.write(json.dumps({"mechanism": opts.mechanism.label, **result}) + "\n")
     else:

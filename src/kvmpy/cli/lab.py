@@ -62,9 +62,11 @@ def cmd_lab_ipc(args) -> int:
     progress = _progress() if sys.stderr.isatty() else None
     try:
         doc, files = main_study(out, args.full, args.runs, progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from ..signals import exit_status
+
         print("kvmpy: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(e)
     for f in files:
         print(f)
     failed = [

@@ -174,11 +174,13 @@ class _Tail:
 
 
 def cmd_sched(args) -> int:
+    from ..signals import exit_status
+
     try:
         return _sched(args)
-    except KeyboardInterrupt:  # Ctrl-C before the schedule started (building, loading)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM before the schedule started (building)
         print("kvmpy: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(e)
 
 
 def _sched(args) -> int:
@@ -247,7 +249,7 @@ def _sched(args) -> int:
         if not args.json:
             Console(highlight=False).print(f"plot: {args.plot}")
     if result.interrupted:
-        return 130
+        return 128 + (sched.signal or 2)
     return 0
 
 

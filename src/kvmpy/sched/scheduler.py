@@ -197,6 +197,8 @@ class Scheduler:
             self._vms.append(_VM(i, s, name, counter))
         self._running: _VM | None = None
         self._interrupted = False
+        #: The signal that ended the schedule (SIGINT, SIGTERM), if one did.
+        self.signal: int | None = None
         self._ending = False
         self._t_start = 0
         self._cpu_start = self._cpu_total = 0
@@ -218,6 +220,7 @@ class Scheduler:
 
     def _on_sigint(self, signum, frame) -> None:
         self._interrupted = True
+        self.signal = signum
         vm = self._running
         if vm is not None:
             vm.vcpu.request_pause()
@@ -269,9 +272,10 @@ class Scheduler:
             raise SchedError(f"the tick interval must be positive (got {tick_interval!r})")
         tick_ns = int(tick_interval * 1e9) if on_tick else None
         with ExitStack() as stack:
-            if handle_sigint:
-                old_int = signal.signal(signal.SIGINT, self._on_sigint)
-                stack.callback(signal.signal, signal.SIGINT, old_int)
+            if handle_sigint:  # SIGTERM too, the same way (kvmpy.signals)
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    old_int = signal.signal(sig, self._on_sigint)
+                    stack.callback(signal.signal, sig, old_int)
             stack.enter_context(self._vcpu_setup())
             length = int(duration * 1e9) if duration is not None else None
             if self.policy is Policy.THREADS:
