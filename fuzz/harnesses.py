@@ -517,9 +517,7 @@ class MigrationReceiver:
             a.settimeout(REPLY_TIMEOUT_S)
             feeder = threading.Thread(target=_feed, args=(b, stream), daemon=True)
             feeder.start()
-            link = M.Link.__new__(M.Link)
-            link.sock = a
-            link._hdr = bytearray(M.HDR.size)
+            link = M.Link(a, timeout=REPLY_TIMEOUT_S)
             incoming = M.Incoming.__new__(M.Incoming)
             incoming.link = link
             incoming.machine = None

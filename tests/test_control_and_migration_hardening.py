@@ -325,3 +325,26 @@ def test_run_stops_the_same_way_on_sigint_and_sigterm(sig, tmp_path, gcc_availab
 
 def _port(line: str) -> int:
     return int(re.search(r":(\d+)", line).group(1))
+
+
+def test_a_non_ascii_mac_is_refused_not_a_traceback():
+    # Found by the migration harness: hmac.compare_digest raised TypeError on a str with
+    # non-ASCII characters, which a stranger controls.
+    a, b = socket.socketpair()
+    result = {}
+
+    def dest():
+        try:
+            M._server_handshake(M.Link(a, timeout=5), KEY)
+        except M._NotAMigration as e:
+            result["refused"] = str(e)
+
+    t = threading.Thread(target=dest)
+    t.start()
+    b.recv(65536)
+    payload = json.dumps({"nonce": "00" * 32, "mac": "\u00e9" * 64}).encode()
+    b.sendall(M.HDR.pack(M.AUTH, len(payload)) + payload)
+    t.join(10)
+    a.close()
+    b.close()
+    assert result == {"refused": "a malformed authentication"}

@@ -59,8 +59,7 @@ def _receive(stream_messages):
             b.shutdown(socket.SHUT_WR)
 
     threading.Thread(target=feed, daemon=True).start()
-    link = M.Link.__new__(M.Link)
-    link.sock, link._hdr = a, bytearray(M.HDR.size)
+    link = M.Link(a, timeout=10)
     incoming = M.Incoming.__new__(M.Incoming)
     incoming.link, incoming.machine, incoming.info = link, None, {}
     try:

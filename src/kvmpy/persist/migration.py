@@ -190,8 +190,13 @@ def _client_handshake(link: Link, key: bytes | None) -> None:
     if kind == ERROR:
         raise MigrationError(f"the destination refused: {link.recv_json(length).get('error')}")
     doc = link.recv_json(length) if kind == AUTH_OK else {}
-    want = _mac(key, b"destination", nonce, dest_nonce).hex()
-    if kind != AUTH_OK or not hmac.compare_digest(str(doc.get("mac", "")), want):
+    try:
+        mac = bytes.fromhex(doc.get("mac", ""))
+    except (TypeError, ValueError):
+        mac = b""
+    if kind != AUTH_OK or not hmac.compare_digest(
+        mac, _mac(key, b"destination", nonce, dest_nonce)
+    ):
         raise MigrationError("the destination could not prove it holds the migration key")
 
 
@@ -215,11 +220,11 @@ def _server_handshake(link: Link, key: bytes | None) -> None:
     doc = link.recv_json(length)
     try:
         source_nonce = bytes.fromhex(doc["nonce"])
-        mac = str(doc["mac"])
+        mac = bytes.fromhex(doc["mac"])  # bytes: compare_digest refuses non-ASCII str
     except (KeyError, TypeError, ValueError):
         raise _NotAMigration("a malformed authentication") from None
     if len(source_nonce) != NONCE_BYTES or not hmac.compare_digest(
-        mac, _mac(key, b"source", source_nonce, nonce).hex()
+        mac, _mac(key, b"source", source_nonce, nonce)
     ):
         with contextlib.suppress(OSError):
             link.send_json(ERROR, {"error": "wrong migration key"})
