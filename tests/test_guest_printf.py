@@ -13,14 +13,14 @@ SOURCE = r"""
 #include <kvmpy.h>
 void main(void)
 {
-	kv_printf("[%-5d|%5d|%05d|%+d|% d|%x|%#x|%#o|%X]\n", 42, 42, 42, 42, 42, 255, 255, 8, 255);
-	kv_printf("[%-6s|%6s|%.2s|%*d|%-*d|%.3d|%c|%-3c|%%]\n", "ab", "ab", "abcdef", 4, 7, 4, 7, 5,
-		  'z', 'y');
-	kv_printf("[%ld|%lld|%lu|%zu|%hhd|%hd|%08.3d|%-08d|%-5d|%5u]\n", -5L, -6LL, 7UL, (size_t)8,
-		  300, 70000, 9, 9, -3, 3u);
-	char buf[16];
-	int n = kv_snprintf(buf, sizeof buf, "%-4x|%+.2d", 0xab, 3);
-	kv_printf("%s %d %p %p\n", buf, n, (void *)0, (void *)0x1234);
+    kv_printf("[%-5d|%5d|%05d|%+d|% d|%x|%#x|%#o|%X]\n", 42, 42, 42, 42, 42, 255, 255, 8, 255);
+    kv_printf("[%-6s|%6s|%.2s|%*d|%-*d|%.3d|%c|%-3c|%%]\n", "ab", "ab", "abcdef", 4, 7, 4, 7, 5,
+          'z', 'y');
+    kv_printf("[%ld|%lld|%lu|%zu|%hhd|%hd|%08.3d|%-08d|%-5d|%5u]\n", -5L, -6LL, 7UL, (size_t)8,
+          300, 70000, 9, 9, -3, 3u);
+    char buf[16];
+    int n = kv_snprintf(buf, sizeof buf, "%-4x|%+.2d", 0xab, 3);
+    kv_printf("%s %d %p %p\n", buf, n, (void *)0, (void *)0x1234);
 }
 """
 

@@ -188,6 +188,10 @@ class Machine:
     def add_mmio_device(self, base: int, length: int, device: Device) -> None:
         if self.memory.is_ram(base) or self.memory.is_ram(base + length - 1):
             raise ConfigError(f"MMIO range of {device.name} at {base:#x} overlaps guest RAM")
+        if base + length > modes.MMIO_TOP:
+            # kvmpy's page tables map device memory below 4 GiB only (and 32-bit modes reach
+            # no further).
+            raise ConfigError(f"MMIO range of {device.name} at {base:#x} is not below 4 GiB")
         self.mmio_bus.register(base, length, device)
 
     @property

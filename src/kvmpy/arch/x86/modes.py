@@ -43,6 +43,8 @@ from .paging import (
     CR4_PSE,
     EFER_LMA,
     EFER_LME,
+    PTE_PCD,
+    PTE_PWT,
     PTE_RW,
     PTE_US,
     MapRange,
@@ -162,7 +164,9 @@ def _page_table_pages(mode: Mode, ram_top: int) -> int:
     if mode in (Mode.LONG, Mode.LONG_USER):
         # PML4 + PDPTs + one PD per GiB + page tables where 2 MiB chunks are mixed (system area,
         # stack, and the RAM tail).
-        return 2 + (ram_top >> 39) + -(-ram_top // (1 << 30)) + 6
+        # Below 4 GiB everything is mapped (the MMIO hole included), so at least 4 PDs.
+        top = max(ram_top, MMIO_TOP)
+        return 2 + (top >> 39) + -(-top // (1 << 30)) + 6
     if mode is Mode.PAGED32:
         return 1 + 4
     return 0
@@ -341,11 +345,27 @@ def _build_protected_or_long(
         regs.rflags |= RFLAGS_IOPL3
 
 
+#: Everything below this that is not RAM is mapped uncached, for MMIO devices.
+MMIO_TOP = 1 << 32
+
+
 def _map_ranges(memory: GuestMemory, layout: SystemLayout, user: bool) -> list[MapRange]:
     """All RAM identity-mapped read/write; in long-user mode the system area is supervisor-only
-    so a CPL3 bug cannot overwrite the IDT or page tables, and faults instead."""
+    so a CPL3 bug cannot overwrite the IDT or page tables, and faults instead. Whatever lies
+    below 4 GiB and is not RAM (the MMIO hole at 3 GiB, and the space between the end of a
+    small guest's RAM and it) is mapped too, uncached (PCD|PWT), as a PC's firmware maps
+    device memory: so that `Machine.add_mmio_device` works in the paging modes as in the
+    others, and an access there reaches the MMIO bus instead of raising #PF."""
     rw_user = PTE_RW | PTE_US
+    mmio = PTE_RW | PTE_US | PTE_PCD | PTE_PWT
     ranges: list[MapRange] = []
+    pos = 0
+    for region in sorted(memory, key=lambda r: r.gpa):
+        if pos < region.gpa and pos < MMIO_TOP:
+            ranges.append(MapRange(pos, min(region.gpa, MMIO_TOP), mmio))
+        pos = max(pos, region.end)
+    if pos < MMIO_TOP:
+        ranges.append(MapRange(pos, MMIO_TOP, mmio))
     for region in memory:
         if user and region.gpa <= layout.base < region.end:
             if region.gpa < layout.base:
