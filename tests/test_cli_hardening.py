@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +192,68 @@ def test_verbose_shows_the_machine_on_run(gcc_available):
     assert "kvmpy: INFO:" not in quiet.stderr
     assert "kvmpy: INFO: machine: long-user mode, 64M of RAM" in loud.stderr
     assert "kvmpy: INFO: stopped (exit) after 17 exits" in loud.stderr
+
+
+# --- smaller ones --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("example,mode", [("fault", "real"), ("neo", "real")])
+def test_an_example_runs_only_in_the_modes_it_declares(example, mode):
+    r = kvmpy("run", example, "--mode", mode)
+    line = one_error_line(r.stderr)
+    assert r.returncode == 2
+    assert f"the example {example} runs in" in line and f"not in {mode} mode" in line
+
+
+def test_build_does_not_make_directories(tmp_path, gcc_available):
+    src = tmp_path / "x.c"
+    src.write_text("void main(void) {}\n")
+    r = kvmpy("build", src, "-o", tmp_path / "nonexistent" / "dir" / "x.elf")
+    assert r.returncode == 1
+    assert "is not a directory" in one_error_line(r.stderr)
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_files_that_are_clearly_not_images_are_named(tmp_path):
+    source = tmp_path / "guest.c"
+    source.write_text("#include <kvmpy.h>\nvoid main(void) { hc_exit(0); }\n")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("remember to build the guest\n")
+    bzimage = tmp_path / "vmlinuz"
+    kernel = bytearray(8192)
+    kernel[0x1FE:0x200] = b"\x55\xaa"
+    kernel[0x202:0x206] = b"HdrS"
+    bzimage.write_bytes(bytes(kernel))
+    for path, words in (
+        (source, "is source code, not a guest image: build it first"),
+        (notes, "is a text file, not a guest image"),
+        (bzimage, "is a Linux kernel image (bzImage)"),
+        (Path(sys.executable).resolve(), "not an executable (ET_EXEC)"),  # an ELF of another kind
+    ):
+        r = kvmpy("run", path)
+        assert r.returncode == 1 and words in one_error_line(r.stderr), r.stderr
+
+
+def test_restore_of_a_file_says_it_is_a_file(tmp_path):
+    f = tmp_path / "snap.tar"
+    f.write_bytes(b"x")
+    r = kvmpy("restore", f)
+    assert r.returncode == 1
+    line = one_error_line(r.stderr)
+    assert "is a file; a snapshot is a directory" in line and "no such" not in line
+
+
+@pytest.mark.kvm
+def test_an_elf_too_big_is_not_told_to_use_load_addr(build_guest):
+    r = kvmpy("run", build_guest("void main(void) {}\n", "long"), "--mem", "1M")
+    line = one_error_line(r.stderr)
+    assert r.returncode == 1 and "give it more with --mem" in line
+    assert "--load-addr" not in line
+
+
+def test_a_raw_image_too_big_is_told_both(tmp_path):
+    raw = tmp_path / "big.bin"
+    raw.write_bytes(b"\xf4" * 4096)
+    r = kvmpy("run", raw, "--mem", "1M", "--load-addr", "0xFFF000", "--mode", "long")
+    line = one_error_line(r.stderr)
+    assert "--mem" in line and "--load-addr" in line

@@ -75,6 +75,13 @@ def resolve_image(name: str, mode: Mode | None) -> tuple[Path, Mode | None]:
     example = find_example(name)
     if example is None:
         return path, mode  # the loader reports the missing file
+    if mode is not None and mode not in example.modes:
+        from ..errors import UsageError
+
+        raise UsageError(
+            f"the example {name} runs in {', '.join(m.value for m in example.modes)} only, "
+            f"not in {mode.value} mode (see 'kvmpy examples')"
+        )
     mode = mode or example.default_mode
     return example.build(mode), mode
 
