@@ -257,3 +257,24 @@ def test_a_raw_image_too_big_is_told_both(tmp_path):
     r = kvmpy("run", raw, "--mem", "1M", "--load-addr", "0xFFF000", "--mode", "long")
     line = one_error_line(r.stderr)
     assert "--mem" in line and "--load-addr" in line
+
+
+@pytest.mark.kvm
+def test_an_exception_is_counted_as_one_not_as_port_0xe8(gcc_available):
+    r = kvmpy("run", "fault", "--json", "--stats")
+    assert r.returncode == 125
+    doc = json.loads(r.stdout.splitlines()[-1])
+    assert doc["exits"] == {"io": 1, "exception": 1}  # the hypercall, then the page fault
+    assert "0xe8" not in doc["stats"]["by_port"]
+    assert "exception" in r.stderr and "0xe8" not in r.stderr
+
+
+@pytest.mark.kvm
+def test_trace_exits_shows_hypercall_arguments_and_results(gcc_available):
+    r = kvmpy("run", "hello", "--trace-exits")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    calls = [x for x in lines if "hypercall=print_str(0x" in x]
+    assert calls and calls[0].count(", 0x") == 3  # four arguments
+    assert "    -> print_str returned 0x0" in lines
+    assert any(x.startswith("    -> num_exits_by_type returned 0x") for x in lines)

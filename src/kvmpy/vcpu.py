@@ -40,6 +40,7 @@ from .kvm import structs as S
 from .kvm.vcpu import RUN_DIRTY_REGS, RUN_EXIT_UNION, RUN_SYNC_REGS, RUN_VALID_REGS, VcpuFd
 from .result import Fault, Stop, StopReason, exception_name
 from .stats import EXACT_FIRST, MAX_REASON, SAMPLE_EVERY, ExitStats
+from .stats import EXCEPTION as EXCEPTION_REASON
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -332,7 +333,14 @@ class Vcpu:
             )
         data = u8[off : off + nbytes]
         entry = self.machine.pio_bus.entries.get(port)
-        ps = self.stats.port(port, entry.device.name if entry else "")
+        if entry is None and port == FAULT_PORT and out:
+            stop = self._check_fault_stub()
+            if stop is not None:  # an exception, not an I/O exit: count it as one
+                counts = self.stats.counts
+                counts[_IO] -= 1
+                counts[EXCEPTION_REASON] += 1
+                return stop
+        ps = self.stats.port(port, entry.device.name if entry else "(unassigned)")
         t0 = time.perf_counter_ns()
         if out:
             ps.writes += 1
@@ -344,8 +352,6 @@ class Vcpu:
                 # or yielding on I/O; otherwise 32-bit ones take the fast path.
                 return self._hypercall(int.from_bytes(data[:size], "little"))
             if entry is None:
-                if port == FAULT_PORT and out:
-                    return self._check_fault_stub()
                 if not out:
                     data[:] = b"\xff" * nbytes  # nothing there: the bus floats high
                 return None
@@ -402,6 +408,11 @@ class Vcpu:
             if stop is not None:
                 return stop
         u64[_DIRTY] = K.KVM_SYNC_X86_REGS
+        if self.trace:
+            value = u64[_RAX]
+            signed = value - (1 << 64) if value >> 63 else value
+            shown = f"{signed}" if -4096 < signed < 0 else f"{value:#x}"
+            print(f"    -> {self.machine.hypercalls.name(nr)} returned {shown}", file=sys.stderr)
         return None
 
     def _handler_raised(self, nr: int, e: Exception) -> Stop:
@@ -642,8 +653,10 @@ class Vcpu:
             d = "out" if io.direction == _OUT else "in"
             extra = f" {d} port={io.port:#x} size={io.size} count={io.count}"
             if io.port == HC_PORT and io.direction == _OUT:
-                nr = self._u32[io.data_offset >> 2] if io.size == 4 else None
-                extra += f" hypercall={self.machine.hypercalls.name(nr) if nr is not None else '?'}"
+                u64 = self._u64
+                nr = int.from_bytes(self._u8[io.data_offset : io.data_offset + io.size], "little")
+                args = ", ".join(f"{u64[r]:#x}" for r in (_RDI, _RSI, _RCX, _RBX))
+                extra += f" hypercall={self.machine.hypercalls.name(nr)}({args})"
         elif reason == K.ExitReason.MMIO:
             m = run.mmio
             extra = f" {'write' if m.is_write else 'read'} addr={m.phys_addr:#x} len={m.len}"
