@@ -447,6 +447,8 @@ class MigrationReceiver:
                 raise ConfigError("fuzz: memory over 16M is not built")
             key = (cfg.mode, cfg.memory, cfg.irqchip, cfg.pit)
             if key not in cache:
+                if len(cache) >= 8:  # bounded: fuzzed sizes would otherwise grow the cache
+                    cache.pop(next(iter(cache))).close()
                 cache[key] = real_machine(cfg, kvm=self.kvm, capture_limit=4096)
             m = cache[key]
             return _Unclosable(m)
