@@ -158,7 +158,10 @@ def _next_hole(fd: int, pos: int) -> int:
 def main() -> None:
     """Entry point of the handler process: argv = [socket fd, the VMM's pid]."""
     ready = time.monotonic_ns()  # started, imports done: from here it waits for its work
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the VMM's to handle
+    # Ctrl-C and SIGTERM (to the process group) are the VMM's to handle; the VMM ends this
+    # process (and PR_SET_PDEATHSIG does if it dies).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     fd, parent = int(sys.argv[1]), int(sys.argv[2])
     if os.getppid() != parent:  # the VMM is gone already
