@@ -332,8 +332,10 @@ class Machine:
         handle_sigint: bool = False,
         on_pause: Callable[[], Stop | None] | None = None,
     ) -> RunResult:
-        """Run until the guest stops. `timeout` (seconds) and `handle_sigint` use signals and
-        so work from the main thread only.
+        """Run until the guest stops. `timeout` (seconds: finite, positive, at most 30 days)
+        and `handle_sigint` (SIGINT and SIGTERM stop the VM, stop reason `interrupted`) use
+        signals and so work from the main thread only. Nothing the guest or a Python handler
+        does makes this raise: it ends as a stop reason.
 
         A pause (`vcpu.request_pause`) normally just re-enters the guest. With `on_pause`, it
         is called instead, with the vCPU out of KVM_RUN and its pending I/O completed, so it
