@@ -330,3 +330,23 @@ def test_guest_memory_error_is_not_a_user_error(kvm):
         pytest.raises(GuestMemoryError),
     ):
         m.memory.read(NOT_RAM, 1)
+
+
+def test_the_fast_path_knows_which_line_writes_a_result():
+    # A failure on that line is the result's (None, not an int), anywhere else the handler's;
+    # the fast path tells them apart by line so that it needs one try and no extra work.
+    import inspect
+
+    from kvmpy import vcpu
+
+    source, first = inspect.getsourcelines(vcpu.Vcpu._loop)
+    lines = [first + i for i, text in enumerate(source) if "u64[rax] = result & mask64" in text]
+    assert frozenset(lines) == vcpu._RESULT_LINES and len(lines) == 1
+
+
+def test_a_c_function_that_raises_is_a_handler_failure(kvm):
+    # max(ctx, a0, ...) raises TypeError from C, with no Python frame of its own: the
+    # traceback's line is then the call's, not the result's.
+    result, _ = call(kvm, 16, handler=max)
+    assert result.stop_reason is StopReason.VMM_ERROR
+    assert "handler raised TypeError" in result.message

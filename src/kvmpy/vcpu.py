@@ -19,6 +19,7 @@ Rare exits (faults, MMIO, odd I/O) go through `_slow_exit`, where clarity wins.
 
 from __future__ import annotations
 
+import dis
 import fcntl
 import logging
 import operator
@@ -266,24 +267,27 @@ class Vcpu:
                     handler = hc_table.get(nr)
                     ctx.exits = n
                     if handler is None:
-                        result = enosys
+                        u64[rax] = enosys & mask64
                     else:
                         # `try` costs nothing in CPython 3.11 until something raises, so a
-                        # Python handler's mistakes are caught here at no per-exit cost.
+                        # Python handler's mistakes are caught here, in the one try around
+                        # the call and the rax write, with no instruction added per exit.
                         try:
                             result = handler(ctx, u64[rdi], u64[rsi], u64[rcx], u64[rbx])
+                            u64[rax] = result & mask64
                         except GuestExit as e:
                             return Stop(StopReason.EXIT, e.code, f"exit hypercall, code {e.code}")
                         except GuestMemoryError:
-                            result = efault  # a handler touched a bad guest pointer
+                            u64[rax] = efault & mask64  # a handler touched a bad guest pointer
                         except Exception as e:
-                            return self._handler_raised(nr, e)
-                    try:
-                        u64[rax] = result & mask64
-                    except Exception:  # None (means 0), a numpy int, or not an int at all
-                        stop = self._odd_result(nr, result)
-                        if stop is not None:
-                            return stop
+                            # Raised by the rax write (None, a numpy int, not an int) or by
+                            # the handler: the traceback's line in this frame tells which.
+                            if e.__traceback__.tb_lineno in _RESULT_LINES:
+                                stop = self._odd_result(nr, result)
+                            else:
+                                stop = self._handler_raised(nr, e)
+                            if stop is not None:
+                                return stop
                     u64[dirty] = sync_regs
                     if t_exit:
                         dt = now() - t_exit
@@ -669,3 +673,17 @@ class Vcpu:
     def regs_dict(self) -> dict[str, int]:
         regs = self.fd.get_regs()
         return {name: getattr(regs, name) for name in S.GPR_NAMES}
+
+
+def _result_lines(fn) -> frozenset[int]:
+    """The lines of `fn` that write a handler's `result & mask64` into rax: an exception raised
+    on one of them is the result's fault (None, not an int), not the handler's."""
+    lines, prev = set(), [None, None]
+    for ins in dis.get_instructions(fn):
+        if ins.opname == "BINARY_OP" and ins.argrepr == "&" and prev == ["result", "mask64"]:
+            lines.add(ins.positions.lineno)
+        prev = [prev[1], ins.argval if ins.opname == "LOAD_FAST" else None]
+    return frozenset(lines)
+
+
+_RESULT_LINES = _result_lines(Vcpu._loop)
