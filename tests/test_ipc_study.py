@@ -99,7 +99,8 @@ def test_lab_refuses_fewer_than_five_runs(tmp_path):
         [sys.executable, "-m", "kvmpy", "lab", "ipc", "--runs", "3", "--out", str(tmp_path)],
         capture_output=True, text=True, env=dict(os.environ), timeout=60,
     )  # fmt: skip
-    assert r.returncode == 1 and "kvmpy: error:" in r.stderr and "at least 5" in r.stderr
+    # A flag value out of range: a usage error.
+    assert r.returncode == 2 and "kvmpy: error:" in r.stderr and "at least 5" in r.stderr
 
 
 def test_lab_refuses_an_unwritable_output_before_measuring(tmp_path):

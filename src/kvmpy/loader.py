@@ -150,7 +150,7 @@ def not_an_image(data: bytes, path: Path) -> str | None:
             "VT-x/AMD-V host, or see 'kvmpy examples')"
         )
     sample = data[:4096]
-    if b"\0" not in sample:
+    if sample and b"\0" not in sample:
         try:
             text = sample.decode("utf-8")
         except UnicodeDecodeError:
