@@ -225,7 +225,13 @@ def test_a_replayed_handshake_is_refused():
             recorded.extend(bytes(x))
         return real_send(bufs, *args)
 
-    link.sock = type("S", (), {"sendmsg": staticmethod(recording), "recv_into": b.recv_into})()
+    class Recorder:  # the socket, with what is sent recorded
+        sendmsg = staticmethod(recording)
+
+        def __getattr__(self, name):
+            return getattr(b, name)
+
+    link.sock = Recorder()
     M._client_handshake(link, KEY)
     t.join(10)
     a.close()
@@ -348,3 +354,15 @@ def test_a_non_ascii_mac_is_refused_not_a_traceback():
     a.close()
     b.close()
     assert result == {"refused": "a malformed authentication"}
+
+
+def test_a_destination_that_never_opens_the_handshake_is_given_up_on(monkeypatch):
+    # An older kvmpy, or any service that waits for its client to speak first.
+    monkeypatch.setattr(M, "HANDSHAKE_TIMEOUT_S", 0.3)
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(MigrationError, match="did not open the handshake within 0.3 s"):
+            M._client_handshake(M.Link(b, timeout=60), None)
+    finally:
+        a.close()
+        b.close()

@@ -591,6 +591,8 @@ def test_a_destination_that_refuses_leaves_the_source_running(images, reference,
     def refuse():
         conn, _ = listener.accept()
         link = migration.Link(conn)
+        link.send_json(migration.CHALLENGE, {"protocol": migration.PROTOCOL,
+                                             "version": migration.VERSION, "auth": False})  # fmt: skip
         link.expect(migration.HELLO)
         link.send_json(migration.ERROR, {"error": "no room for a 16 MiB guest here"})
         link.close()

@@ -157,6 +157,20 @@ def is_loopback(host: str) -> bool:
 
 def _client_handshake(link: Link, key: bytes | None) -> None:
     """The source's half: answer the destination's CHALLENGE (MigrationError if it fails)."""
+    timeout = link.sock.gettimeout()
+    link.sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    try:
+        _answer_challenge(link, key)
+    except TimeoutError:
+        raise MigrationError(
+            f"the destination did not open the handshake within {HANDSHAKE_TIMEOUT_S:g} s (is "
+            f"it a kvmpy migrate-receive speaking {PROTOCOL} version {VERSION}?)"
+        ) from None
+    finally:
+        link.sock.settimeout(timeout)
+
+
+def _answer_challenge(link: Link, key: bytes | None) -> None:
     kind, length = link.recv_header()
     if kind != CHALLENGE:
         raise MigrationError("the other side is not a kvmpy migration destination")
