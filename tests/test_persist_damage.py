@@ -89,13 +89,27 @@ def test_the_cli_gives_the_same_line_for_eager_and_lazy(small_snapshot, tmp_path
     assert "the memory file is corrupted: pages 32-" in lines[0]
 
 
-def test_a_killed_handler_stops_the_vm_instead_of_zero_pages(small_snapshot):
+@pytest.mark.parametrize("when", ["before the run", "while a fault waits"])
+def test_a_killed_handler_stops_the_vm_instead_of_zero_pages(small_snapshot, when):
+    import signal
+    import threading
+
     r = snapshot.restore(small_snapshot, lazy_memory=True, lazy_background=False)
+    pid = r.loader.process.pid
     try:
-        os.kill(r.loader.process.pid, 9)
+        if when == "before the run":
+            os.kill(pid, signal.SIGKILL)
+        else:
+            # Stopped, the handler serves nothing: the vCPU's first fetch waits in KVM, and
+            # the handler is killed under it.
+            os.kill(pid, signal.SIGSTOP)
+            threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
         r.mark_first_run()
+        t0 = time.monotonic()
         result = r.machine.run(timeout=10)
+        took = time.monotonic() - t0
     finally:
         r.close()
     assert result.stop_reason is StopReason.VMM_ERROR, result.message
     assert "handler process died (killed by signal 9)" in result.message
+    assert took < 5

@@ -28,9 +28,9 @@ the handler writes its message to the status page and signals the VMM (SIGCHLD, 
 reads the status page and stops the vCPU) *before* it resolves any fault again. A signal that
 is pending on the vCPU thread keeps KVM from entering the guest, and the stop request keeps
 the next KVM_RUN from doing so, so from then on it answers every fault with a zero page: the
-VMM's own accesses (the fault report reads the faulting instruction) must not hang. The VMM
-keeps a copy of the userfaultfd, so if this process dies instead (killed), the faults stay
-pending rather than turning into zero pages, and the VMM's SIGCHLD handler stops the VM.
+VMM's own accesses (the fault report reads the faulting instruction) must not hang. If this
+process dies instead (killed), a guardian it forked at the start, which holds the
+userfaultfd too, does the same once the VMM has been signalled (see `_start_guardian`).
 """
 
 from __future__ import annotations
@@ -95,10 +95,10 @@ class HandlerProcess:
         self.sock.sendall(payload[n:])
 
     def close(self) -> None:
-        """End the process (it exits when its socket closes) and reap it."""
+        """End the process (it, and its guardian, exit when the socket closes) and reap it."""
+        self.sock.close()  # also if it died already: its guardian holds the other end
         if self.pid <= 0:
             return
-        self.sock.close()
         try:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
@@ -177,10 +177,68 @@ def main() -> None:
     json_len, index_len = SETUP.unpack(head)
     rest = _recv_exact(sock, json_len + index_len)
     status = mmap.mmap(status_fd, STATUS_SIZE)
-    handler = _Handler(Userfaultfd(uffd), sock, memory_fd, status, json.loads(rest[:json_len]),
-                       rest[json_len:], parent)  # fmt: skip
+    header = json.loads(rest[:json_len])
+    bye = _start_guardian(uffd, sock, [tuple(r) for r in header["regions"]])
+    handler = _Handler(Userfaultfd(uffd), sock, memory_fd, status, header, rest[json_len:],
+                       parent)  # fmt: skip
     handler.counters[READY] = ready
-    os._exit(handler.run())
+    code = handler.run()
+    os.write(bye, b"x")  # a normal end: the guardian leaves too
+    os._exit(code)
+
+
+def _start_guardian(uffd: int, sock: socket.socket, regions) -> int:
+    """Fork the guardian: a process that holds the userfaultfd too, idle while this one lives.
+    If this process dies (killed) the guardian answers the faults with zero pages, so that a
+    vCPU waiting on one is released: KVM then finds the VMM's SIGCHLD pending and returns to
+    it before running the guest (the VMM stops the VM). Without it the faults would stay
+    pending for ever (KVM-PVM retries them in the kernel without returning) or, had nobody
+    kept the userfaultfd, turn into zero pages before the VMM had heard of the death.
+    Returns the write end of the pipe this process says "bye" on when it ends normally."""
+    r, w = os.pipe()
+    if os.fork() != 0:
+        os.close(r)
+        return w
+    try:
+        os.close(w)
+        _guard(r, Userfaultfd(uffd), sock, regions)
+    finally:
+        os._exit(0)
+
+
+def _guard(bye: int, uffd: Userfaultfd, sock: socket.socket, regions) -> None:
+    if os.read(bye, 1):  # blocks until the handler says bye, or dies (EOF)
+        return
+    # The handler died; nobody else reads the socket now: its EOF is the VMM closing.
+    poller = select.poll()
+    ufd, cfd = uffd.fd, sock.fileno()
+    poller.register(ufd, select.POLLIN)
+    poller.register(cfd, select.POLLIN)
+    for hva, size, _ in regions:  # faults it had read but not answered fault again
+        with contextlib.suppress(OSError):
+            uffd.wake(hva, size)
+    while True:
+        for fd, _ in poller.poll():
+            if fd == cfd:
+                try:
+                    cmd = sock.recv(16)
+                except OSError:
+                    return
+                if not cmd:
+                    return
+                if b"P" in cmd:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"F")
+                continue
+            try:
+                data = os.read(ufd, MSG_SIZE * 64)
+            except BlockingIOError:
+                continue
+            for event, _flags, address in MSG.iter_unpack(data):
+                if event == UFFD_EVENT_PAGEFAULT:
+                    page = address & ~(PAGE_SIZE - 1)
+                    with contextlib.suppress(OSError):
+                        uffd.zeropage(page, PAGE_SIZE)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

@@ -7,12 +7,12 @@ The guest never runs on a page that did not pass its checksum. A handler that fi
 fault, or in its background pass over the whole file) writes why on the status page and
 signals this process before it answers any fault again; the SIGCHLD handler installed here
 reads the status page and stops the vCPU (VMM_ERROR with the handler's one-line message), and
-`failure` keeps the message for the caller. The VMM keeps its own copy of the userfaultfd
-while the handler lives: if the handler dies, pending and later faults stay pending instead of
-turning into zero pages, SIGCHLD interrupts KVM_RUN, the vCPU is stopped, and only then is the
-copy closed (so that the VMM's own reads for the stop report do not wait for ever). One case
-is left: the handler killed while the VMM itself (holding the GIL) waits on a page it has not
-served; nothing in this process can run then, and the VMM hangs until it is killed too.
+`failure` keeps the message for the caller. The VMM keeps no copy of the userfaultfd: the
+handler's guardian (handler.py) holds one, so a killed handler's faults are neither left
+pending for ever (KVM-PVM retries them in the kernel, out of reach of any signal handler) nor
+turned into zero pages before SIGCHLD is pending on the vCPU thread; the SIGCHLD handler then
+stops the VM. (If the guardian is killed too, the registration goes, the faults become zero
+pages, and the VM is stopped when SIGCHLD is handled: the one case left.)
 """
 
 from __future__ import annotations
@@ -74,7 +74,6 @@ class LazyLoader:
         self.on_error = on_error
         #: Why the lazy restore failed (the handler's message), if it did.
         self.failure: str | None = None
-        self._uffd: Userfaultfd | None = None
         self._expect_exit = False
         self._old_sigchld = None
         self.process = process or H.HandlerProcess.start()
@@ -100,12 +99,12 @@ class LazyLoader:
             self.process.close()
             if self._old_sigchld is not None:
                 signal.signal(signal.SIGCHLD, self._old_sigchld)
-            if uffd is not None:
-                uffd.close()
             raise
         finally:
+            # The handler and its guardian hold the only copies now (module docstring).
+            if uffd is not None:
+                uffd.close()
             os.close(status_fd)
-        self._uffd = uffd  # see the module docstring: a dead handler must not mean zero pages
         _active[memory] = self
         self._child_changed(signal.SIGCHLD, None)  # it may have died already
 
@@ -125,7 +124,6 @@ class LazyLoader:
             return  # another child of this process
         if error is None and done == pid and self.stats()["populated_all"]:
             log.warning("the lazy-restore handler exited after loading all memory")
-            self._drop_uffd()
             return
         if error is None:
             how = f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else "exited"
@@ -135,13 +133,6 @@ class LazyLoader:
         _active.pop(self.memory, None)
         if self.on_error is not None:
             self.on_error(error)  # stops the vCPU: from here no fault can let the guest run
-        if done == pid:
-            self._drop_uffd()
-
-    def _drop_uffd(self) -> None:
-        if self._uffd is not None:
-            self._uffd.close()
-            self._uffd = None
 
     @property
     def error(self) -> str | None:
@@ -186,5 +177,4 @@ class LazyLoader:
         self.closed = True
         _active.pop(self.memory, None)
         self.process.close()
-        self._drop_uffd()
         signal.signal(signal.SIGCHLD, self._old_sigchld)
