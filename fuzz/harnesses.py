@@ -107,7 +107,11 @@ class Hypercalls:
             m.hypercalls.register(9, lambda ctx, *a: "junk", "junk")
             m.hypercalls.register(10, reader, "reader")
             m.hypercalls.register(11, lambda ctx, a0, *_: a0 * -3, "negative")
-            self.machines[mode] = (m, bytes(m.memory.view(0, self.MEMORY)), m.vcpus[0].fd.get_sregs())
+            self.machines[mode] = (
+                m,
+                bytes(m.memory.view(0, self.MEMORY)),
+                m.vcpus[0].fd.get_sregs(),
+            )
         self.GuestMemoryError = GuestMemoryError
 
     def _arg(self, r: Input) -> int:
@@ -124,8 +128,8 @@ class Hypercalls:
 
     def one_input(self, data: bytes) -> None:
         from kvmpy.errors import KvmError
-        from kvmpy.result import Stop
         from kvmpy.hv.kvm.vcpu import _RAX, _RBX, _RCX, _RDI, _RSI
+        from kvmpy.result import Stop
 
         r = Input(data)
         m, pristine, sregs0 = self.machines[r.pick(self.MODES)]
@@ -210,9 +214,9 @@ class PortIo:
         self.ports = (0xE9, 0x500, FAULT_PORT, 0x600, 0x601, 0x604, 0x700, 0x7FF, 0x80, 0xFFFF)
 
     def one_input(self, data: bytes) -> None:
+        from kvmpy.hv.kvm.vcpu import _IO_COUNT, _IO_DATA_OFFSET, _IO_DIRECTION, _IO_PORT, _IO_SIZE
         from kvmpy.kvm import constants as K
         from kvmpy.result import Stop
-        from kvmpy.hv.kvm.vcpu import _IO_COUNT, _IO_DATA_OFFSET, _IO_DIRECTION, _IO_PORT, _IO_SIZE
 
         r = Input(data)
         m, peer, ring = r.pick(self.machines)

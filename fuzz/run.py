@@ -156,10 +156,10 @@ def main() -> int:
         import atheris
 
         with atheris.instrument_imports(include=["kvmpy"]):
+            import kvmpy.hv.kvm.vcpu  # noqa: F401
             import kvmpy.persist.control  # noqa: F401
             import kvmpy.persist.format  # noqa: F401
             import kvmpy.persist.migration  # noqa: F401
-            import kvmpy.hv.kvm.vcpu  # noqa: F401
     harness = HARNESSES[args.harness]()
     harness.setup()
     print(f"fuzz {args.harness}: engine {engine}, setup done, RSS {current_rss_mb():.0f} MiB",

@@ -87,7 +87,6 @@ def test_malformed_go_figures_do_not_fail_a_committed_migration():
 def test_an_impossible_io_exit_stops_the_vm_instead_of_looping():
     # Found by the pio harness: a count KVM never reports made _port_io loop ~2^32 times.
     from kvmpy.hv.kvm.vcpu import _IO_COUNT, _IO_DATA_OFFSET, _IO_DIRECTION, _IO_PORT, _IO_SIZE
-
     from kvmpy.result import StopReason
 
     h = harness("pio")
