@@ -129,6 +129,9 @@ class Machine:
         self.pio_bus = PortBus()
         self.mmio_bus = MmioBus()
         self.hypercalls = Hypercalls()
+        #: Handlers for rare exit reasons (KVM_EXIT_*), called as handler(vcpu) -> Stop | None
+        #: before kvmpy's own handling; see Vcpu._slow_exit.
+        self.exit_handlers: dict[int, Callable[[Vcpu], Stop | None]] = {}
         self.layout: SystemLayout | None = None
         self.boot: BootState | None = None
         self.image: Image | None = None

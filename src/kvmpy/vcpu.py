@@ -384,6 +384,11 @@ class Vcpu:
     # --- rare exits ----------------------------------------------------------------------------
 
     def _slow_exit(self, reason: int, n: int) -> Stop | None:
+        # A machine may take over a rare exit (a software host's emulation failures, MSR
+        # exits): one dict lookup, on the rare path only.
+        handler = self.machine.exit_handlers.get(reason)
+        if handler is not None:
+            return handler(self)
         ER = K.ExitReason
         run = self.fd.run_struct
         if reason == ER.MMIO:
