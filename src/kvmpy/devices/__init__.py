@@ -9,6 +9,7 @@ A device owns a plain `state()` value (a dict of JSON-able data) that snapshots 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,42 @@ class Output(Effect):
 class RaiseIrq(Effect):
     gsi: int
     level: int = 1
+
+
+@dataclass(frozen=True)
+class Reset(Effect):
+    """The guest asked for a machine reset (i8042 pulse of the reset line, `reboot`)."""
+
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class PowerOff(Effect):
+    """The guest asked to be switched off (ACPI S5, `poweroff`)."""
+
+    source: str = ""
+
+
+class InterruptLine(Protocol):
+    """An interrupt input a device drives (an ISA IRQ pin through the irqchip, an MSI...).
+
+    Devices whose interrupt follows their state (a UART's IIR, the i8042's output buffer) call
+    `set_level` whenever that state changes the line; the owner of interrupt routing turns it
+    into KVM_IRQ_LINE or an irqfd. `trigger()` is a one-shot edge."""
+
+    def set_level(self, level: bool) -> None: ...
+
+    def trigger(self) -> None: ...
+
+
+class NoInterrupt:
+    """An unconnected interrupt line."""
+
+    def set_level(self, level: bool) -> None:
+        pass
+
+    def trigger(self) -> None:
+        pass
 
 
 class Device:
