@@ -25,6 +25,8 @@ COMMANDS = [
     "ctl",
     "restore",
     "migrate-receive",
+    "kernel",
+    "initramfs",
 ]
 
 
