@@ -329,6 +329,8 @@ def test_load_linux_vmlinux(memory):
     assert lb.sregs.cs.selector == L.BOOT_CS and lb.sregs.cs.l == 1
     assert lb.sregs.ds.selector == L.BOOT_DS
     assert lb.sregs.efer & 0x500 == 0x500 and lb.sregs.cr0 >> 31
+    # KVM_SET_SREGS sets the APIC base too: it must keep the LAPIC enabled at 0xFEE00000.
+    assert lb.sregs.apic_base == 0xFEE0_0000 | L.APIC_BASE_ENABLE | L.APIC_BASE_BSP
     assert memory.read(L.CMDLINE_ADDR, 14) == b"console=ttyS0\0"
     start, end = lb.initrd_range
     assert memory.read(start, 600) == b"INITRD" * 100 and end <= 64 << 20

@@ -676,6 +676,10 @@ PAGE_TABLES_END = 0x10000
 CMDLINE_ADDR = 0x20000
 CMDLINE_MAX = 0x10000  # room reserved at CMDLINE_ADDR
 
+APIC_BASE_DEFAULT = 0xFEE0_0000
+APIC_BASE_BSP = 1 << 8
+APIC_BASE_ENABLE = 1 << 11
+
 # Boot GDT selectors the 64-bit protocol requires (__BOOT_CS, __BOOT_DS).
 BOOT_CS = 0x10
 BOOT_DS = 0x18
@@ -842,6 +846,9 @@ def entry_state_64(memory: GuestMemory, entry: int, zero_page: int) -> tuple:
     sregs.cr3 = cr3
     sregs.cr4 = CR4_PAE
     sregs.efer = EFER_LME | EFER_LMA
+    # KVM_SET_SREGS also sets the APIC base MSR: a zero here disables the LAPIC, and Linux then
+    # reads its xAPIC registers as all-ones through userspace MMIO ("boot CPU (#255)", "no APIC").
+    sregs.apic_base = APIC_BASE_DEFAULT | APIC_BASE_ENABLE | APIC_BASE_BSP
     regs = S.kvm_regs(rflags=0x2, rip=entry, rsi=zero_page, rsp=BOOT_STACK_TOP, rbp=BOOT_STACK_TOP)
     return regs, sregs
 
