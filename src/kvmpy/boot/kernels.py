@@ -218,8 +218,12 @@ def build_microvm(
     if not (src / "Makefile").is_file():
         tarball = Path(f"/usr/src/{SOURCE_PACKAGE}.tar.xz")
         with tempfile.TemporaryDirectory(dir=build) as tmp:
-            with tarfile.open(tarball) as tf:
-                tf.extractall(tmp, filter="tar")
+            if shutil.which("tar"):
+                # tar(1) with xz is ~10x faster than tarfile on the 1.3 GB tree.
+                _run(["tar", "-xJf", str(tarball), "-C", tmp], f"unpacking {tarball}")
+            else:
+                with tarfile.open(tarball) as tf:
+                    tf.extractall(tmp, filter="tar")
             os.replace(Path(tmp) / SOURCE_PACKAGE, src)
     out = build / f"out-{key}"
     out.mkdir(exist_ok=True)
