@@ -73,6 +73,8 @@ class ProtoResult:
     software_host: bool
     trap: dict = field(default_factory=dict)
     kvm_run_s: float = 0.0
+    #: (rip, kernel-text words from the stack...) -> samples, when boot(sample_hz=...) ran.
+    samples: Counter = field(default_factory=Counter)
 
 
 class _LinuxMachine(Machine):
@@ -127,6 +129,7 @@ def boot(
     console=None,
     software_host: bool | None = None,
     mptable: bool = True,
+    sample_hz: float = 0.0,
 ) -> ProtoResult:
     sw = is_software_host() if software_host is None else software_host
     k = open_kernel(kernel, use_vmlinux=sw)
@@ -161,7 +164,40 @@ def boot(
         t0 = time.perf_counter()
         watcher = _Console(t0, script, console, uart)
         m._sink = watcher
-        result = m.run(timeout=timeout)
+        samples: Counter = Counter()
+        on_pause = None
+        if sample_hz:
+            # A poor man's profiler: kick the vCPU out of KVM_RUN and note where it was.
+            import threading
+
+            stop_sampling = threading.Event()
+
+            def sampler() -> None:
+                while not stop_sampling.wait(1 / sample_hz):
+                    m.vcpu.request_pause(kick=True)
+
+            def on_pause():
+                regs = m.vcpu.fd.get_regs()
+                key: tuple = (regs.rip,)
+                if regs.rip >> 47:
+                    # Kernel code: kernel-text words on the stack stand in for a call chain
+                    # (the guess unwinder's method), enough to tell callers apart.
+                    try:
+                        vm = VirtualMemory(m.memory, Regime.from_sregs(m.vcpu.fd.get_sregs()))
+                        raw = vm.read_partial(regs.rsp, 512)
+                        words = [int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw) - 7, 8)]
+                        key += tuple(w for w in words if w >> 31 == 0x1_FFFF_FFFF)[:6]
+                    except Exception:  # noqa: BLE001 - a sample is best effort
+                        pass
+                samples[key] += 1
+                return None
+
+            threading.Thread(target=sampler, daemon=True).start()
+        try:
+            result = m.run(timeout=timeout, on_pause=on_pause)
+        finally:
+            if sample_hz:
+                stop_sampling.set()
         duration = time.perf_counter() - t0
         stats = m.vcpu.stats
         return ProtoResult(
@@ -174,6 +210,7 @@ def boot(
             software_host=sw,
             trap=trap_info,
             kvm_run_s=(stats.loop_ns - sum(stats.vmm_ns)) / 1e9,
+            samples=samples,
         )
     finally:
         m.close()
