@@ -18,6 +18,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..arch.x86.acpi import (
+    ACPI_TABLES_START,
+    SLEEP_CONTROL_PORT,
+    SleepControl,
+    build_acpi_tables,
+)
 from ..arch.x86.cpuid import linux_cpuid
 from ..arch.x86.modes import BootState, Mode, SystemLayout
 from ..arch.x86.mptable import MPTABLE_START, build_mptable
@@ -129,6 +135,7 @@ def boot(
     console=None,
     software_host: bool | None = None,
     mptable: bool = True,
+    acpi: bool = True,
     sample_hz: float = 0.0,
 ) -> ProtoResult:
     sw = is_software_host() if software_host is None else software_host
@@ -153,7 +160,14 @@ def boot(
         reserved = [(VMM_PAGES, VMM_PAGES + swhost.TrapPages.at(VMM_PAGES).size, E820_RESERVED)]
         if mptable:
             m.memory.write(MPTABLE_START, build_mptable(1))
-        lb = load_linux(m.memory, k, cmdline=cmdline, initrd=initrd, reserved=reserved)
+        rsdp = None
+        if acpi:
+            tables, rsdp = build_acpi_tables(1)
+            m.memory.write(ACPI_TABLES_START, tables)
+            m.add_pio_device(SLEEP_CONTROL_PORT, 2, SleepControl())
+        lb = load_linux(
+            m.memory, k, cmdline=cmdline, initrd=initrd, reserved=reserved, acpi_rsdp=rsdp
+        )
         fd.set_sregs(lb.sregs)
         fd.set_regs(lb.regs)
         fd.set_fpu(S.kvm_fpu(fcw=0x37F, mxcsr=0x1F80))
@@ -185,7 +199,10 @@ def boot(
                     try:
                         vm = VirtualMemory(m.memory, Regime.from_sregs(m.vcpu.fd.get_sregs()))
                         raw = vm.read_partial(regs.rsp, 512)
-                        words = [int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw) - 7, 8)]
+                        words = [
+                            int.from_bytes(raw[i : i + 8], "little")
+                            for i in range(0, len(raw) - 7, 8)
+                        ]
                         key += tuple(w for w in words if w >> 31 == 0x1_FFFF_FFFF)[:6]
                     except Exception:  # noqa: BLE001 - a sample is best effort
                         pass
