@@ -72,6 +72,8 @@ class IrqLine:
 class ProtoResult:
     stop: Stop
     milestones: dict[str, float]
+    #: The same milestones in vCPU-thread CPU seconds (see _Console).
+    cpu_milestones: dict[str, float]
     fallbacks: Counter
     exits: dict
     output: bytes
@@ -101,25 +103,33 @@ class _Console:
     def __init__(self, t0: float, script: list[str], sink, uart: Serial16550) -> None:
         self.t0, self.script, self.sink, self.uart = t0, list(script), sink, uart
         self.milestones: dict[str, float] = {}
+        # The vCPU thread's CPU time (guest time inside KVM_RUN counts as the thread's) at each
+        # milestone: on a shared, loaded machine wall time stretches, this much less.
+        self.cpu_milestones: dict[str, float] = {}
+        self.cpu0 = time.thread_time()
         self.tail = bytearray()
         self.ready = False
 
+    def _mark(self, name: str, now: float) -> None:
+        if name not in self.milestones:
+            self.milestones[name] = now
+            self.cpu_milestones[name] = time.thread_time() - self.cpu0
+
     def __call__(self, data: bytes) -> None:
         now = time.perf_counter() - self.t0
-        if "first_output" not in self.milestones:
-            self.milestones["first_output"] = now
+        self._mark("first_output", now)
         self.tail += data
         del self.tail[:-4096]
         if "run_init" not in self.milestones and b"Run /init" in self.tail:
-            self.milestones["run_init"] = now
+            self._mark("run_init", now)
         if "init_marker" not in self.milestones and INIT_MARKER.encode() in self.tail:
-            self.milestones["init_marker"] = now
+            self._mark("init_marker", now)
             self.ready = True
         if self.sink is not None:
             self.sink(data)
         if self.ready and self.script and self.tail.endswith(b"# "):
             line = self.script.pop(0)
-            self.milestones.setdefault(f"cmd:{line}", now)
+            self._mark(f"cmd:{line}", now)
             self.tail.clear()
             self.uart.push_input(line.encode() + b"\n")
 
@@ -177,6 +187,7 @@ def boot(
             _install_software_host(m, fallbacks, trap_info)
         t0 = time.perf_counter()
         watcher = _Console(t0, script, console, uart)
+        watcher.cpu0 = time.thread_time()
         m._sink = watcher
         samples: Counter = Counter()
         on_pause = None
@@ -220,6 +231,7 @@ def boot(
         return ProtoResult(
             stop=m.vcpu.stopped,
             milestones=watcher.milestones,
+            cpu_milestones=watcher.cpu_milestones,
             fallbacks=fallbacks,
             exits=dict(result.exits),
             output=m.output,
