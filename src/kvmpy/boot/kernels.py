@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -225,7 +226,9 @@ def build_microvm(
                 with tarfile.open(tarball) as tf:
                     tf.extractall(tmp, filter="tar")
             os.replace(Path(tmp) / SOURCE_PACKAGE, src)
-    out = build / f"out-{key}"
+    # One object tree per source version: a config change then rebuilds only what depends on
+    # the options that changed (Kbuild tracks them per file), not all ~1000 objects.
+    out = build / f"out-{version}"
     out.mkdir(exist_ok=True)
     frag_path = out / "kvmpy.config"
     frag_path.write_text(fragment)
@@ -245,13 +248,20 @@ def build_microvm(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group, so it can be stopped as a whole
     )
     tail: list[str] = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        tail = (tail + [line.rstrip()])[-20:]
-        if progress is not None:
-            progress(line.rstrip())
+    try:
+        for line in proc.stdout:
+            tail = (tail + [line.rstrip()])[-20:]
+            if progress is not None:
+                progress(line.rstrip())
+    except BaseException:
+        # Ctrl-C or an error here: make and its compilers would otherwise run on, orphaned.
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        raise
     if proc.wait() != 0:
         raise ConfigError("the kernel build failed:\n" + "\n".join(tail))
     seconds = time.monotonic() - t0
