@@ -296,9 +296,10 @@ def detect_compression(payload: bytes) -> str:
 
 
 def decompress_payload(payload: bytes, limit: int = MAX_VMLINUX) -> bytes:
-    """Decompress a bzImage payload. The kernel build appends the decompressed size as a
-    little-endian u32 (`size_append`, read by the decompressor's mkpiggy): output must match
-    it exactly, and no more than min(it, `limit`) bytes are ever produced."""
+    """Decompress a bzImage payload. Its last four bytes are the decompressed size, little
+    endian (mkpiggy reads them: gzip's ISIZE, or what Kbuild's `size_append` adds after the
+    other formats): output must match it exactly, and no more than min(it, `limit`) bytes are
+    ever produced."""
     kind = detect_compression(payload)
     if kind == "none":
         return bytes(payload)
@@ -312,7 +313,9 @@ def decompress_payload(payload: bytes, limit: int = MAX_VMLINUX) -> bytes:
             if expected
             else "the kernel's payload has no decompressed size"
         )
-    body = payload[:-4]
+    # gzip's own trailer ends with ISIZE, which is all Kbuild relies on for it (no extra size
+    # is appended to gzip payloads since Linux 5.x); every other format gets `size_append`.
+    body = payload if kind == "gzip" else payload[:-4]
     try:
         out = _DECOMPRESSORS[kind](body, expected + 1)
     except BadImage:
