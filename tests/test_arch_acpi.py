@@ -7,6 +7,8 @@ import struct
 import subprocess
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmpy.arch.x86 import acpi as A
 from kvmpy.devices import PowerOff
@@ -34,10 +36,18 @@ def tables(n=2):
 def test_tables_link_up_with_good_checksums():
     xsdt, fadt, madt, dsdt = tables()
     assert (xsdt[:4], fadt[:4], madt[:4], dsdt[:4]) == (b"XSDT", b"FACP", b"APIC", b"DSDT")
-    assert struct.unpack_from("<I", fadt, 112)[0] & A.FADT_HW_REDUCED_ACPI
+    # Not hardware-reduced: Linux would then assume no 8259 and map no ISA IRQ (the UART's 4).
+    assert not struct.unpack_from("<I", fadt, 112)[0] & A.FADT_HW_REDUCED_ACPI
     assert struct.unpack_from("<H", fadt, 109)[0] & A.IAPC_8042
-    space, _, _, _, port = struct.unpack_from("<BBBBQ", fadt, 244)
-    assert (space, port) == (A.GAS_SYSTEM_IO, A.SLEEP_CONTROL_PORT)
+    assert struct.unpack_from("<II", fadt, 56) == (A.PM1_EVT_PORT, 0)
+    assert struct.unpack_from("<I", fadt, 64)[0] == A.PM1_CNT_PORT
+    assert (fadt[88], fadt[89]) == (4, 2)
+    space, _, _, _, port = struct.unpack_from("<BBBBQ", fadt, 172)
+    assert (space, port) == (A.GAS_SYSTEM_IO, A.PM1_CNT_PORT)
+    facs_at = struct.unpack_from("<I", fadt, 36)[0]
+    assert facs_at % 64 == 0 and struct.unpack_from("<Q", fadt, 132)[0] == facs_at
+    data, _ = A.build_acpi_tables(2)
+    assert data[facs_at - A.ACPI_TABLES_START :][:4] == b"FACS"
     assert A.DSDT_AML in dsdt
 
 
@@ -63,10 +73,36 @@ def test_iasl_disassembles_the_dsdt(tmp_path):
     assert "Name (_S5, Package (0x04)" in text
 
 
-def test_sleep_control_s5_powers_off():
-    dev = A.SleepControl()
-    assert dev.write(0, bytes([A.S5_SLP_TYP << 2])) is None  # no SLP_EN
-    assert dev.write(0, bytes([3 << 2 | A.SLP_EN])) is None  # S3: not offered
-    assert isinstance(dev.write(0, bytes([A.S5_SLP_TYP << 2 | A.SLP_EN])), PowerOff)
-    assert dev.write(1, b"\xff") is None
-    assert dev.read(1, 1) == b"\x00"
+def test_pm1_control_s5_powers_off():
+    dev = A.PmControl()
+    s5 = A.S5_SLP_TYP << A.SLP_TYP_SHIFT
+    # Linux writes SLP_TYP first, then SLP_TYP | SLP_EN (acpi_hw_legacy_sleep).
+    assert dev.write(4, s5.to_bytes(2, "little")) is None
+    assert dev.write(4, (3 << A.SLP_TYP_SHIFT | A.SLP_EN).to_bytes(2, "little")) is None  # S3
+    assert isinstance(dev.write(4, (s5 | A.SLP_EN).to_bytes(2, "little")), PowerOff)
+    assert dev.read(4, 2)[0] & A.SCI_EN  # always in ACPI mode
+    assert dev.read(0, 2) == b"\0\0"  # no events
+    dev.write(2, b"\x20\x01")
+    assert dev.read(2, 2) == b"\x20\x01"
+    # A byte write of the high half with SLP_EN is an S5 request too.
+    assert isinstance(dev.write(5, bytes([(s5 | A.SLP_EN) >> 8])), PowerOff)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(), st.integers(0, 7), st.integers(1, 4), st.binary(min_size=1, max_size=4)
+        ),
+        max_size=50,
+    )
+)
+def test_fuzz_pm_control(accesses):
+    dev = A.PmControl()
+    for is_write, offset, size, data in accesses:
+        if is_write:
+            effect = dev.write(offset, data)
+            assert effect is None or isinstance(effect, PowerOff)
+        else:
+            assert len(dev.read(offset, size)) == size
+        assert dev.control & A.SCI_EN

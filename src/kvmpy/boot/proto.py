@@ -20,8 +20,9 @@ from pathlib import Path
 
 from ..arch.x86.acpi import (
     ACPI_TABLES_START,
-    SLEEP_CONTROL_PORT,
-    SleepControl,
+    PM1_EVT_PORT,
+    PM_PORTS,
+    PmControl,
     build_acpi_tables,
 )
 from ..arch.x86.cpuid import linux_cpuid
@@ -59,8 +60,10 @@ class IrqLine:
 
     def __init__(self, vm, gsi: int) -> None:
         self.vm, self.gsi = vm, gsi
+        self.raised = 0
 
     def set_level(self, level: bool) -> None:
+        self.raised += bool(level)
         self.vm.irq_line(self.gsi, int(level))
 
     def trigger(self) -> None:
@@ -81,6 +84,8 @@ class ProtoResult:
     software_host: bool
     trap: dict = field(default_factory=dict)
     kvm_run_s: float = 0.0
+    #: Times each device interrupt line was raised.
+    irqs: dict = field(default_factory=dict)
     #: (rip, kernel-text words from the stack...) -> samples, when boot(sample_hz=...) ran.
     samples: Counter = field(default_factory=Counter)
 
@@ -161,7 +166,8 @@ def boot(
     try:
         fd = m.vcpu.fd
         fd.set_cpuid2(linux_cpuid(m.kvm.supported_cpuid(), 0, 1, software_host=sw))
-        uart = Serial16550(IrqLine(m.vm, COM1_IRQ))
+        uart_irq = IrqLine(m.vm, COM1_IRQ)
+        uart = Serial16550(uart_irq)
         m.add_pio_device(COM1_PORT, 8, uart)
         kbd = I8042(IrqLine(m.vm, KBD_IRQ))
         m.add_pio_device(DATA_PORT, 1, kbd.port_device(DATA_PORT))
@@ -174,7 +180,7 @@ def boot(
         if acpi:
             tables, rsdp = build_acpi_tables(1)
             m.memory.write(ACPI_TABLES_START, tables)
-            m.add_pio_device(SLEEP_CONTROL_PORT, 2, SleepControl())
+            m.add_pio_device(PM1_EVT_PORT, PM_PORTS, PmControl())
         lb = load_linux(
             m.memory, k, cmdline=cmdline, initrd=initrd, reserved=reserved, acpi_rsdp=rsdp
         )
@@ -240,6 +246,7 @@ def boot(
             trap=trap_info,
             kvm_run_s=(stats.loop_ns - sum(stats.vmm_ns)) / 1e9,
             samples=samples,
+            irqs={"serial": uart_irq.raised, "i8042": kbd.irq.raised},
         )
     finally:
         m.close()
