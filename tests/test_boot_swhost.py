@@ -129,8 +129,10 @@ def test_plan_needs_a_free_slot():
 
 
 def test_cmdline_profile_has_the_measured_switches():
-    for switch in ("noxsave", "nopti", "clearcpuid=smap,popcnt", "sse4_2", "aes"):
+    for switch in ("noxsave", "nopti", "clearcpuid=smap,popcnt", "sse4_2", "aes", "erms,fsrm"):
         assert switch in SW.SOFTWARE_HOST_CMDLINE
+    # Linux reads only the last clearcpuid=: there must be exactly one.
+    assert SW.SOFTWARE_HOST_CMDLINE.count("clearcpuid=") == 1
 
 
 # --- a small kernel-like guest on the real host -----------------------------------------------------
