@@ -42,6 +42,8 @@ class KernelFiles:
     vmlinux: Path
     version: str
     build_seconds: float | None = None
+    #: The build reused an object tree (a config change recompiles only what it touched).
+    incremental: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -60,7 +62,9 @@ def _run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
     return r
 
 
-def _finish(name: str, dest: Path, bzimage_data: bytes, version: str, seconds=None) -> KernelFiles:
+def _finish(
+    name: str, dest: Path, bzimage_data: bytes, version: str, seconds=None, incremental=False
+) -> KernelFiles:
     """Store the bzImage and its vmlinux side by side under `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
     bz = parse_bzimage(bzimage_data, name)
@@ -75,7 +79,9 @@ def _finish(name: str, dest: Path, bzimage_data: bytes, version: str, seconds=No
         os.replace(tmp, vm_path)
     except OSError:
         write_atomically(vm_path, vm.data)
-    files = KernelFiles(name, bz_path, vm_path, version or bz.header.kernel_version, seconds)
+    files = KernelFiles(
+        name, bz_path, vm_path, version or bz.header.kernel_version, seconds, incremental
+    )
     write_atomically(dest / "kernel.json", _json(files.to_dict()))
     return files
 
@@ -128,8 +134,9 @@ def _load_meta(path: Path) -> KernelFiles:
 
     d = json.loads(path.read_text())
     return KernelFiles(
-        d["name"], Path(d["bzimage"]), Path(d["vmlinux"]), d["version"], d.get("build_seconds")
-    )
+        d["name"], Path(d["bzimage"]), Path(d["vmlinux"]), d["version"], d.get("build_seconds"),
+        bool(d.get("incremental", False)),
+    )  # fmt: skip
 
 
 # --- the minimal microVM kernel -------------------------------------------------------------------
@@ -241,6 +248,7 @@ def build_microvm(
             + "; ".join(problems)
         )
     jobs = jobs or os.cpu_count() or 1
+    incremental = (out / "vmlinux").exists()
     t0 = time.monotonic()
     # nice: a kernel build takes minutes of both cores on our shared machines.
     proc = subprocess.Popen(
@@ -266,7 +274,7 @@ def build_microvm(
         raise ConfigError("the kernel build failed:\n" + "\n".join(tail))
     seconds = time.monotonic() - t0
     data = read_kernel_file(out / "arch" / "x86" / "boot" / "bzImage")
-    files = _finish("microvm", dest, data, version, seconds)
+    files = _finish("microvm", dest, data, version, seconds, incremental)
     shutil.copy(out / ".config", dest / "config")
     return files
 

@@ -42,7 +42,8 @@ def _report(files, as_json: bool) -> None:
     print(f"  bzImage  {files.bzimage}")
     print(f"  vmlinux  {files.vmlinux}")
     if files.build_seconds is not None:
-        print(f"  built in {files.build_seconds:.0f} s")
+        how = " (incremental: an earlier build's objects were reused)" if files.incremental else ""
+        print(f"  built in {files.build_seconds:.0f} s{how}")
 
 
 def cmd_fetch(args) -> int:
