@@ -246,3 +246,27 @@ def _classify(rep: Report) -> None:
             " 32-bit paging is not available (the paged32 mode stops with a host-limitation "
             "message)."
         )
+
+
+_software_host: bool | None = None
+
+
+def is_software_host(kvm: Kvm | None = None) -> bool:
+    """Whether ring-0 guest code is emulated here (KVM-PVM-like), by the same CPL0/CPL3 timing
+    probe as `kvmpy doctor` (~50 ms, once per process). KVMPY_SOFTWARE_HOST=1 or 0 overrides
+    it (for tests of either profile on any host)."""
+    global _software_host
+    forced = os.environ.get("KVMPY_SOFTWARE_HOST")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if _software_host is None:
+        own = kvm is None
+        kvm = kvm or Kvm()
+        try:
+            cpl0 = _time_loop(kvm, Mode.LONG, 20_000)
+            cpl3 = _time_loop(kvm, Mode.LONG_USER, 20_000_000)
+        finally:
+            if own:
+                kvm.close()
+        _software_host = cpl0 / max(cpl3, 1e-3) > 20
+    return _software_host
