@@ -13,7 +13,9 @@ Linux's autoconfig probes exactly the things modelled here: IER read-back, the l
 
 from __future__ import annotations
 
+import threading
 from collections import deque
+from collections.abc import Callable
 
 from .. import Device, InterruptLine, NoInterrupt, Output
 
@@ -101,18 +103,27 @@ class Serial16550(Device):
         self.tx_bytes = 0
         self.rx_bytes = 0
         self.rx_dropped = 0
+        #: Called (in a vCPU thread) when the guest may take more input: it emptied the
+        #: receive queue, or enabled the receive interrupt (its driver opened the port). The
+        #: console backend refills from there instead of polling.
+        self.on_input_wanted: Callable[[], None] | None = None
+        # The console backend's thread pushes input while vCPU threads read the registers;
+        # the interrupt line must follow one consistent state (a lost update could leave a
+        # level interrupt high with nothing pending, and Linux disables a screaming IRQ).
+        self._lock = threading.Lock()
 
     # --- the console backend's side --------------------------------------------------------------
 
     def push_input(self, data: bytes) -> int:
         """Queue console input for the guest; returns how many bytes were taken (the rest did
         not fit: the caller keeps them and retries after the guest read some)."""
-        room = self.input_limit - len(self._rx)
-        taken = data[: max(0, room)]
-        self._rx.extend(taken)
-        if taken:
-            self._update_irq()
-        return len(taken)
+        with self._lock:
+            room = self.input_limit - len(self._rx)
+            taken = data[: max(0, room)]
+            self._rx.extend(taken)
+            if taken:
+                self._update_irq()
+            return len(taken)
 
     @property
     def input_pending(self) -> int:
@@ -121,10 +132,21 @@ class Serial16550(Device):
     def input_room(self) -> int:
         return self.input_limit - len(self._rx)
 
+    @property
+    def accepting_input(self) -> bool:
+        """Whether the guest listens: its driver enabled the receive interrupt, which Linux's
+        8250 driver does when a process opens the port (and not for kernel messages). Before
+        that, its start-up clears the FIFO and input would be lost."""
+        return bool(self.ier & IER_RDI)
+
     # --- registers ---------------------------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> bytes:
-        value = self._read_reg(offset & 7)
+        with self._lock:
+            value = self._read_reg(offset & 7)
+            wanted = offset & 7 == RBR_THR_DLL and not self._rx and not self.lcr & LCR_DLAB
+        if wanted and self.on_input_wanted is not None:
+            self.on_input_wanted()
         # A 16- or 32-bit access reads the one register (Linux never does it; be deterministic).
         return bytes([value]) + b"\xff" * (size - 1) if size > 1 else bytes([value])
 
@@ -169,14 +191,21 @@ class Serial16550(Device):
     def write(self, offset: int, data: bytes) -> Output | None:
         if not data:
             return None
-        return self._write_reg(offset & 7, data[0])
+        with self._lock:
+            listening = self.accepting_input
+            effect = self._write_reg(offset & 7, data[0])
+            opened = not listening and self.accepting_input
+        if opened and self.on_input_wanted is not None:
+            self.on_input_wanted()
+        return effect
 
     def write_string(self, offset: int, size: int, data: memoryview) -> Output | None:
         out = bytearray()
-        for value in bytes(data[::size]):
-            effect = self._write_reg(offset & 7, value)
-            if effect is not None:
-                out += effect.data
+        with self._lock:
+            for value in bytes(data[::size]):
+                effect = self._write_reg(offset & 7, value)
+                if effect is not None:
+                    out += effect.data
         return Output(bytes(out)) if out else None
 
     def _write_reg(self, reg: int, value: int) -> Output | None:
@@ -278,6 +307,10 @@ class Serial16550(Device):
     # --- snapshots ---------------------------------------------------------------------------------
 
     def state(self) -> dict:
+        with self._lock:
+            return self._state()
+
+    def _state(self) -> dict:
         return {
             "ier": self.ier, "lcr": self.lcr, "mcr": self.mcr, "lsr_errors": self.lsr_errors,
             "scr": self.scr, "dll": self.dll, "dlm": self.dlm, "fcr": self.fcr,
@@ -287,6 +320,10 @@ class Serial16550(Device):
         }  # fmt: skip
 
     def restore_state(self, state: dict) -> None:
+        with self._lock:
+            self._restore_state(state)
+
+    def _restore_state(self, state: dict) -> None:
         for key in ("ier", "lcr", "mcr", "lsr_errors", "scr", "dll", "dlm", "fcr", "msr_delta"):
             setattr(self, key, int(state.get(key, getattr(self, key))) & 0xFF)
         self.thri_pending = bool(state.get("thri_pending", False))
