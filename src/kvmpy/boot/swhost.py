@@ -204,6 +204,11 @@ class TrapError(Exception):
     """The syscall trap could not be installed (the guest's tables are not as expected)."""
 
 
+class TrapInstalled(TrapError):
+    """Vector 14 already points into one of the holes: the trap is there (a restored or
+    migrated guest whose kernel writes LSTAR again, e.g. when it brings up another CPU)."""
+
+
 @dataclass(frozen=True)
 class TrapPages:
     """Four guest-physical pages the VMM owns (reserved in e820): a PDPT, a PD, a PT and the
@@ -263,6 +268,8 @@ def plan_syscall_trap(
         raise TrapError(f"IDT vector 14 is not a plain interrupt gate ({gate})")
     if gate.offset >> 47 != 0x1FFFF:
         raise TrapError(f"the page-fault handler {gate.offset:#x} is not in the kernel half")
+    if (gate.offset >> 39) & 0x1FF in UNUSED_SLOTS:
+        raise TrapInstalled(f"IDT vector 14 already points at a stub ({gate.offset:#x})")
     if cr4 & CR4_LA57:
         raise TrapError("the guest uses 5-level paging, which the syscall trap does not support")
     pml4 = cr3 & ADDR_MASK
