@@ -263,3 +263,18 @@ def write_initramfs(path: Path, data: bytes) -> None:
         Path(path).write_bytes(data)
     except OSError as e:
         raise ConfigError(f"cannot write {path}: {e.strerror}") from None
+
+
+def default_initramfs() -> Path:
+    """kvmpy's default initramfs as a file (built once, cached by its content): what
+    `kvmpy boot` uses without --initrd."""
+    import hashlib
+
+    data = build_initramfs()
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    path = cache_subdir("initramfs") / f"default-{digest}.cpio"
+    if not path.is_file():
+        from .cache import write_atomically
+
+        write_atomically(path, data)
+    return path

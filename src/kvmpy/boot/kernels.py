@@ -282,3 +282,41 @@ def build_microvm(
 def cached_kernels() -> list[KernelFiles]:
     root = kernels_dir()
     return [_load_meta(p) for p in sorted(root.glob("**/kernel.json")) if "build" not in p.parts]
+
+
+def microvm_dir(config: str | None = None) -> Path | None:
+    """Where `build_microvm` keeps the kernel of this config (None when the source package is
+    not installed, so the key is unknown)."""
+    version = _source_version()
+    if not version:
+        return None
+    fragment = config if config is not None else microvm_config_text()
+    key = hashlib.sha256(f"{version}\n{fragment}".encode()).hexdigest()[:12]
+    return kernels_dir() / f"microvm-{key}"
+
+
+def find_kernel(name: str) -> KernelFiles | None:
+    """A cached kernel by name, for `kvmpy boot microvm` / `kvmpy boot debian`: the microVM
+    kernel of kvmpy's current config (else the newest one built), or the newest Debian one."""
+    kernels = cached_kernels()
+    if name == "microvm":
+        current = microvm_dir()
+        for k in kernels:
+            if current is not None and k.vmlinux.parent == current:
+                return k
+        built = [k for k in kernels if k.vmlinux.parent.name.startswith("microvm-")]
+    elif name == "debian":
+        built = [k for k in kernels if k.vmlinux.parent.parent.name == "debian"]
+    else:
+        return None
+    built = [k for k in built if k.vmlinux.is_file()]
+    return max(built, key=lambda k: k.vmlinux.stat().st_mtime) if built else None
+
+
+def ensure_microvm(progress=None) -> KernelFiles:
+    """The microVM kernel of kvmpy's current config, built if it is not cached yet (what the
+    test suite boots: a few minutes once per machine)."""
+    current = microvm_dir()
+    if current is not None and (current / "kernel.json").is_file():
+        return _load_meta(current / "kernel.json")
+    return build_microvm(progress=progress)

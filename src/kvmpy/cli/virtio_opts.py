@@ -10,15 +10,18 @@ import sys
 from ..errors import ConfigError
 
 
-def add_virtio_options(p) -> None:
+def add_virtio_options(p, *, console: bool = True) -> None:
+    """`console=False`: the command has its own --console (kvmpy boot), which takes
+    `virtio` too."""
     g = p.add_argument_group("virtio devices (docs/virtio.md)")
     g.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,id=NAME]",
                    help="a virtio-blk disk on a raw image (repeatable); ro: read-only; id: "
                    "what GET_ID returns; irq-cpu=N: the vCPU that takes its interrupts")  # fmt: skip
     g.add_argument("--rng", action="store_true", help="a virtio entropy device (host getrandom)")
-    g.add_argument("--console", choices=["serial", "virtio"], default="serial",
-                   help="virtio: a virtio console (hvc0) on stdin/stdout; serial (default): "
-                   "kvmpy's port console only")  # fmt: skip
+    if console:
+        g.add_argument("--console", choices=["serial", "virtio"], default="serial",
+                       help="virtio: a virtio console (hvc0) on stdin/stdout; serial (default): "
+                       "kvmpy's port console only")  # fmt: skip
     g.add_argument("--transport", choices=["mmio", "pci"], default="mmio",
                    help="virtio-mmio (default) or virtio-pci with MSI-X")  # fmt: skip
 
