@@ -141,13 +141,35 @@ KBASE = 0xFFFF_FFFF_8000_0000
 KCODE = 0x10000
 USER_CODE = 0x200000
 USER_STACK = 0x3FF000
+TRAP_PAGES = 0x9B000
 
 # Offsets inside the assembled blob (`.org`), so the VMM can point gates and LSTAR at them.
+# Exit code: 42 from the user program + 100 * the CPL the syscall entry ran at + 50 * #BP
+# handler runs + 1000 if `stac`/`clac` (when the CPU has SMAP) did not leave RFLAGS.AC as the
+# instructions say. Every host must give 92: natively, or through the fallbacks.
 GUEST_ASM = """
     # The "kernel": ring 0, running from the high mapping like Linux.
     int3                        # emulation failure on a software host -> #BP injected
     fwait                       # emulation failure on a software host -> skipped
-    mov $0xC0000082, %ecx       # LSTAR: the VMM learns it through its MSR filter
+    xor %r14d, %r14d
+    mov $7, %eax                # CPUID.(7,0):EBX bit 20: SMAP (clac/stac exist)
+    xor %ecx, %ecx
+    cpuid
+    bt $20, %ebx
+    jnc 2f
+    stac                        # software host: emulation failure -> AC set, skipped
+    pushfq
+    pop %rax
+    bt $18, %eax
+    jc 1f
+    add $1000, %r14d
+1:  clac                        # software host: emulation failure -> AC cleared, skipped
+    pushfq
+    pop %rax
+    bt $18, %eax
+    jnc 2f
+    add $1000, %r14d
+2:  mov $0xC0000082, %ecx       # LSTAR: the VMM learns it through its MSR filter
     lea syscall_entry(%rip), %rax
     mov %rax, %rdx
     shr $32, %rdx
@@ -167,13 +189,14 @@ pf_handler:                     # a page fault the trap did not forward
     mov $99, %edi
     jmp exit
 .org 0x300
-syscall_entry:                  # exit code 42 + 100*CPL + 50*(#BP count)
+syscall_entry:                  # exit code 42 + 100*CPL + 50*(#BP count) + r14
     mov %cs, %eax
     and $3, %eax
     imul $100, %eax
     add %eax, %edi
     imul $50, %r15d, %eax
     add %eax, %edi
+    add %r14d, %edi
 exit:
     mov $0x500, %edx
     xor %eax, %eax
@@ -236,45 +259,69 @@ def _setup_guest(m, blob: bytes) -> None:
     sregs.cr4 = 0x20 | 0x200 | 0x400  # PAE, OSFXSR, OSXMMEXCPT
     sregs.efer = 0x500 | 1  # LME, LMA, SCE
     regs = S.kvm_regs(rip=KBASE + KCODE, rsp=KBASE + 0x80000, rflags=2)
-    fd = m.vcpu.fd
-    fd.set_sregs(sregs)
-    fd.set_regs(regs)
-    fd.set_fpu(S.kvm_fpu(fcw=0x37F, mxcsr=0x1F80))
+    vcpu = m.vcpus[0]
+    vcpu.set_sregs(sregs)
+    vcpu.set_regs(regs)
+    vcpu.set_fpu(S.kvm_fpu(fcw=0x37F, mxcsr=0x1F80))
     # STAR: syscall loads CS 0x10 / SS 0x18 (sysret would use 0x23-based user selectors).
-    fd.set_msrs({0xC000_0081: (0x23 << 48) | (0x10 << 32)})
-    m.boot = BootState(Mode.LONG, regs, sregs, SystemLayout())
+    vcpu.set_msrs({0xC000_0081: (0x23 << 48) | (0x10 << 32)})
+    m.boot = BootState(Mode.LONG, regs, sregs, SystemLayout(ncpus=0))
     m.entry_ip = regs.rip
 
 
 @pytest.mark.kvm
-@pytest.mark.parametrize("trap", [True, False], ids=["with-profile", "without-profile"])
-def test_small_guest_fallbacks_and_syscall_forwarding(kvm, assemble, trap):
-    from collections import Counter
-
-    from kvmpy.boot.proto import _install_software_host
+@pytest.mark.parametrize("profile", [True, False], ids=["with-profile", "without-profile"])
+def test_small_guest_fallbacks_and_syscall_forwarding(kvm, assemble, profile):
+    """Every fallback of the profile, each counted in the exit statistics: int3 -> #BP
+    injected, fwait skipped, stac/clac (where the CPU has SMAP) emulated on RFLAGS.AC, the
+    LSTAR write taken through the MSR filter (installing the syscall trap), and a CPL3
+    `syscall` forwarded by the stub."""
     from kvmpy.doctor import is_software_host
     from kvmpy.machine import Machine, MachineConfig
+    from kvmpy.vmm.linux import SoftwareHostProfile
 
     sw = is_software_host(kvm)
     blob = assemble(GUEST_ASM)
-    with Machine(MachineConfig(mode="long", memory="4M"), kvm=kvm) as m:
+    with Machine(MachineConfig(mode="long", memory="4M", accel="kvm"), kvm=kvm) as m:
         _setup_guest(m, blob)
-        fallbacks: Counter = Counter()
-        info: dict = {}
-        if trap and sw:
-            _install_software_host(m, fallbacks, info)
+        swp = None
+        if profile and sw:
+            swp = SoftwareHostProfile(m, SW.TrapPages.at(TRAP_PAGES))
+            swp.install()
         result = m.run(timeout=30)
+    fallbacks = result.stats.fallbacks
     if not sw:
-        # Native ring 0: int3 and fwait run, syscall enters ring 0 by itself.
+        # Native ring 0: int3, fwait and clac run, syscall enters ring 0 by itself; kvmpy
+        # handled nothing.
         assert result.exit_code == 92, result.message
+        assert fallbacks == {}
         return
-    if trap:
-        # int3 -> #BP injected (handler counted it), fwait skipped, LSTAR seen, syscall
-        # forwarded by the stub: the entry ran at CPL0.
-        assert result.exit_code == 92, (result.message, dict(fallbacks), info)
+    if profile:
+        assert result.exit_code == 92, (result.message, fallbacks, swp.trap)
         assert fallbacks["int3"] == 1 and fallbacks["fwait"] == 1
-        assert fallbacks["lstar_write"] == 1 and info["slot"] == 401
+        assert fallbacks["lstar_write"] == 1 and fallbacks["syscall_trap_installed"] == 1
+        assert swp.trap["slot"] == 401
+        # stac/clac ran where the guest's CPUID shows SMAP (on KVM-PVM it shows the host's
+        # bits whatever KVM lists as supported); the exit code says AC came out right.
+        assert fallbacks.get("stac", 0) == fallbacks.get("clac", 0) in (0, 1)
     else:
         # The host quirk itself: without the profile int3 is an emulation failure.
         assert result.stop_reason.value == "internal_error"
         assert "int3" in result.message
+
+
+def test_profile_only_on_a_software_host(monkeypatch):
+    """Nothing of the profile on VT-x/AMD-V: no command-line switches, no hooks."""
+    pytest.importorskip("kvmpy.vmm.linux")
+    from kvmpy.vmm import linux as L
+
+    class FakeMachine:
+        virtio = None
+
+    boot = L.LinuxBoot("vmlinux", cmdline="quiet")
+    for sw in (False, True):
+        p = L.LinuxPlatform(FakeMachine(), boot, software_host=sw)
+        line = p.full_cmdline()
+        assert line.startswith(L.BASE_CMDLINE) and line.endswith(" quiet")
+        assert (SW.SOFTWARE_HOST_CMDLINE in line) is sw
+        assert ("clearcpuid=" in line) is sw and ("noxsave" in line) is sw

@@ -2,7 +2,7 @@
 (KVM-PVM, where guest ring 0 is emulated), as decisions the run loop carries out.
 
 Everything here is pure: functions take exit data, register values and a guest-memory accessor,
-and return what to do; `kvmpy.boot.proto` (and later the platform's run loop) applies it. None
+and return what to do; `kvmpy.vmm.linux.SoftwareHostProfile` applies it on the KVM vCPUs. None
 of it is used on a VT-x/AMD-V host. What was measured and why is in LINUX-ON-THIS-HOST.md and
 docs/linux.md; in short:
 
