@@ -26,10 +26,12 @@ INIT_MARKER = "kvmpy-init: ready"
 
 DEFAULT_INIT = f"""#!/bin/sh
 # kvmpy's default /init: mount the pseudo file systems, then a shell on the console.
+# Applets are called through busybox until /proc is mounted: without applet links its shell
+# finds them through /proc/self/exe.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root TERM=${{TERM:-linux}}
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
+busybox mount -t proc proc /proc
+busybox mount -t sysfs sysfs /sys
+busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
@@ -208,8 +210,10 @@ def build_initramfs(
     additions: list[Addition] = (),  # type: ignore[assignment]
     busybox: Path | None = None,
     compress: bool = False,
+    applet_links: bool = True,
 ) -> bytes:
-    """A busybox initramfs as bytes (newc cpio, gzip-compressed only if asked)."""
+    """A busybox initramfs as bytes (newc cpio, gzip-compressed only if asked). Without
+    `applet_links` only /bin/sh links to busybox (its shell runs every applet by name)."""
     bb = busybox or busybox_static()
     bb_data = Path(bb).read_bytes()
     w = CpioWriter()
@@ -219,7 +223,7 @@ def build_initramfs(
     # The kernel opens /dev/console for init's stdin/stdout before devtmpfs is mounted.
     w.add_char_device("dev/console", 5, 1)
     w.add_file("bin/busybox", bb_data, 0o755)
-    for applet in busybox_applets(Path(bb)):
+    for applet in busybox_applets(Path(bb)) if applet_links else ["bin/sh"]:
         if applet == "bin/busybox" or w.has(applet):
             continue
         w.ensure_parents(applet)
