@@ -136,19 +136,19 @@ def run_linux(config, args, console_mode: str = "stdio", console_path: str | Non
     """Build and run a Linux machine with its console on this process's stdin/stdout (the
     shared runner of `kvmpy boot` and `kvmpy run --config` with a Linux boot source)."""
     from ..vmm import builder
-    from .outputs import GuestConsole
     from .run import report
 
     sink, closer = _console_sink(console_mode, console_path)
     try:
         with builder.build(config, console=sink, capture_output=False) as machine:
             result = run_machine_with_console(machine, args, console_mode)
+        # The report flushes the console first: a file console is closed after it.
+        return report(result, stats=args.stats, as_json=args.json, image=config.boot.kernel,
+                      mode=config.machine.mode, console=sink if console_mode != "file" else None,
+                      virtio=result.extra.pop("_virtio", None))  # fmt: skip
     finally:
         if closer is not None:
             closer()
-    out = sink if isinstance(sink, GuestConsole) else None
-    return report(result, stats=args.stats, as_json=args.json, image=config.boot.kernel,
-                  mode=config.machine.mode, console=out, virtio=result.extra.pop("_virtio", None))  # fmt: skip
 
 
 def _console_sink(mode: str, path: str | None):
@@ -165,16 +165,19 @@ def _console_sink(mode: str, path: str | None):
     return None, None
 
 
-def run_machine_with_console(machine, args, console_mode: str = "stdio"):
-    """Run a built (or restored) Linux machine: stdin typed into its console, the terminal
-    raw while it runs; the result carries the Linux platform's report."""
+def run_machine_with_console(machine, args, console_mode: str = "stdio", before_first_run=None):
+    """Run a built, restored or received Linux machine: stdin typed into its console, the
+    terminal raw while it runs; the result carries the Linux platform's report. Other
+    machines run as `kvmpy run` runs them."""
     from ..vmm.console import raw_terminal
+    from .ctl import run_with_control
 
     control = getattr(args, "control", None)
     timeout = getattr(args, "timeout", None)
+    linux = machine.linux is not None
     with contextlib.ExitStack() as stack:
         interactive = False
-        if console_mode in ("stdio", "virtio") and sys.stdin is not None:
+        if linux and console_mode in ("stdio", "virtio") and sys.stdin is not None:
             fd = sys.stdin.fileno()
             interactive = stack.enter_context(raw_terminal(fd)) if os.isatty(fd) else False
             con = connect_console(machine, fd, interactive=interactive,
@@ -184,14 +187,12 @@ def run_machine_with_console(machine, args, console_mode: str = "stdio"):
         if interactive:
             sys.stderr.write("kvmpy: console on this terminal; Ctrl-A x quits\r\n")
             sys.stderr.flush()
-        if control:
-            from .ctl import run_with_control
-
-            result = run_with_control(machine, control, timeout)
+        if control or before_first_run is not None:
+            result = run_with_control(machine, control, timeout, before_first_run=before_first_run)
         else:
             result = machine.run(timeout=timeout, handle_sigint=True)
     result.extra["accel"] = machine.accel
-    if machine.linux is not None:
+    if linux:
         result.extra["linux"] = machine.linux.to_dict()
     vset = getattr(machine, "virtio", None)
     if vset is not None:
