@@ -288,3 +288,25 @@ def test_initrd_too_large(kernel, tmp_path):
 def test_cmdline_over_the_limit(kernel):
     _one_line_error(kvmpy("boot", kernel, "--no-initrd", "--append", "x" * 4000),
                     "this kernel accepts at most")  # fmt: skip
+
+
+# --- kvmpy bench boot (the boot itself is measured by hand: docs/linux.md) ---------------------
+
+
+def test_bench_boot_unknown_kernel(tmp_path):
+    _one_line_error(kvmpy("bench", "boot", "--kernel", str(tmp_path / "nope")), "no such kernel")
+
+
+def test_bench_boot_symbolizes_samples(tmp_path):
+    from kvmpy.benchmarks.boot import by_function, symbolize
+
+    smap = tmp_path / "System.map"
+    smap.write_text("ffffffff81000000 T _text\nffffffff81000100 T clear_page\n"
+                    "ffffffff81000200 t memcpy_erms\nffffffff81000300 D data\n")  # fmt: skip
+    samples = [[[0xFFFFFFFF81000108, 0xFFFFFFFF81000210], 3], [[0xFFFFFFFF81000204], 2],
+               [[0x401000], 1]]  # fmt: skip
+    named = symbolize(samples, smap)
+    assert named[0] == [["clear_page+0x8", "memcpy_erms+0x10"], 3]
+    assert named[2] == [["0x401000"], 1]  # user space stays an address
+    assert by_function(named) == [("clear_page", 3), ("memcpy_erms", 2), ("0x401000", 1)]
+    assert by_function(named, depth=1) == [("memcpy_erms", 3)]
