@@ -35,6 +35,7 @@ COMMANDS = [
     "ctl",
     "restore",
     "migrate-receive",
+    "serve",
 ]
 
 
