@@ -36,6 +36,7 @@ COMMANDS = [
     "restore",
     "migrate-receive",
     "serve",
+    "vm",
 ]
 
 
