@@ -327,30 +327,32 @@ class ConsoleSession:
 
         try:
             if client.socket is not None:
-                self._ws = unix_connect(client.socket, f"ws://localhost{path}")
+                ws = unix_connect(client.socket, f"ws://localhost{path}")
             else:
                 url = client.url.replace("http", "ws", 1).rstrip("/") + path  # type: ignore[union-attr]
                 headers = {"Authorization": f"Bearer {client.token}"} if client.token else None
-                self._ws = connect(url, additional_headers=headers)
+                ws = connect(url, additional_headers=headers)
         except (OSError, Exception) as e:
             raise ApiClientError(f"cannot attach to the console: {e}") from None
+        self._ws = ws.__enter__()  # websockets wants its connections entered
         self._lock = threading.Lock()
 
     def __iter__(self) -> Iterator[bytes]:
         from websockets.exceptions import ConnectionClosed
 
-        try:
-            for msg in self._ws:
-                yield msg if isinstance(msg, bytes) else msg.encode()
-        except ConnectionClosed:
-            return
+        while True:
+            try:
+                msg = self._ws.recv()
+            except ConnectionClosed:
+                return
+            yield msg if isinstance(msg, bytes) else msg.encode()
 
     def send(self, data: bytes) -> None:
         with self._lock:
             self._ws.send(data)
 
     def close(self) -> None:
-        self._ws.close()
+        self._ws.__exit__(None, None, None)
 
     def __enter__(self) -> ConsoleSession:
         return self

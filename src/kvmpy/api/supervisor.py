@@ -448,7 +448,9 @@ class Vm:
                             self.resources.logger, self.resources.metrics = old.logger, old.metrics
                     except Exception as e:  # the view only; the VM runs regardless
                         log.warning("VM %s: cannot describe its configuration: %s", self.id, e)
-                    if self.weight != DEFAULT_WEIGHT:
+                    # Every VMM in a cgroup of its own (where cgroups can be had), so that
+                    # weights compare VMs, not one VM against the daemon's whole group.
+                    if self.weight != DEFAULT_WEIGHT or self.daemon.weights.base is not None:
                         with contextlib.suppress(ApiError):
                             self.daemon.weights.apply(self.id, w.pid, self.weight)
                 elif ev == "result":
