@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ..arch.x86.modes import MAX_CPUS
 
-#: Ids of VMs, drives, interfaces: what a VmConfig device id may be.
-ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+#: Ids of VMs, drives, interfaces: what a VmConfig device id may be, not starting with a dot
+#: (a VM's id names its directory under the daemon's state directory: never "." or "..").
+ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$"
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 #: A host path: not empty, no NUL byte (which no system call takes), bounded.
 HostPath = Annotated[str, StringConstraints(min_length=1, max_length=4095, pattern=r"^[^\x00]+$")]

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -751,6 +752,9 @@ class Daemon:
         return f"/vms/{vm.id}" if self.multi else ""
 
     def create(self, vm_id: str) -> Vm:
+        if not re.match(M.ID_PATTERN, vm_id):  # it names a directory: never "." or ".."
+            raise ApiError(f"a VM id is 1-64 letters, digits, '_', '.' or '-', not starting with "
+                           f"'.' (not {vm_id!r})")  # fmt: skip
         if vm_id in self.vms:
             raise ApiError(f"a VM {vm_id!r} exists already")
         if len(self.vms) >= 1024:

@@ -39,7 +39,7 @@ def cmd_serve(args) -> int:
     from ..api.server import read_token, serve
 
     if not re.match(ID_PATTERN, args.id):
-        args.parser.error("--id: 1-64 letters, digits, '_', '.' or '-'")
+        args.parser.error("--id: 1-64 letters, digits, '_', '.' or '-', not starting with '.'")
     if args.http and not args.token_file:
         args.parser.error("--http needs --token-file (the TCP listener wants a bearer token)")
     if args.token_file and not args.http:
