@@ -24,6 +24,7 @@ import mmap
 import os
 import signal
 import threading
+import time
 import weakref
 from collections.abc import Callable
 
@@ -51,6 +52,10 @@ def settle(memory: GuestMemory) -> None:
     loader = active(memory)
     if loader is not None:
         loader.populate_all()
+
+
+#: How long a restore waits for the handler process to take its work.
+READY_TIMEOUT_S = 10.0
 
 
 class LazyLoader:
@@ -107,7 +112,35 @@ class LazyLoader:
             if uffd is not None:
                 uffd.close()
             os.close(status_fd)
+        self._wait_ready()
         _active[memory] = self
+
+    def _wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until the handler has its work and its guardian: from then on the userfaultfd
+        outlives the handler. Before, a handler killed with the descriptor still in flight on
+        the socket would take the registration with it, and the guest would run on empty
+        memory with no fault to stop it."""
+        deadline = time.monotonic() + timeout
+        while not H.COUNTERS.unpack_from(self._status)[H.READY]:
+            if self.process.pid > 0:
+                try:
+                    done, _ = os.waitpid(self.process.pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = self.process.pid
+                if done:
+                    self.process.pid = 0
+                    self._give_up("the lazy-restore handler process died before it was ready")
+            if time.monotonic() > deadline:
+                self._give_up(f"the lazy-restore handler was not ready within {timeout:g} s")
+            time.sleep(0.0002)
+
+    def _give_up(self, message: str) -> None:
+        self._expect_exit = True
+        self.process.close()
+        if self._old_sigchld is not None:
+            signal.signal(signal.SIGCHLD, self._old_sigchld)
+        self._status.close()
+        raise SnapshotError(message)
         self._child_changed(signal.SIGCHLD, None)  # it may have died already
 
     def _child_changed(self, signum, frame) -> None:
