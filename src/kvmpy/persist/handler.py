@@ -94,6 +94,12 @@ class HandlerProcess:
         n = socket.send_fds(self.sock, [payload[: SETUP.size]], [uffd, memory_fd, status_fd])
         self.sock.sendall(payload[n:])
 
+    def notify_stopped(self) -> None:
+        """Tell a failed handler, or the guardian of a dead one, that every vCPU has been asked
+        to stop: it may answer faults with zero pages now (`wait_stopped`)."""
+        with contextlib.suppress(OSError):
+            self.sock.sendall(STOPPED)
+
     def close(self) -> None:
         """End the process (it, and its guardian, exit when the socket closes) and reap it."""
         self.sock.close()  # also if it died already: its guardian holds the other end
@@ -210,6 +216,7 @@ def _guard(bye: int, uffd: Userfaultfd, sock: socket.socket, regions) -> None:
     if os.read(bye, 1):  # blocks until the handler says bye, or dies (EOF)
         return
     # The handler died; nobody else reads the socket now: its EOF is the VMM closing.
+    wait_stopped(sock)
     poller = select.poll()
     ufd, cfd = uffd.fd, sock.fileno()
     poller.register(ufd, select.POLLIN)
@@ -239,6 +246,41 @@ def _guard(bye: int, uffd: Userfaultfd, sock: socket.socket, regions) -> None:
                     page = address & ~(PAGE_SIZE - 1)
                     with contextlib.suppress(OSError):
                         uffd.zeropage(page, PAGE_SIZE)
+
+
+#: How long a failed handler (or the guardian of a dead one) waits for the VMM to say its
+#: vCPUs are stopped before it answers faults with zero pages anyway.
+STOPPED_TIMEOUT_S = 5.0
+STOPPED = b"S"
+
+
+def wait_stopped(sock: socket.socket, timeout: float = STOPPED_TIMEOUT_S) -> bool:
+    """Wait until the VMM says (STOPPED on the socket) that it has asked every vCPU to stop.
+
+    The vCPUs run in their own threads and the VMM learns of the failure in its main thread
+    (SIGCHLD); its stop request leaves a kick pending on every vCPU thread, so that a vCPU
+    released from a fault by a zero page returns to the VMM before the guest runs another
+    instruction. Answering before that would let the guest run on a zero page. Returns False
+    on timeout or when the VMM is gone (the faults are answered then all the same: a vCPU
+    stuck in a fault is out of reach of every signal on some hosts)."""
+    deadline = time.monotonic() + timeout
+    sock.settimeout(timeout)
+    try:
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            data = sock.recv(16)
+            if not data:
+                return False
+            if STOPPED in data:
+                return True
+            if b"P" in data:
+                sock.sendall(b"F")
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(None)
+    return False
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -308,6 +350,7 @@ class _Handler:
     def _serve_zero(self) -> None:
         """After a failure: every fault gets a zero page (the VM is stopped; the VMM's own
         reads must not hang) until the VMM closes the socket."""
+        wait_stopped(self.sock)
         poller = select.poll()
         ufd, cfd = self.uffd.fd, self.sock.fileno()
         poller.register(ufd, select.POLLIN)
