@@ -151,12 +151,17 @@ def run(spec: dict, status: _Status) -> int:
         status.send("error", message=str(e))
         _close(machine, restored, incoming)
         return 1
+    c = machine.config
+    log.info("VM %s ready (%s): %s mode, %d MiB, %d vCPU(s), %s backend, devices: %s",
+             spec["name"], kind, machine.mode.value, c.memory >> 20, c.vcpus, machine.accel,
+             ", ".join(d.id for d in machine.device_configs) or "none")  # fmt: skip
     status.send("ready", pid=os.getpid(), config=machine.vm_config().to_dict(),
                 accel=machine.accel, paused=bool(spec.get("paused")))  # fmt: skip
     try:
         result = session.run(None, handle_sigint=True, paused=bool(spec.get("paused")))
     finally:
         server.close()
+    log.info("VM %s stopped: %s %s", spec["name"], result.stop_reason.value, result.message)
     doc = result.to_dict()
     doc["output_bytes"] = machine.output_bytes
     if restored is not None:
