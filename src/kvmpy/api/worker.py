@@ -25,8 +25,8 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
-from types import SimpleNamespace
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
@@ -90,12 +90,20 @@ def _setup_logging(spec: dict) -> None:
     root.setLevel(min(level, logging.WARNING))
 
 
-def _connect_console(machine) -> None:
-    from ..cli.virtio_opts import connect_virtio
-
+def _connect_console(machine, *, handlers: bool = False) -> None:
+    """The virtio console's input is this process's stdin (a pipe from the daemon); with
+    `handlers`, a booting SDK guest's virtio interrupt handlers go into its IDT (as `kvmpy
+    run` does; a restored guest's IDT came with its memory)."""
     vset = getattr(machine, "virtio", None)
-    has_console = vset is not None and any(d.kind == "console" for d in vset.devices)
-    connect_virtio(machine, SimpleNamespace(console="virtio" if has_console else "serial"))
+    if vset is None:
+        return
+    from ..vmm.virtio import install_guest_handlers
+
+    consoles = [d for d in vset.devices if d.kind == "console"]
+    if consoles and stat.S_ISFIFO(os.fstat(0).st_mode):
+        consoles[0].input_fd = 0  # its I/O thread reads the pipe when it is readable
+    if handlers:
+        install_guest_handlers(machine, vset)
 
 
 def run(spec: dict, status: _Status) -> int:
@@ -115,7 +123,7 @@ def run(spec: dict, status: _Status) -> int:
 
             config = VmConfig.from_dict(spec["config"])
             machine = builder.build(config, console=_console_out, capture_output=False)
-            _connect_console(machine)
+            _connect_console(machine, handlers=True)
         elif kind == "restore":
             from ..persist.snapshot import restore
 
