@@ -166,6 +166,8 @@ def test_multi_vms_and_a_crash(multi):
     assert d.http("PUT", "/vms/a")[0] == 400  # exists already
     assert d.http("GET", "/machine-config")[0] == 400  # no root VM in multi mode
     d.wait_output("/vms/a", "tick 2 ")
+    status, doc = d.http("PUT", "/vms/a/actions", {"action_type": "SendCtrlAltDel"})
+    assert status == 400 and "no i8042" in doc["fault_message"]
     pid_a = d.ok("GET", "/vms/a/vm/stats")["pid"]
     d.ok("GET", "/vms/b/vm/stats")
     os.kill(pid_a, signal.SIGKILL)  # the VMM of a dies

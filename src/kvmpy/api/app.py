@@ -91,10 +91,7 @@ def vm_routes(vm_dep: Any, responses: dict) -> APIRouter:
         elif a == "Stop":
             await vm.stop()
         else:
-            raise ApiError(
-                "SendCtrlAltDel: kvmpy machines have no i8042 keyboard controller to send it "
-                "to; the Stop action stops the VM"
-            )
+            await vm.ctrl_alt_del()
         return Response(status_code=NO_CONTENT)
 
     @r.get("/machine-config", operation_id="getMachineConfiguration",

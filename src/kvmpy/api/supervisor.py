@@ -533,6 +533,11 @@ class Vm:
             await control_request(w.control, "resume")
             self.state = "Running"
 
+    async def ctrl_alt_del(self) -> None:
+        async with self.operation("SendCtrlAltDel"):
+            w = self.live("SendCtrlAltDel")
+            await control_request(w.control, "ctrl_alt_del")
+
     async def stop(self, grace: float = 10.0) -> None:
         async with self.operation("stop"):
             w = self.worker
