@@ -69,7 +69,9 @@ class ConsoleBuffer:
                 q.put_nowait(chunk)
             except asyncio.QueueFull:  # a reader that does not keep up is cut off
                 self.subscribers.discard(q)
-                q.put_nowait(None) if q.empty() else None
+                while not q.empty():
+                    q.get_nowait()
+                q.put_nowait(None)
 
     def tail(self, n: int) -> bytes:
         return bytes(self.data[-n:]) if n > 0 else b""
