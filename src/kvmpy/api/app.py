@@ -165,7 +165,8 @@ def vm_routes(vm_dep: Any, responses: dict) -> APIRouter:
 
     @r.patch("/balloon", operation_id="patchBalloon", **nc)
     async def patch_balloon(body: M.BalloonUpdate, vm: VmD):
-        return await balloon_op(vm, "PATCH /balloon")
+        await vm.balloon_target(body.amount_mib)
+        return Response(status_code=NO_CONTENT)
 
     @r.get("/balloon", operation_id="describeBalloonConfig", response_model=M.Balloon,
            response_model_exclude_none=True)  # fmt: skip
@@ -177,19 +178,18 @@ def vm_routes(vm_dep: Any, responses: dict) -> APIRouter:
     @r.get("/balloon/statistics", operation_id="describeBalloonStats",
            response_model=M.BalloonStats)  # fmt: skip
     async def get_balloon_stats(vm: VmD):
-        return await balloon_op(vm, "GET /balloon/statistics")
+        return await vm.balloon_stats()
 
     @r.patch("/balloon/statistics", operation_id="patchBalloonStatsInterval", **nc)
     async def patch_balloon_stats(body: M.BalloonStatsUpdate, vm: VmD):
-        return await balloon_op(vm, "PATCH /balloon/statistics")
-
-    async def balloon_op(vm: Vm, what: str):
-        from .resources import need_kind
-
-        need_kind("virtio-balloon", "balloon devices", "issue 15, the balloon")
-        if vm.resources.balloon is None:
-            raise ApiError(f"{what}: no balloon device is configured")
-        raise ApiError(f"{what}: the running balloon is not wired to the API yet")
+        pre_boot(vm, "balloon/statistics (kvmpy sets the interval before boot)")
+        b = vm.resources.balloon
+        if b is None:
+            raise ApiError("no balloon device is configured")
+        vm.resources.balloon = b.model_copy(
+            update={"stats_polling_interval_s": body.stats_polling_interval_s}
+        )
+        return Response(status_code=NO_CONTENT)
 
     @r.put("/logger", operation_id="putLogger", **nc)
     async def put_logger(body: M.Logger, vm: VmD):

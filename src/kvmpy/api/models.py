@@ -194,6 +194,12 @@ class BalloonStatsUpdate(Body):
     stats_polling_interval_s: int = Field(ge=0, le=3600)
 
 
+#: The guest's memory statistics (virtio 5.5.6.3), by Firecracker's names.
+BALLOON_STAT_NAMES = ("swap_in", "swap_out", "major_faults", "minor_faults", "free_memory",
+                      "total_memory", "available_memory", "disk_caches", "hugetlb_allocations",
+                      "hugetlb_failures")  # fmt: skip
+
+
 class BalloonStats(BaseModel):
     model_config = ConfigDict(extra="allow")
 

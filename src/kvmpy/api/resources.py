@@ -248,8 +248,14 @@ class Resources:
 
     def put_balloon(self, b: M.Balloon) -> None:
         need_kind("virtio-balloon", "balloon devices", "issue 15, the balloon")
-        if b.free_page_hinting or b.free_page_reporting:
-            raise ApiError("free_page_hinting/free_page_reporting: kvmpy's balloon has neither")
+        if b.free_page_hinting:
+            raise ApiError("free_page_hinting: kvmpy's balloon has no free page hinting")
+        if b.free_page_reporting is False:
+            raise ApiError("free_page_reporting: kvmpy's balloon always offers free page "
+                           "reporting (the guest decides whether to use it)")  # fmt: skip
+        if not b.deflate_on_oom:
+            raise ApiError("deflate_on_oom: kvmpy's balloon always offers DEFLATE_ON_OOM (the "
+                           "guest takes pages back under memory pressure); it must be true")  # fmt: skip
         if b.amount_mib > self.machine.mem_size_mib:
             raise ApiError(f"amount_mib {b.amount_mib} is more than the VM's memory "
                            f"({self.machine.mem_size_mib} MiB)")  # fmt: skip

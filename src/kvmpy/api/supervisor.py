@@ -456,6 +456,9 @@ class Vm:
                     if self.weight != DEFAULT_WEIGHT or self.daemon.weights.base is not None:
                         with contextlib.suppress(ApiError):
                             self.daemon.weights.apply(self.id, w.pid, self.weight)
+                    b = self.resources.balloon
+                    if b is not None and b.amount_mib:
+                        asyncio.create_task(self._initial_balloon(w, b.amount_mib))
                 elif ev == "result":
                     w.result = doc.get("result") or {}
                 elif ev == "error":
@@ -466,6 +469,12 @@ class Vm:
                     w.events.put_nowait(doc)
         finally:
             writer.close()
+
+    async def _initial_balloon(self, w: Worker, amount_mib: int) -> None:
+        try:
+            await control_request(w.control, "balloon", {"size": amount_mib << 20})
+        except ApiError as e:
+            log.warning("VM %s: the balloon's initial target: %s", self.id, e)
 
     async def _read_console(self, w: Worker) -> None:
         assert w.proc.stdout is not None
@@ -534,6 +543,32 @@ class Vm:
             w = self.live("resume")
             await control_request(w.control, "resume")
             self.state = "Running"
+
+    # The balloon: the control channel's `balloon` operation (docs/memory.md), where it exists.
+
+    async def balloon_target(self, amount_mib: int) -> None:
+        b = self.resources.balloon
+        if b is None:
+            raise ApiError("no balloon device is configured (PUT /balloon before InstanceStart)")
+        if amount_mib > self.resources.machine.mem_size_mib:
+            raise ApiError(f"amount_mib {amount_mib} is more than the VM's memory "
+                           f"({self.resources.machine.mem_size_mib} MiB)")  # fmt: skip
+        if self.state in ("Running", "Paused"):
+            async with self.operation("PATCH /balloon"):
+                w = self.live("PATCH /balloon")
+                await control_request(w.control, "balloon", {"size": amount_mib << 20})
+        self.resources.balloon = b.model_copy(update={"amount_mib": amount_mib})
+
+    async def balloon_stats(self) -> dict[str, Any]:
+        if self.resources.balloon is None:
+            raise ApiError("no balloon device is configured")
+        w = self.live("GET /balloon/statistics")
+        r = await control_request(w.control, "balloon")
+        target, actual = int(r.get("target_bytes", 0)), int(r.get("actual_bytes", 0))
+        stats = {k: v for k, v in (r.get("guest_stats") or {}).items()
+                 if k in M.BALLOON_STAT_NAMES}  # fmt: skip
+        return {"target_pages": target >> 12, "actual_pages": actual >> 12,
+                "target_mib": target >> 20, "actual_mib": actual >> 20, **stats}  # fmt: skip
 
     async def ctrl_alt_del(self) -> None:
         async with self.operation("SendCtrlAltDel"):
