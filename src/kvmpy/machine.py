@@ -421,14 +421,17 @@ class Machine:
 
     # --- running -------------------------------------------------------------------------------
 
-    def run(self, timeout: float | None = None, *, handle_sigint: bool = False) -> RunResult:
+    def run(
+        self, timeout: float | None = None, *, handle_sigint: bool = False, paused: bool = False
+    ) -> RunResult:
         """Run until the guest stops: every vCPU in its own thread, the calling thread waiting.
         `timeout` (seconds: finite, positive, at most 30 days) and `handle_sigint` (SIGINT and
         SIGTERM stop the VM, stop reason `interrupted`) use signals and so work from the main
         thread only. Nothing the guest or a Python handler does makes this raise: it ends as a
         stop reason.
 
-        Calling it again after a stop continues the guest where it stopped."""
+        Calling it again after a stop continues the guest where it stopped. With `paused` the
+        vCPUs start held (as after `pause()`) and enter the guest at the first `resume()`."""
         if self.boot is None:
             raise ConfigError("load an image before running the machine")
         if timeout is not None:
@@ -459,7 +462,7 @@ class Machine:
             on_signal.__enter__()
         t0 = time.perf_counter()
         try:
-            vset.start()
+            vset.start(paused=paused)
             stop = vset.wait()
         finally:
             if timeout:
@@ -538,6 +541,12 @@ class Machine:
     @property
     def paused(self) -> bool:
         return self._vcpuset is not None and self._vcpuset.paused
+
+    def vcpu_cpu_times(self) -> list[float]:
+        """Host CPU seconds used by each vCPU thread so far (zeros before the run)."""
+        if self._vcpuset is None:
+            return [0.0] * len(self.vcpus)
+        return self._vcpuset.cpu_times()
 
     @property
     def paused_at(self) -> float:

@@ -275,8 +275,13 @@ def summarize(samples: list[dict], **setup) -> dict[str, Any]:
             # page before the guest touches one.
             "first_fault_served_ms_median": (
                 round(median(firsts), 3)
-                if (firsts := [x for s in samples
-                               if (x := s["lazy"].get("first_fault_served_ms")) is not None])
+                if (
+                    firsts := [
+                        x
+                        for s in samples
+                        if (x := s["lazy"].get("first_fault_served_ms")) is not None
+                    ]
+                )
                 else None
             ),  # fmt: skip
             "pages_faulted_median": med(lambda s: s["lazy"]["pages_faulted"]),

@@ -35,6 +35,8 @@ COMMANDS = [
     "ctl",
     "restore",
     "migrate-receive",
+    "serve",
+    "vm",
 ]
 
 

@@ -9,6 +9,7 @@ later front end (a REST API) call them as they are:
     snapshot(session, path)             -> what was written (sizes, pages, timings)
     migrate(session, address, progress) -> rounds, pages per round, downtime, total time
     stop(session)                       -> {"state": "stopping"}
+    ctrl_alt_del(session)               -> Ctrl-Alt-Del on the machine's i8042, if it has one
 
 Wire protocol (one request per line, UTF-8 JSON objects; a connection may send several):
 
@@ -107,6 +108,21 @@ def stop(session: VmSession) -> dict[str, Any]:
     return {"state": "stopping"}
 
 
+def ctrl_alt_del(session: VmSession) -> dict[str, Any]:
+    """Press Ctrl-Alt-Del on the machine's keyboard controller (Firecracker's SendCtrlAltDel:
+    Linux reboots, or with reboot=k ... stops). A machine without one is told so."""
+    session.check_live()
+    for device in session.machine.devices.values():
+        press = getattr(device, "ctrl_alt_del", None)
+        if callable(press):
+            press()
+            return {"sent": "ctrl-alt-del"}
+    raise ControlError(
+        "this machine has no i8042 keyboard controller to send Ctrl-Alt-Del to (Linux machines "
+        "have one; SDK guests do not)"
+    )
+
+
 # Each op: (function, {argument: type}, required arguments).
 OPS: dict[str, tuple[Callable[..., dict], dict[str, type | tuple[type, ...]], set[str]]] = {
     "pause": (pause, {}, set()),
@@ -119,6 +135,7 @@ OPS: dict[str, tuple[Callable[..., dict], dict[str, type | tuple[type, ...]], se
         {"address"},
     ),
     "stop": (stop, {}, set()),
+    "ctrl_alt_del": (ctrl_alt_del, {}, set()),
 }
 
 

@@ -55,7 +55,9 @@ class VmSession:
         #: Called (in the calling thread) just before the vCPUs start.
         self.before_first_run: Callable[[], None] | None = None
 
-    def run(self, timeout: float | None = None, handle_sigint: bool = False) -> RunResult:
+    def run(
+        self, timeout: float | None = None, handle_sigint: bool = False, paused: bool = False
+    ) -> RunResult:
         with self._cond:
             if self.state != "created":
                 raise ControlError("this session has run already")
@@ -65,7 +67,7 @@ class VmSession:
         if self.before_first_run is not None:
             self.before_first_run()
         try:
-            result = self.machine.run(timeout, handle_sigint=handle_sigint)
+            result = self.machine.run(timeout, handle_sigint=handle_sigint, paused=paused)
         finally:
             with self._cond:
                 self.state = "stopped"
@@ -166,6 +168,7 @@ class VmSession:
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "output_bytes": m.output_bytes,
             "exits": ExitStats.merged(per).to_dict() if per else None,
+            "vcpu_time_s": [round(t, 6) for t in m.vcpu_cpu_times()],
         }
         if len(per) > 1:
             d["vcpu_exits"] = [s.to_dict() for s in per]
