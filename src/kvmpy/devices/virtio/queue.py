@@ -221,6 +221,14 @@ class Virtqueue:
         self.popped += 1
         return self._walk(head)
 
+    def unpop(self, n: int = 1) -> None:
+        """Give back the last `n` popped chains (not used): they are taken again by the next
+        pops, as the guest left them (virtio-net keeps a receive buffer too small for one
+        frame for the next)."""
+        n = min(n, self.popped)
+        self.last_avail = (self.last_avail - n) & 0xFFFF
+        self.popped -= n
+
     def _walk(self, head: int) -> Chain:
         size = self.size
         if head >= size:
