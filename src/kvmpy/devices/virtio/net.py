@@ -176,6 +176,14 @@ class VirtioNet(VirtioDevice):
             self.loop.add_reader(self.backend.fileno(), self._backend_readable)
 
     def _backend_readable(self) -> None:
+        if not self.running:
+            # Reset or broken: stop watching (level-triggered, it would wake us forever);
+            # the next DRIVER_OK watches again.
+            with self.lock:
+                if self._watching and self.loop is not None:
+                    self.loop.remove_reader(self.backend.fileno())
+                self._watching = False
+            return
         self.process(RX)
 
     def on_reset(self) -> None:
