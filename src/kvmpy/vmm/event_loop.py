@@ -76,7 +76,7 @@ class EventLoop:
         with self._lock:
             try:
                 key = self._sel.get_key(fd)
-            except (KeyError, ValueError):
+            except (KeyError, ValueError, RuntimeError):  # RuntimeError: the loop is closed
                 key = None
             cbs = list(key.data) if key is not None else [None, None]
             cbs[which] = callback
@@ -87,7 +87,7 @@ class EventLoop:
         with self._lock:
             try:
                 key = self._sel.get_key(fd)
-            except (KeyError, ValueError):
+            except (KeyError, ValueError, RuntimeError):  # RuntimeError: the loop is closed
                 return False
             cbs = list(key.data)
             if cbs[which] is None:
@@ -215,7 +215,7 @@ class EventLoop:
         with self._lock:
             try:
                 return self._sel.get_key(fd).data[which]
-            except (KeyError, ValueError):
+            except (KeyError, ValueError, RuntimeError):
                 return None
 
     def _call(self, fn: Callback, fd: int | None, which: int = 0) -> None:
