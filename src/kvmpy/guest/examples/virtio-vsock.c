@@ -8,7 +8,8 @@
  *    message of 100,000 bytes (a pattern, in packets of up to 64 KiB within the host's
  *    credit), reads back what the host echoes and compares; then closes.
  * 2. The guest listens on port 5000; a host client connects to PATH with "CONNECT 5000\n";
- *    the guest echoes everything it receives until the host shuts its side down.
+ *    the guest echoes everything it receives until the host shuts its side down. If the VM
+ *    is restored from a snapshot meanwhile (a TRANSPORT_RESET event), it listens again.
  * Exit code 0 when both went right.
  */
 #include <kvmpy.h>
@@ -56,19 +57,27 @@ static int guest_to_host(struct kv_vsock *v)
 static int host_to_guest(struct kv_vsock *v)
 {
 	struct kv_vsock_conn c;
-	kv_vsock_accept(v, &c, LISTEN_PORT);
 	uint64_t total = 0;
 	for (;;) {
-		long n = kv_vsock_recv(v, &c, buf, sizeof(buf));
-		if (n == 0)
-			break;
-		if (n < 0) {
-			kv_cpu_relax();
-			continue;
+		uint64_t resets = v->resets;
+		kv_vsock_accept(v, &c, LISTEN_PORT);
+		for (;;) {
+			long n = kv_vsock_recv(v, &c, buf, sizeof(buf));
+			if (n == 0)
+				break;
+			if (n < 0) {
+				kv_cpu_relax();
+				continue;
+			}
+			if (kv_vsock_send(v, &c, buf, (uint64_t)n) < 0)
+				break;
+			total += (uint64_t)n;
 		}
-		if (kv_vsock_send(v, &c, buf, (uint64_t)n) < 0)
+		if (v->resets == resets)
 			break;
-		total += (uint64_t)n;
+		/* The VM was restored from a snapshot: the connection is gone (TRANSPORT_RESET).
+		 * Listen again. */
+		kv_printf("virtio-vsock: connection reset by a restore; listening again\n");
 	}
 	kv_vsock_close(v, &c);
 	kv_printf("virtio-vsock: host -> guest port %d: echoed %lu bytes\n", LISTEN_PORT,

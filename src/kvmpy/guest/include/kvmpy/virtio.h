@@ -911,6 +911,12 @@ static inline int kv_vsock_poll(struct kv_vsock *v, struct kv_vsock_conn *c)
 		v->cid = kv_virtio_cfg64(&v->dev, 0);
 		if (c->state != KV_VSOCK_LISTENING)
 			c->state = KV_VSOCK_CLOSED;
+		while (v->held_count) { /* data of connections that no longer exist */
+			kv_vsock_repost(v, v->held[v->held_first]);
+			v->held_first = (uint16_t)((v->held_first + 1) % KV_VSOCK_QSIZE);
+			v->held_count--;
+		}
+		v->held_off = 0;
 		struct kv_buf b = {v->ev_bufs, 8};
 		kv_vq_add(&v->ev, &b, 0, 1);
 		kv_vq_kick(&v->ev);
