@@ -213,8 +213,7 @@ class VirtioNet(VirtioDevice):
         elif q.index == RX:
             self._receive(q)
 
-    def _tx_header_ok(self, chain) -> bool:
-        first = chain.readable[0]
+    def _tx_header_ok(self, first: memoryview, chain) -> bool:
         if len(first) >= 2:
             flags, gso = first[0], first[1]
             if not flags and not gso:
@@ -235,35 +234,48 @@ class VirtioNet(VirtioDevice):
         return False  # UDP (UFO) and unknown types are not offered
 
     def _transmit(self, q: Virtqueue) -> None:
-        pushed = 0
+        # The hot path of guest -> host (measured: about 8 µs per 64-byte frame here, half of
+        # it tun's write): one writev per frame straight from guest RAM, the used index
+        # published once per batch, one interrupt check per batch.
+        done: list[int] = []
         write = self.backend.write
-        while pushed < BUDGET:
-            chain = self.next_chain(q)
-            if chain is None:
+        pop = q.pop_readable
+        link_up = self.link_up
+        while len(done) < BUDGET and not self.quiescing:
+            got = pop()
+            if got is None:
+                if q.enable_notifications():
+                    continue
                 break
-            n = chain.readable_len
+            head, item = got
+            if isinstance(item, memoryview):
+                iov, n, first = [item], len(item), item
+            else:
+                iov = item.readable
+                n = item.readable_len
+                first = iov[0] if iov else memoryview(b"")
             if (
                 n <= VNET_HDR_LEN
                 or n > MAX_FRAME
-                or not self.link_up
-                or not self._tx_header_ok(chain)
+                or not link_up
+                or not self._tx_header_ok(first, item)
             ):
                 self.tx_dropped += 1
             else:
                 try:
-                    write(chain.readable)
+                    write(iov)
                     self.tx_packets += 1
                     self.tx_bytes += n - VNET_HDR_LEN
                 except OSError:
                     # EINVAL: a header tun refused; EIO: the interface is down; ENOBUFS...
                     self.tx_errors += 1
                     self.tx_dropped += 1
-            q.push(chain, 0)
-            pushed += 1
-        self.requests += pushed
-        if pushed:
+            done.append(head)
+        if done:
+            q.push_heads(done)
+            self.requests += len(done)
             self.signal_used(q)
-            if pushed >= BUDGET and self.loop is not None:
+            if len(done) >= BUDGET and self.loop is not None:
                 self.loop.call_soon(lambda: self.process(TX))  # more may be waiting
 
     def _receive(self, q: Virtqueue) -> None:
