@@ -158,7 +158,7 @@ def reference_vsock(nbytes: int) -> dict:
 def run_guest(tap: str, job_list: list[tuple], transport: str, workdir: Path) -> dict:
     from ..machine import Machine, MachineConfig
     from ..sdk.examples import find_example
-    from ..vmm.virtio import DeviceSpec, attach
+    from ..vmm.virtio import DeviceSpec, attach, install_guest_handlers
 
     elf = find_example("virtio-netbench").build()
     uds = str(workdir / "v.sock")
@@ -166,12 +166,15 @@ def run_guest(tap: str, job_list: list[tuple], transport: str, workdir: Path) ->
     for name, kind, *_rest, port in job_list:
         if kind == VSOCK_TX:  # listening before the guest connects
             listeners[name] = _started(["uds-read", f"{uds}_{port}"])
-    with Machine(MachineConfig(mode="long-user", memory="64M"), capture_output=True) as m:
+    # An irqchip: the guest sleeps on an interrupt when it has nothing to do.
+    with Machine(MachineConfig(mode="long-user", memory="64M", irqchip=True),
+                 capture_output=True) as m:  # fmt: skip
         specs = [DeviceSpec.parse_net(f"tap={tap},mac=52:54:00:00:be:01"),
                  DeviceSpec.parse_vsock(f"{GUEST_CID},uds={uds}")]  # fmt: skip
         vset = attach(m, specs, transport)
         try:
             img = m.load_file(elf)
+            install_guest_handlers(m, vset)
             base = img.symbols["kvmpy_nbench"]
             blob = bytearray(_HEAD.pack(MAGIC, len(job_list), 0, 0, 0, 0, 0))
             for _name, kind, size, count, nbytes, port in job_list:
@@ -255,6 +258,7 @@ class _Host:
                     ns, sent = _finish(inject)
                     time.sleep(0.3)  # let the last frames through, then end the job
                     self.m.memory.write_u64(self.base + 24, 1)  # stop
+                    _ref(["inject", self.tap, "4", "60"])  # wakes a guest asleep in kv_vq_idle
                     after = tap_counters(self.tap)
                     self.notes[name] = {
                         "injected": sent,

@@ -64,8 +64,9 @@ EVENT_TRANSPORT_RESET = 0
 
 #: Largest payload of one packet (Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE).
 MAX_PKT = 64 * 1024
-#: What kvmpy advertises as buf_alloc per connection, and the most it holds for one.
-CONN_BUF = 256 * 1024
+#: What kvmpy advertises as buf_alloc per connection, and the most it holds for one (1 MiB:
+#: 16 packets of 64 KiB in flight before the guest waits for a credit update).
+CONN_BUF = 1 << 20
 MAX_CONNS = 1024
 #: Resets queued for packets that have no connection to carry them.
 MAX_QUEUED_RSTS = 256

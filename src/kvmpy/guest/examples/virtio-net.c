@@ -126,7 +126,7 @@ int main(void)
 {
 	struct kv_net n;
 	struct net_params *prm = &kvmpy_net_params;
-	if (kv_net_init(&n, 0, mem, QSIZE) < 0) {
+	if (kv_net_init(&n, 0, mem, QSIZE, 0) < 0) {
 		kv_printf("virtio-net: no network device (run with --net tap=NAME)\n");
 		return 2;
 	}

@@ -88,7 +88,7 @@ static int host_to_guest(struct kv_vsock *v)
 int main(void)
 {
 	struct kv_vsock v;
-	if (kv_vsock_init(&v, mem) < 0) {
+	if (kv_vsock_init(&v, mem, 0) < 0) {
 		kv_printf("virtio-vsock: no vsock device (run with --vsock CID,uds=PATH)\n");
 		return 2;
 	}

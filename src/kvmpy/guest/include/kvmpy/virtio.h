@@ -572,6 +572,28 @@ static inline int kv_vq_wait_irq(struct kv_vq *q, uint32_t *len)
 	}
 }
 
+/* Nothing to do until the device uses a buffer of `q`: with interrupts (kvmpy installed the
+ * handler), arm `q`'s, look once more, and sleep; otherwise spin a little. Interrupts are
+ * off again afterwards: a busy queue is polled, not interrupted. */
+static inline void kv_vq_idle(struct kv_vq *q)
+{
+	if (!kvmpy_virtio_irq_ready) {
+		kv_cpu_relax();
+		return;
+	}
+	uint64_t seen = kvmpy_virtio_irqs;
+	kv_vq_interrupts(q, 1);
+	kv_mb();
+	if (kv_vq_used_idx(q) == q->last_used) {
+		if (kvmpy_virtio_irq_ready == 1)
+			kv_virtio_wait_irq(seen);
+		else
+			while (kvmpy_virtio_irqs == seen)
+				kv_cpu_relax();
+	}
+	kv_vq_interrupts(q, 0);
+}
+
 /* --- block ---------------------------------------------------------------------------- */
 
 #define KV_BLK_T_IN 0
@@ -669,8 +691,10 @@ static inline unsigned char *kv_net_slot(unsigned char *base, uint16_t i)
 }
 
 /* Find the n-th virtio-net device, bring it up with `qsize`-entry queues in `mem`
- * (kv_net_bytes_const(qsize), page-aligned), and post every receive buffer. 0, or -1. */
-static inline int kv_net_init(struct kv_net *n, int index, void *mem, uint16_t qsize)
+ * (kv_net_bytes_const(qsize), page-aligned), and post every receive buffer. `msix`: on PCI,
+ * MSI-X vectors 0 (receive) and 1 (transmit) to KV_VIRTIO_VECTOR on APIC 0 (for
+ * kv_vq_wait_irq; interrupts stay off until a queue asks). 0, or -1. */
+static inline int kv_net_init(struct kv_net *n, int index, void *mem, uint16_t qsize, int msix)
 {
 	if (kv_virtio_find(&n->dev, KV_VIRTIO_ID_NET, index) < 0)
 		return -1;
@@ -678,9 +702,14 @@ static inline int kv_net_init(struct kv_net *n, int index, void *mem, uint16_t q
 		return -1;
 	unsigned char *m = mem;
 	uint64_t ring = kv_vq_bytes(qsize);
-	if (kv_vq_setup(&n->dev, &n->rx, 0, m, qsize, -1) < 0 ||
-	    kv_vq_setup(&n->dev, &n->tx, 1, m + ring, qsize, -1) < 0)
+	int pci = msix && n->dev.transport == KV_VIRTIO_TRANSPORT_PCI;
+	if (kv_vq_setup(&n->dev, &n->rx, 0, m, qsize, pci ? 0 : -1) < 0 ||
+	    kv_vq_setup(&n->dev, &n->tx, 1, m + ring, qsize, pci ? 1 : -1) < 0)
 		return -1;
+	if (pci) {
+		kv_virtio_msix(&n->dev, 0, 0);
+		kv_virtio_msix(&n->dev, 1, 0);
+	}
 	n->rx_bufs = m + 2 * ring;
 	n->tx_bufs = kv_net_slot(n->rx_bufs, n->rx.size);
 	kv_vq_interrupts(&n->rx, 0);
@@ -776,11 +805,17 @@ static inline int kv_net_recv(struct kv_net *n, void *buf, uint32_t cap)
 #define KV_VSOCK_OP_RW 5
 #define KV_VSOCK_OP_CREDIT_UPDATE 6
 #define KV_VSOCK_OP_CREDIT_REQUEST 7
+/* Receive buffers (a guest may define bigger ones before the #include: fewer packets for a
+ * stream), transmit slots, and what we advertise as buf_alloc (bytes we accept unconsumed
+ * per connection). */
+#ifndef KV_VSOCK_RX_BUF
 #define KV_VSOCK_RX_BUF (KV_VSOCK_HDR_LEN + 4096)
+#endif
 #define KV_VSOCK_TX_BUF (KV_VSOCK_HDR_LEN + 65536)
 #define KV_VSOCK_QSIZE 64
-/* What we advertise as buf_alloc: bytes we accept unconsumed per connection. */
+#ifndef KV_VSOCK_BUF_ALLOC
 #define KV_VSOCK_BUF_ALLOC (256 * 1024)
+#endif
 
 struct kv_vsock_hdr {
 	uint64_t src_cid, dst_cid;
@@ -822,7 +857,8 @@ struct kv_vsock {
 #define kv_vsock_bytes_const \
 	(3 * kv_vq_bytes_const(KV_VSOCK_QSIZE) + KV_VSOCK_QSIZE * (KV_VSOCK_RX_BUF + KV_VSOCK_TX_BUF) + 4096)
 
-static inline int kv_vsock_init(struct kv_vsock *v, void *mem)
+/* `msix`: on PCI, MSI-X vectors 0, 1, 2 for the receive, transmit and event queues. */
+static inline int kv_vsock_init(struct kv_vsock *v, void *mem, int msix)
 {
 	if (kv_virtio_find(&v->dev, KV_VIRTIO_ID_VSOCK, 0) < 0)
 		return -1;
@@ -830,10 +866,13 @@ static inline int kv_vsock_init(struct kv_vsock *v, void *mem)
 		return -1;
 	unsigned char *m = mem;
 	uint64_t ring = kv_vq_bytes(KV_VSOCK_QSIZE);
-	if (kv_vq_setup(&v->dev, &v->rx, 0, m, KV_VSOCK_QSIZE, -1) < 0 ||
-	    kv_vq_setup(&v->dev, &v->tx, 1, m + ring, KV_VSOCK_QSIZE, -1) < 0 ||
-	    kv_vq_setup(&v->dev, &v->ev, 2, m + 2 * ring, 0, -1) < 0)
+	int pci = msix && v->dev.transport == KV_VIRTIO_TRANSPORT_PCI;
+	if (kv_vq_setup(&v->dev, &v->rx, 0, m, KV_VSOCK_QSIZE, pci ? 0 : -1) < 0 ||
+	    kv_vq_setup(&v->dev, &v->tx, 1, m + ring, KV_VSOCK_QSIZE, pci ? 1 : -1) < 0 ||
+	    kv_vq_setup(&v->dev, &v->ev, 2, m + 2 * ring, 0, pci ? 2 : -1) < 0)
 		return -1;
+	for (uint32_t k = 0; pci && k < 3; k++)
+		kv_virtio_msix(&v->dev, k, 0);
 	if (v->rx.size != KV_VSOCK_QSIZE || v->tx.size != KV_VSOCK_QSIZE)
 		return -1;
 	v->ev_bufs = m + 3 * ring;
@@ -860,9 +899,10 @@ static inline int kv_vsock_init(struct kv_vsock *v, void *mem)
 	return 0;
 }
 
-/* Queue one packet (header and `len` payload bytes) and notify; waits for a free slot. */
-static inline void kv_vsock_xmit(struct kv_vsock *v, struct kv_vsock_conn *c, uint16_t op,
-				 uint32_t flags, const void *data, uint32_t len)
+/* Queue one packet (header and `len` payload bytes), waiting for a free slot; notify unless
+ * `batch` (the caller kicks after the last of a batch). */
+static inline void kv_vsock_queue(struct kv_vsock *v, struct kv_vsock_conn *c, uint16_t op,
+				  uint32_t flags, const void *data, uint32_t len, int batch)
 {
 	while (!v->tx.num_free) {
 		while (kv_vq_poll(&v->tx, 0) >= 0)
@@ -887,7 +927,14 @@ static inline void kv_vsock_xmit(struct kv_vsock *v, struct kv_vsock_conn *c, ui
 		kv_copy(slot + KV_VSOCK_HDR_LEN, data, len);
 	struct kv_buf b = {slot, KV_VSOCK_HDR_LEN + len};
 	kv_vq_add(&v->tx, &b, 1, 0);
-	kv_vq_kick(&v->tx);
+	if (!batch)
+		kv_vq_kick(&v->tx);
+}
+
+static inline void kv_vsock_xmit(struct kv_vsock *v, struct kv_vsock_conn *c, uint16_t op,
+				 uint32_t flags, const void *data, uint32_t len)
+{
+	kv_vsock_queue(v, c, op, flags, data, len, 0);
 }
 
 static inline void kv_vsock_repost(struct kv_vsock *v, unsigned char *buf)
@@ -995,17 +1042,24 @@ static inline void kv_vsock_accept(struct kv_vsock *v, struct kv_vsock_conn *c, 
 			kv_cpu_relax();
 }
 
-/* Send `len` bytes, in packets of at most 64 KiB within the host's credit. 0, or -1 if the
- * connection was reset. */
+/* Send `len` bytes, in packets of at most 64 KiB within the host's credit, notifying once
+ * per KV_VSOCK_BATCH packets (each notify may wake the device's thread: tens of µs on a
+ * nested host). 0, or -1 if the connection was reset. */
+#define KV_VSOCK_BATCH 8
 static inline int kv_vsock_send(struct kv_vsock *v, struct kv_vsock_conn *c, const void *data,
 				uint64_t len)
 {
 	const unsigned char *p = data;
+	int queued = 0;
 	while (len) {
 		if (c->state != KV_VSOCK_CONNECTED)
 			return -1;
 		uint32_t credit = c->peer_buf_alloc - (c->tx_cnt - c->peer_fwd_cnt);
 		if ((int32_t)credit <= 0) {
+			if (queued) {
+				kv_vq_kick(&v->tx);
+				queued = 0;
+			}
 			if (!kv_vsock_poll(v, c))
 				kv_cpu_relax();
 			continue;
@@ -1013,12 +1067,22 @@ static inline int kv_vsock_send(struct kv_vsock *v, struct kv_vsock_conn *c, con
 		uint32_t n = len < credit ? (uint32_t)len : credit;
 		if (n > KV_VSOCK_TX_BUF - KV_VSOCK_HDR_LEN)
 			n = KV_VSOCK_TX_BUF - KV_VSOCK_HDR_LEN;
-		kv_vsock_xmit(v, c, KV_VSOCK_OP_RW, 0, p, n);
+		if (!v->tx.num_free && queued) {
+			kv_vq_kick(&v->tx);
+			queued = 0;
+		}
+		kv_vsock_queue(v, c, KV_VSOCK_OP_RW, 0, p, n, 1);
 		c->tx_cnt += n;
 		p += n;
 		len -= n;
+		if (++queued >= KV_VSOCK_BATCH) {
+			kv_vq_kick(&v->tx);
+			queued = 0;
+		}
 		kv_vsock_poll(v, c);
 	}
+	if (queued)
+		kv_vq_kick(&v->tx);
 	return 0;
 }
 
