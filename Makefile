@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kvmpy-installed
 
-.PHONY: all run test lint format doctor bench clean deps
+.PHONY: all run test lint format doctor bench clean deps fuzz
 
 all: test
 
@@ -46,8 +46,19 @@ format: $(STAMP)
 doctor: $(STAMP)
 	$(BIN)/kvmpy doctor
 
+# Every fuzz harness (fuzz/harnesses.py) for FUZZ_RUNS inputs each, coverage-guided under atheris,
+# at low priority; a summary line per harness (inputs, crashes, time, peak RSS). `make test` runs
+# a short smoke run of each (tests/test_fuzz_smoke.py).
+FUZZ_RUNS ?= 1000000
+FUZZ_HARNESSES ?= hypercalls pio snapshot migration control
+fuzz: deps $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,fuzz]'
+	@for h in $(FUZZ_HARNESSES); do \
+	  nice -n 10 $(BIN)/python fuzz/run.py $$h --runs $(FUZZ_RUNS) || exit 1; done
+
 bench: deps $(STAMP)
 	$(BIN)/kvmpy bench exits
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache .hypothesis \
+	  fuzz/corpus fuzz/crashes

@@ -39,7 +39,9 @@ def test_report_structure(report):
     assert s["pages_written"] * 4096 <= s["disk_bytes"] < 2 * s["pages_written"] * 4096
     lazy = report["lazy_restore"]
     assert lazy["pages_total"] == 16384
-    assert 0 < lazy["pages_faulted_median"] <= lazy["pages_loaded_median"] < s["pages_written"]
+    # The handler's background pass brings in what the guest has not touched (all of it,
+    # if the VM runs long enough), so faults may be few.
+    assert 0 <= lazy["pages_faulted_median"] <= lazy["pages_loaded_median"] <= lazy["pages_total"]
     assert lazy["goal_met"] == (lazy["ms_median"] <= bench.LAZY_GOAL_MS)
     for key in ("migrate_idle", "migrate_dirty"):
         m = report[key]

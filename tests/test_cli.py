@@ -162,9 +162,6 @@ def test_usage_errors_exit_2(args):
     [
         (["run", "/nonexistent/guest.bin"], "no such file"),
         (["run", "no-such-example"], "not the name of a bundled example"),
-        (["run", "hello", "--mem", "lots"], "not a size"),
-        (["run", "hello", "--mem", "100"], "at least 1M"),
-        (["run", "hello", "--timeout", "-1"], "--timeout must be positive"),
     ],
 )
 def test_user_errors_are_one_line(args, message, gcc_available):
@@ -174,6 +171,21 @@ def test_user_errors_are_one_line(args, message, gcc_available):
     assert message in r.stderr
     assert r.stderr.startswith("kvmpy: error:")
     assert r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "hello", "--mem", "lots"], "not a size"),
+        (["run", "hello", "--mem", "100"], "at least 1M"),
+        (["run", "hello", "--timeout", "-1"], "finite, positive number of seconds"),
+    ],
+)
+def test_bad_flag_values_are_usage_errors(args, message):
+    r = kvmpy(*args)
+    no_traceback(r)
+    assert r.returncode == 2
+    assert message in r.stderr.splitlines()[-1]
 
 
 def test_bad_images_are_one_line(tmp_path):

@@ -113,6 +113,7 @@ def test_sched_ctrl_c_still_prints_the_summary(gcc_available):
         (["sched", "--vm", "neo", "--duration", "0s"], "duration must be positive"),
         (["sched", "--vm", "neo", "--policy", "lottery"], "invalid choice"),
         (["sched", "--vm", "neo", "--plot", "x.txt"], "must end in"),
+        (["sched", "--vm", "neo", "--mem", "lots"], "not a size"),
     ],
 )
 def test_sched_usage_errors_exit_2(args, message):
@@ -127,7 +128,6 @@ def test_sched_usage_errors_exit_2(args, message):
     [
         (["--vm", "/nonexistent/guest.elf"], "no such file"),
         (["--vm", "no-such-example"], "not the name of a bundled example"),
-        (["--vm", "neo", "--mem", "lots"], "not a size"),
     ],
 )
 def test_sched_user_errors_are_one_line(args, message, gcc_available):

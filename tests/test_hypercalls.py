@@ -207,6 +207,53 @@ def test_extra_hypercall_touching_bad_memory_gets_efault(kvm):
     assert result.regs["rax"] == neg(errno.EFAULT)
 
 
+def _slow_path(m):
+    m.vcpus[0].trace = True  # tracing sends every hypercall down the slow path
+
+
+@pytest.mark.parametrize("setup", [None, _slow_path], ids=["fast-path", "slow-path"])
+def test_a_handler_returning_none_means_zero(kvm, setup):
+    result, _ = call(kvm, 13, handler=lambda ctx, *a: None, setup=setup)
+    assert result.stop_reason is StopReason.HLT, result.message
+    assert result.regs["rax"] == 0  # it held the hypercall number (13) before
+
+
+@pytest.mark.parametrize("setup", [None, _slow_path], ids=["fast-path", "slow-path"])
+def test_a_handler_returning_a_numpy_int_is_taken_as_its_value(kvm, setup):
+    import numpy as np
+
+    result, _ = call(kvm, 13, handler=lambda ctx, *a: np.uint64(2**64 - 1), setup=setup)
+    assert result.stop_reason is StopReason.HLT, result.message
+    assert result.regs["rax"] == 2**64 - 1
+
+
+@pytest.mark.parametrize("setup", [None, _slow_path], ids=["fast-path", "slow-path"])
+def test_a_handler_that_raises_stops_the_vm_with_vmm_error(kvm, setup):
+    def broken(ctx, *a):
+        raise ValueError("the device table is empty")
+
+    with Machine(MachineConfig(mode="long", memory=MEM), kvm=kvm) as m:
+        m.load(load_raw(OUT_HLT))
+        m.hypercalls.register(14, broken, "lookup")
+        if setup is not None:
+            setup(m)
+        regs = m.vcpus[0].fd.get_regs()
+        regs.rax, regs.rdx = 14, 0x500
+        m.vcpus[0].fd.set_regs(regs)
+        result = m.run(timeout=30)  # raises nothing
+    assert result.stop_reason is StopReason.VMM_ERROR
+    assert "hypercall 14 (lookup)" in result.message
+    assert "ValueError: the device table is empty" in result.message
+    assert result.process_exit_status != 0
+
+
+@pytest.mark.parametrize("setup", [None, _slow_path], ids=["fast-path", "slow-path"])
+def test_a_handler_returning_a_non_int_stops_the_vm(kvm, setup):
+    result, _ = call(kvm, 15, handler=lambda ctx, *a: "seven", setup=setup)
+    assert result.stop_reason is StopReason.VMM_ERROR
+    assert "hypercall 15 (test)" in result.message and "'seven'" in result.message
+
+
 def test_registration_rules(kvm):
     with Machine(MachineConfig(mode="long", memory=MEM), kvm=kvm) as m:
         with pytest.raises(ConfigError, match="already 'putc'"):
@@ -283,3 +330,23 @@ def test_guest_memory_error_is_not_a_user_error(kvm):
         pytest.raises(GuestMemoryError),
     ):
         m.memory.read(NOT_RAM, 1)
+
+
+def test_the_fast_path_knows_which_line_writes_a_result():
+    # A failure on that line is the result's (None, not an int), anywhere else the handler's;
+    # the fast path tells them apart by line so that it needs one try and no extra work.
+    import inspect
+
+    from kvmpy.hv.kvm import vcpu
+
+    source, first = inspect.getsourcelines(vcpu.KvmVcpu._loop)
+    lines = [first + i for i, text in enumerate(source) if "u64[rax] = result & mask64" in text]
+    assert frozenset(lines) == vcpu._RESULT_LINES and len(lines) == 1
+
+
+def test_a_c_function_that_raises_is_a_handler_failure(kvm):
+    # max(ctx, a0, ...) raises TypeError from C, with no Python frame of its own: the
+    # traceback's line is then the call's, not the result's.
+    result, _ = call(kvm, 16, handler=max)
+    assert result.stop_reason is StopReason.VMM_ERROR
+    assert "handler raised TypeError" in result.message

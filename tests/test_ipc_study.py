@@ -99,7 +99,8 @@ def test_lab_refuses_fewer_than_five_runs(tmp_path):
         [sys.executable, "-m", "kvmpy", "lab", "ipc", "--runs", "3", "--out", str(tmp_path)],
         capture_output=True, text=True, env=dict(os.environ), timeout=60,
     )  # fmt: skip
-    assert r.returncode == 1 and "kvmpy: error:" in r.stderr and "at least 5" in r.stderr
+    # A flag value out of range: a usage error.
+    assert r.returncode == 2 and "kvmpy: error:" in r.stderr and "at least 5" in r.stderr
 
 
 def test_lab_refuses_an_unwritable_output_before_measuring(tmp_path):
@@ -110,3 +111,38 @@ def test_lab_refuses_an_unwritable_output_before_measuring(tmp_path):
         capture_output=True, text=True, env=dict(os.environ), timeout=60,
     )  # fmt: skip
     assert r.returncode == 1 and r.stderr.startswith("kvmpy: error: cannot write to --out")
+
+
+def test_breakdown_plot_gives_every_layer_its_own_colour_and_a_readable_legend():
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kvmpy.ipc.report import breakdown_figure
+
+    doc = json.loads((Path(__file__).parent.parent / "docs/ipc-study/results.json").read_text())
+    fig = breakdown_figure(doc["breakdown"])
+    try:
+        seen: dict[str, str] = {}
+        for ax in fig.axes:
+            by_label = {}
+            for bars in ax.containers:
+                label = bars.get_label()
+                color = matplotlib.colors.to_hex(bars.patches[0].get_facecolor())
+                if not label.startswith("_"):
+                    by_label[label] = color
+            # Within a panel, different layers never share a colour...
+            assert len(set(by_label.values())) == len(by_label), by_label
+            # ...and across panels a layer keeps its colour.
+            for label, color in by_label.items():
+                assert seen.setdefault(label, color) == color
+            legend = ax.get_legend()
+            assert legend is not None and len(legend.get_texts()) == len(by_label)
+            assert min(t.get_fontsize() for t in legend.get_texts()) >= 9
+        assert len(seen) >= 10
+    finally:
+        plt.close(fig)

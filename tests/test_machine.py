@@ -124,6 +124,89 @@ def test_custom_port_device(assemble, kvm):
     assert 1 <= ports["0x602"]["out"] <= 3
 
 
+class Broken(Device):
+    name = "broken"
+
+    def read(self, offset, size):
+        raise RuntimeError("no register here")
+
+
+@pytest.mark.kvm
+def test_a_device_that_raises_stops_the_vm_with_vmm_error(assemble, kvm):
+    code = assemble("mov $0x600, %dx\n in %dx, %al\n hlt")
+    with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
+        m.add_pio_device(0x600, 4, Broken())
+        m.load(load_raw(code))
+        result = m.run(timeout=30)  # raises nothing
+    assert result.stop_reason is StopReason.VMM_ERROR
+    assert "device broken raised RuntimeError: no register here" in result.message
+
+
+class Mmio(Device):
+    name = "mmio-regs"
+
+    def __init__(self):
+        self.writes = []
+
+    def read(self, offset, size):
+        return bytes([0xA0 + offset]) * size
+
+    def write(self, offset, data):
+        self.writes.append((offset, bytes(data)))
+
+
+# mode -> (RAM, device address, code: read a byte at device+4 into bl, write 0x5A at device+8)
+MMIO_CASES = {
+    # Real mode reaches 0x100000-0x10FFEF through segment 0xFFFF: outside a 1 MiB guest's RAM.
+    "real": ("1M", 0x100000, 16, "mov $0xFFFF, %ax\n mov %ax, %ds\n mov (0x14), %bl\n"
+             "movb $0x5A, (0x18)\n hlt"),
+    "protected": ("16M", 0xD0000000, 32, "mov (0xD0000004), %bl\n movb $0x5A, (0xD0000008)\n hlt"),
+    "long": ("16M", 0xD0000000, 64, "mov $0xD0000000, %esi\n mov 4(%rsi), %bl\n"
+             "movb $0x5A, 8(%rsi)\n hlt"),
+    # long-user: CPL3 cannot hlt; the exit hypercall ends it.
+    "long-user": ("16M", 0x10000000, 64, "mov $0x10000000, %esi\n mov 4(%rsi), %bl\n"
+                  "movb $0x5A, 8(%rsi)\n xor %eax, %eax\n xor %edi, %edi\n mov $0x500, %dx\n"
+                  "out %eax, %dx"),
+}  # fmt: skip
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("mode", sorted(MMIO_CASES))
+def test_an_mmio_device_works_in_every_mode(assemble, kvm, mode):
+    memory, base, bits, text = MMIO_CASES[mode]
+    dev = Mmio()
+    with Machine(MachineConfig(mode=mode, memory=memory), kvm=kvm) as m:
+        m.add_mmio_device(base, 0x100, dev)
+        m.load(load_raw(assemble(text, bits), load_addr=0x8000, entry=0x8000))
+        result = m.run(timeout=30)
+    assert result.stop_reason in (StopReason.HLT, StopReason.EXIT), result.message
+    assert result.regs["rbx"] & 0xFF == 0xA4
+    assert dev.writes == [(8, b"\x5a")]
+
+
+def test_paged32_maps_device_memory_uncached(kvm):
+    # paged32 cannot run on KVM-PVM hosts; its tables are checked with the page walker.
+    from kvmpy.arch.x86.paging import PTE_PCD, PTE_PWT
+    from kvmpy.arch.x86.vmem import Regime, VirtualMemory
+
+    with Machine(MachineConfig(mode="paged32", memory="16M"), kvm=kvm) as m:
+        m.load(load_raw(b"\xf4", load_addr=0x8000, entry=0x8000))
+        vm = VirtualMemory(m.memory, Regime.from_sregs(m.boot.sregs))
+        for addr in (0xD0000000, 0x10000000, 0xFFFFF000):
+            assert vm.translate(addr) == addr
+        pde = m.memory.read_u32(m.boot.sregs.cr3 + (0xD0000000 >> 22) * 4)
+        assert pde & (PTE_PCD | PTE_PWT) == PTE_PCD | PTE_PWT
+        assert m.memory.read_u32(m.boot.sregs.cr3) & PTE_PCD == 0  # RAM stays cached
+
+
+def test_mmio_devices_live_below_4g(kvm):
+    with (
+        Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m,
+        pytest.raises(ConfigError, match="not below 4 GiB"),
+    ):
+        m.add_mmio_device(1 << 32, 0x100, Mmio())
+
+
 @pytest.mark.kvm
 def test_unassigned_ports_and_mmio(assemble, kvm):
     # in from a port nobody owns reads all ones; so does MMIO outside RAM; writes are ignored.
@@ -132,14 +215,7 @@ def test_unassigned_ports_and_mmio(assemble, kvm):
         "mov $0xD0000000, %esi\n mov (%rsi), %ecx\n movl $5, (%rsi)\n hlt"
     )
     with Machine(MachineConfig(mode="long", memory="16M"), kvm=kvm) as m:
-        m.load(load_raw(code))
-        # Map the MMIO address: a 2 MiB page at 0xD0000000, outside RAM.
-        pml4 = m.boot.sregs.cr3
-        pdpt = m.memory.read_u64(pml4) & ~0xFFF
-        pd = 0x200000
-        m.memory.fill(pd, 4096)
-        m.memory.write_u64(pdpt + 3 * 8, pd | 3)
-        m.memory.write_u64(pd + ((0xD0000000 >> 21) & 511) * 8, 0xD0000000 | 0x83)
+        m.load(load_raw(code))  # kvmpy maps 0xD0000000 (the MMIO hole), uncached
         result = m.run(timeout=30)
     assert result.stop_reason is StopReason.HLT, result.message
     assert result.regs["rbx"] == 0xFFFFFFFF

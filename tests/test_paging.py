@@ -1000,7 +1000,8 @@ MODE_MAP_CASES = [
 @pytest.mark.parametrize("mode, size, use_1g", MODE_MAP_CASES)
 def test_mode_identity_maps(mode, size, use_1g):
     """What `modes.build` writes: all RAM identity-mapped, writable, user-accessible except the
-    system area in long-user mode, nothing else mapped."""
+    system area in long-user mode; everything else below 4 GiB mapped uncached (MMIO);
+    nothing else mapped."""
     mem = _guest_ram(size)
     try:
         boot = modes.build(mode, mem, 0x1000, [(0x1000, 0x2000)], use_1g_pages=use_1g)
@@ -1008,18 +1009,17 @@ def test_mode_identity_maps(mode, size, use_1g):
         assert s.cr0 & CR0_PG
         assert s.cr3 == layout.page_tables[0]
         assert all(layout.base <= p < layout.end for p in layout.page_tables)
-        long = mode.bits == 64
-        ranges = modes._map_ranges(mem, layout, mode.user, devices=long)
-        windows = [r for r in ranges if r.flags & PTE_PCD]
-        dev_lo, dev_hi = modes.DEVICE_WINDOW_START, modes.DEVICE_WINDOW_END
-        # The ranges cover exactly RAM (and in 64-bit modes the device windows, uncached), and
-        # only the system area is supervisor-only.
-        assert [(r.start, r.end) for r in windows] == ([(dev_lo, dev_hi)] if long else [])
-        assert all(r.flags & PTE_PWT for r in windows)
-        assert sum(r.end - r.start for r in ranges) == mem.size + sum(
-            r.end - r.start for r in windows
+        ranges = modes._map_ranges(mem, layout, mode.user)
+        # Cached ranges cover exactly RAM, uncached ones the rest below 4 GiB, and only the
+        # system area is supervisor-only.
+        ram = [r for r in ranges if not r.flags & PTE_PCD]
+        device = [r for r in ranges if r.flags & PTE_PCD]
+        assert sum(r.end - r.start for r in ram) == mem.size
+        assert all(r.flags & PTE_PWT and r.end <= 4 * G for r in device)
+        assert sum(r.end - r.start for r in device) == 4 * G - sum(
+            min(r.end, 4 * G) - r.start for r in ram if r.start < 4 * G
         )
-        sup = [r for r in ranges if not r.flags & PTE_US and r not in windows]
+        sup = [r for r in ranges if not r.flags & PTE_US]
         if mode.user:
             assert [(r.start, r.end) for r in sup] == [(layout.base, layout.end)]
         else:
@@ -1038,13 +1038,13 @@ def test_mode_identity_maps(mode, size, use_1g):
         for a in sorted(probes):
             if mode is Mode.PAGED32 and a >= 1 << 32:
                 continue
-            if long and dev_lo <= a < dev_hi:
-                t = walk(a)
-                assert (t.gpa, t.writable, t.user) == (a, True, mode.user), hex(a)
-                continue
-            if not mem.is_ram(a):
+            if not mem.is_ram(a) and a >= 4 * G:
                 with pytest.raises(PageFault):
                     walk(a)
+                continue
+            if not mem.is_ram(a):  # device memory: mapped, uncached
+                t = walk(a)
+                assert t.gpa == a and t.writable, hex(a)
                 continue
             t = walk(a)
             assert (t.gpa, t.writable) == (a, True), hex(a)
@@ -1205,8 +1205,10 @@ def test_kvm_translate_matches_kvmpy_identity_map(kvm, mode, memory):
             addrs.update({page, page + 0xFFF})
         addrs.update({1 << 32, 3 << 30, 0xFEE0_0000, 1 << 40, 0x0000_8000_0000_0000})
         valid, invalid = _compare_with_kvm(m, addrs)
-        # RAM, and 3 GiB: the first device window (mapped for CPL3 drivers).
-        assert valid == 2 * (size // PAGE_4K) + 1
+        # RAM, the 4 pages after it and 3 GiB and the LAPIC page (device memory below 4 GiB,
+        # mapped uncached); 4 GiB and beyond are not mapped.
+        assert valid == 2 * (size // PAGE_4K) + 2 * 4 + 2
+        assert invalid == 3
         # U/S: KVM_TRANSLATE does not report it, so check ours against the layout here and
         # against the CPU in test_kvm_cpl3_access_matches_translate.
         s = m.vcpus[0].fd.get_sregs()

@@ -212,8 +212,8 @@ def test_restore_continues_exactly_at_several_points(images, reference, tmp_path
         assert doc["stop_reason"] == "exit" and r["lazy"] is lazy
         assert r["pages_total"] == 4096 and 0 < r["pages_in_snapshot"] < 4096
         assert r["restore_to_first_instruction_ms"] > 0
-        if lazy:
-            assert 0 < r["pages_faulted"] <= r["pages_loaded"] <= r["pages_total"]
+        if lazy:  # the handler's background pass may have brought pages in before a fault
+            assert 0 <= r["pages_faulted"] <= r["pages_loaded"] <= r["pages_total"]
         else:
             assert r["pages_faulted"] == 0 and r["pages_loaded"] == r["pages_in_snapshot"]
 
@@ -230,7 +230,7 @@ def test_lazy_restore_serves_the_vmm_too(images, reference, tmp_path):
     """The VMM's own reads of guest memory (with the GIL held) are served by the handler
     process; a handler thread would deadlock on the first one."""
     before = snapshot_at(images["short"], tmp_path / "s", lines=10)
-    r = snapshot.restore(tmp_path / "s", lazy_memory=True)
+    r = snapshot.restore(tmp_path / "s", lazy_memory=True, lazy_background=False)
     try:
         m = r.machine
         assert r.loader.stats()["pages_faulted"] == 0
@@ -298,12 +298,10 @@ def test_corrupted_memory_is_refused_eagerly_and_stops_a_lazy_vm(images, tmp_pat
     err = proc.stderr.decode()
     assert err.startswith("kvmpy: error:") and err.count("\n") == 1, err
     assert "do not match their checksum" in err
-    proc = kvmpy("restore", tmp_path / "s", "--lazy", "--json")
-    assert proc.returncode == 125, proc.stderr.decode()
-    _, doc = split_json(proc.stdout)
-    assert doc["stop_reason"] == "vmm_error"
-    assert "do not match their checksum" in doc["message"]
-    assert "Traceback" not in proc.stderr.decode()
+    # Lazily: the VM stops, with the same one line and status.
+    lazy = kvmpy("restore", tmp_path / "s", "--lazy", "--json")
+    assert lazy.returncode == 1, lazy.stderr.decode()
+    assert lazy.stderr.decode() == err
 
 
 @pytest.mark.parametrize(
@@ -598,11 +596,16 @@ def test_lazy_restore_serves_kvms_own_accesses(tmp_path, gcc_available):
         m.load_file(image)
         snapshot.take(m, tmp_path / "s")
         expected = m.run(timeout=60).output
-    proc = kvmpy("restore", tmp_path / "s", "--lazy", "--json")
-    assert proc.returncode == 0, proc.stderr.decode()
-    out, doc = split_json(proc.stdout)
-    assert out == expected and b"long mode" in out
-    assert doc["restore"]["pages_faulted"] >= 3  # code, stack and page tables at least
+    # Without the background pass, so that every page comes in through a fault.
+    r = snapshot.restore(tmp_path / "s", lazy_memory=True, lazy_background=False)
+    try:
+        r.mark_first_run()
+        result = r.machine.run(timeout=60)
+        faulted = r.loader.stats()["pages_faulted"]
+    finally:
+        r.close()
+    assert result.output == expected and b"long mode" in result.output
+    assert faulted >= 3  # code, stack and page tables at least
 
 
 def test_a_destination_that_refuses_leaves_the_source_running(images, reference, tmp_path):
@@ -616,6 +619,8 @@ def test_a_destination_that_refuses_leaves_the_source_running(images, reference,
     def refuse():
         conn, _ = listener.accept()
         link = migration.Link(conn)
+        link.send_json(migration.CHALLENGE, {"protocol": migration.PROTOCOL,
+                                             "version": migration.VERSION, "auth": False})  # fmt: skip
         link.expect(migration.HELLO)
         link.send_json(migration.ERROR, {"error": "no room for a 16 MiB guest here"})
         link.close()

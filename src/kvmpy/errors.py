@@ -7,6 +7,11 @@ class KvmpyError(Exception):
     """Base class: anything kvmpy reports as a clear error instead of a traceback."""
 
 
+class UsageError(KvmpyError):
+    """A command line that cannot work: a flag's value, or flags that do not go together. The
+    CLI exits with status 2 for it, as argparse does for the errors it finds itself."""
+
+
 class KvmUnavailable(KvmpyError):
     """/dev/kvm is missing, not permitted, or too old."""
 

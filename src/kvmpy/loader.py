@@ -86,10 +86,15 @@ class Image:
             if not seg.memsz:
                 continue
             if not memory.is_ram(seg.gpa, seg.memsz):
+                # --load-addr moves raw images only: an ELF loads where it was linked.
+                where = (
+                    "or load it lower with --load-addr"
+                    if self.kind == "raw"
+                    else "(an ELF loads at the addresses it was linked for)"
+                )
                 raise BadImage(
                     f"{self.name} needs guest memory [{seg.gpa:#x}, {seg.end:#x}) but the guest "
-                    f"has {format_size(memory.size)} of RAM; give it more with --mem or load "
-                    "it lower with --load-addr"
+                    f"has {format_size(memory.size)} of RAM; give it more with --mem {where}"
                 )
             memory.write(seg.gpa, seg.data)
             if seg.memsz > len(seg.data):
@@ -129,7 +134,38 @@ def load_file(
                 raise BadImage(f"entry point {entry:#x} is outside every loadable segment of {p}")
             img = Image(img.kind, img.segments, entry, img.mode_hint, img.path, img.symbols)
         return img
+    what = not_an_image(data, p)
+    if what is not None:
+        raise BadImage(what)
     return load_raw(data, load_addr or 0, entry, str(p))
+
+
+def not_an_image(data: bytes, path: Path) -> str | None:
+    """What to tell the user about a file that is clearly not a raw guest image (a raw image
+    can be any bytes, so only the unmistakable cases): a Linux kernel, text or source code."""
+    if len(data) >= 0x206 and data[0x202:0x206] == b"HdrS" and data[0x1FE:0x200] == b"\x55\xaa":
+        return (
+            f"{path} is a Linux kernel image (bzImage); kvmpy loads raw and ELF guests and does "
+            "not implement the Linux boot protocol yet (boot an uncompressed vmlinux ELF on a "
+            "VT-x/AMD-V host, or see 'kvmpy examples')"
+        )
+    sample = data[:4096]
+    if sample and b"\0" not in sample:
+        try:
+            text = sample.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is not None and sum(c.isprintable() or c in "\n\r\t" for c in text) == len(text):
+            if path.suffix in (".c", ".S", ".s", ".h", ".cc", ".cpp"):
+                return (
+                    f"{path} is source code, not a guest image: build it first, e.g. 'kvmpy "
+                    f"build {path} -o {path.stem}.elf', then run the ELF"
+                )
+            return (
+                f"{path} is a text file, not a guest image (a raw binary or an ELF); C or "
+                "assembly sources are built with 'kvmpy build'"
+            )
+    return None
 
 
 def load_raw(

@@ -18,6 +18,7 @@ routing), `event_loop` (file descriptors served off the vCPU threads) and the vC
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
+from . import signals
 from .arch.x86 import gdt as G
 from .arch.x86 import modes
 from .arch.x86.modes import BootState, Mode, SystemLayout
@@ -41,11 +43,20 @@ from .hypercalls import PORT as HYPERCALL_PORT
 from .hypercalls import Hypercalls
 from .kvm import Kvm
 from .kvm import structs as S
+from .limits import check_duration
 from .loader import Image, load_file
 from .memory import GuestMemory
 from .result import RunResult, Stop, StopReason
 from .stats import ExitStats
-from .vmm.config import MAX_MEMORY, MIN_MEMORY, DeviceConfig, ImageBoot, MachineConfig, VmConfig
+from .vmm.config import (
+    MAX_MEMORY,
+    MIN_MEMORY,
+    DeviceConfig,
+    ImageBoot,
+    MachineConfig,
+    VmConfig,
+    check_memory_size,
+)
 from .vmm.event_loop import EventLoop
 from .vmm.interrupts import InterruptManager
 from .vmm.resources import MMIO_HOLE_START, Resources
@@ -194,6 +205,10 @@ class Machine:
         if self.memory.is_ram(base) or self.memory.is_ram(base + length - 1):
             raise ConfigError(f"MMIO range of {device.name} at {base:#x} overlaps guest RAM")
         self.resources.claim_mmio(device.name, base, length)
+        if base + length > modes.MMIO_TOP:
+            # kvmpy's page tables map device memory below 4 GiB only (and 32-bit modes reach
+            # no further).
+            raise ConfigError(f"MMIO range of {device.name} at {base:#x} is not below 4 GiB")
         self.mmio_bus.register(base, length, device)
 
     def add_device(self, kind: str, id: str | None = None, **args: Any) -> Any:
@@ -368,7 +383,17 @@ class Machine:
                 if len(out) > 2 * self._capture_limit:
                     del out[: len(out) - self._capture_limit]
             if self._sink is not None:
-                self._sink(data)
+                try:
+                    self._sink(data)
+                except OSError as e:  # stdout closed by its reader, a full disk...
+                    self._output_failed(e)
+
+    def _output_failed(self, e: OSError) -> None:
+        """The guest's output cannot be written: stop the VM (not the VMM with a traceback),
+        and drop the sink so that nothing else is written to it."""
+        self._sink = None
+        why = "broken pipe: the reader went away" if e.errno == errno.EPIPE else e.strerror
+        self.request_stop(StopReason.OUTPUT_ERROR, f"cannot write the guest's output: {why or e}")
 
     @property
     def output(self) -> bytes:
@@ -398,12 +423,16 @@ class Machine:
 
     def run(self, timeout: float | None = None, *, handle_sigint: bool = False) -> RunResult:
         """Run until the guest stops: every vCPU in its own thread, the calling thread waiting.
-        `timeout` (seconds) and `handle_sigint` (Ctrl-C, and SIGTERM, stop the VM cleanly) use
-        signals and so work from the main thread only.
+        `timeout` (seconds: finite, positive, at most 30 days) and `handle_sigint` (SIGINT and
+        SIGTERM stop the VM, stop reason `interrupted`) use signals and so work from the main
+        thread only. Nothing the guest or a Python handler does makes this raise: it ends as a
+        stop reason.
 
         Calling it again after a stop continues the guest where it stopped."""
         if self.boot is None:
             raise ConfigError("load an image before running the machine")
+        if timeout is not None:
+            timeout = check_duration(timeout)
         main = threading.current_thread() is threading.main_thread()
         if (timeout or handle_sigint) and not main:
             raise ConfigError("timeout and Ctrl-C handling need the main thread")
@@ -420,12 +449,14 @@ class Machine:
                 ),
             )
             signal.setitimer(signal.ITIMER_REAL, timeout)
+        # SIGINT and SIGTERM alike (kvmpy.signals): the VM stops, the caller reports.
+        on_signal = signals.handled(
+            lambda signum: self.request_stop(
+                StopReason.INTERRUPTED, signals.describe(signum), signum=signum
+            )
+        )
         if handle_sigint:
-            for sig, why in ((signal.SIGINT, "interrupted (Ctrl-C)"),
-                             (signal.SIGTERM, "terminated (SIGTERM)")):  # fmt: skip
-                old_handlers[sig] = signal.signal(
-                    sig, lambda *_, why=why: self.request_stop(StopReason.INTERRUPTED, why)
-                )
+            on_signal.__enter__()
         t0 = time.perf_counter()
         try:
             vset.start()
@@ -435,12 +466,20 @@ class Machine:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             for sig, old in old_handlers.items():
                 signal.signal(sig, old)
+            if handle_sigint:
+                on_signal.__exit__(None, None, None)
         assert stop is not None
         return self.result(stop, time.perf_counter() - t0)
 
-    def request_stop(self, reason: StopReason = StopReason.INTERRUPTED, message: str = "") -> None:
-        """Stop the VM (from any thread or a signal handler): its run returns `reason`."""
-        stop = Stop(reason, 0, message or "stopped by the host")
+    def request_stop(
+        self,
+        reason: StopReason = StopReason.INTERRUPTED,
+        message: str = "",
+        signum: int | None = None,
+    ) -> None:
+        """Stop the VM (from any thread or a signal handler): its run returns `reason`;
+        `signum`: the signal that asked for it, if one did."""
+        stop = Stop(reason, 0, message or "stopped by the host", signum=signum)
         vset = self._vcpuset
         if vset is not None and vset.started:
             vset.request_stop(stop)
@@ -544,6 +583,7 @@ class Machine:
             },
             stats=ExitStats.merged(per_vcpu),
             fault=stop.fault,
+            signal=stop.signum,
             duration_s=duration,
             output=self.output,
             cpu=cpu,
@@ -608,4 +648,11 @@ def _sink(console) -> Callable[[bytes], None] | None:
     return sink
 
 
-__all__ = ["MAX_MEMORY", "MIN_MEMORY", "Machine", "MachineConfig", "ram_layout"]
+__all__ = [
+    "MAX_MEMORY",
+    "MIN_MEMORY",
+    "Machine",
+    "MachineConfig",
+    "check_memory_size",
+    "ram_layout",
+]

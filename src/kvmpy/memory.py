@@ -56,7 +56,9 @@ def parse_size(text: str | int) -> int:
             value = int(s, 0)
         except ValueError:
             raise ConfigError(
-                f"not a size: {text!r} (use a number with an optional K, M, G suffix)"
+                f"not a size: {text!r} (use a whole number of bytes, decimal or 0x/0o/0b, "
+                "with an optional suffix K, M, G or T for KiB, MiB, GiB or TiB, which may be "
+                "followed by i, B or iB, in any case; a bare B means bytes: 4096, 64M, 2GiB, 1t)"
             ) from None
     if value < 0:
         raise ConfigError(f"size must not be negative: {text!r}")

@@ -21,8 +21,9 @@ class StopReason(enum.StrEnum):
     HOST_LIMITATION = "host_limitation"  # this host's KVM cannot run the requested mode
     INTERRUPTED = "interrupted"  # stopped from the host (Ctrl-C, request_stop)
     TIMEOUT = "timeout"  # the run's time limit passed
-    VMM_ERROR = "vmm_error"  # KVM_RUN itself failed
+    VMM_ERROR = "vmm_error"  # KVM_RUN failed, or a Python handler or device did
     MIGRATED = "migrated"  # the VM went on in another process (kvmpy.persist)
+    OUTPUT_ERROR = "output_error"  # the guest's output could not be written (EPIPE, ENOSPC)
 
     @property
     def ok(self) -> bool:
@@ -33,6 +34,7 @@ class StopReason(enum.StrEnum):
 EXIT_STATUS = {
     StopReason.TIMEOUT: 124,
     StopReason.INTERRUPTED: 130,
+    StopReason.OUTPUT_ERROR: 74,  # EX_IOERR in <sysexits.h>
 }
 EXIT_STATUS_CRASH = 125
 
@@ -93,17 +95,26 @@ class Stop:
     regs: Any = None
     #: Index of the vCPU that stopped the VM.
     cpu: int = 0
+    #: The signal that stopped the VM (SIGINT, SIGTERM), for `interrupted`.
+    signum: int | None = None
+
+
+#: Stops where the guest ended by itself, so it has an exit code (hlt counts as code 0).
+GUEST_ENDED = (StopReason.EXIT, StopReason.HLT)
 
 
 @dataclass
 class RunResult:
     stop_reason: StopReason
-    exit_code: int
+    #: The guest's exit code, or None if the guest did not end by itself.
+    exit_code: int | None
     message: str
     regs: dict[str, int]
     sregs: dict[str, int]
     stats: ExitStats
     fault: Fault | None = None
+    #: The signal that stopped the VM, if one did (interrupted).
+    signal: int | None = None
     duration_s: float = 0.0
     output: bytes = b""
     #: The vCPU whose stop ended the run.
@@ -111,6 +122,12 @@ class RunResult:
     #: Per-vCPU statistics of an SMP machine (`stats` is their sum); empty for one vCPU.
     vcpu_stats: list[ExitStats] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The guest's exit code exists only if the guest ended by itself; after a timeout, a
+        # fault or a signal there is none (None, null in JSON), not a 0 that reads as success.
+        if self.stop_reason not in GUEST_ENDED:
+            self.exit_code = None  # type: ignore[assignment]
 
     @property
     def exits(self) -> dict[str, int]:
@@ -122,6 +139,8 @@ class RunResult:
             return self.exit_code & 0xFF
         if self.stop_reason in (StopReason.HLT, StopReason.MIGRATED):
             return 0
+        if self.stop_reason is StopReason.INTERRUPTED and self.signal:
+            return 128 + self.signal  # as a shell reports a signal: 130, 143
         return EXIT_STATUS.get(self.stop_reason, EXIT_STATUS_CRASH)
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,9 +152,21 @@ class RunResult:
             "regs": self.regs,
             "sregs": self.sregs,
             "fault": self.fault.to_dict() if self.fault else None,
+            "signal": _signal_name(self.signal),
             "stats": self.stats.to_dict(),
             "cpu": self.cpu,
             **({"vcpus": [s.to_dict() for s in self.vcpu_stats]} if self.vcpu_stats else {}),
             "duration_s": round(self.duration_s, 6),
             **self.extra,
         }
+
+
+def _signal_name(signum: int | None) -> str | None:
+    if not signum:
+        return None
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)

@@ -11,6 +11,15 @@ from dataclasses import dataclass, field
 from .kvm.constants import ExitReason
 
 MAX_REASON = 64
+#: Not a KVM exit reason: a guest exception that reached kvmpy's stub. KVM reports it as the
+#: stub's `out` (an io exit); it is counted here instead, under "exception".
+EXCEPTION = MAX_REASON - 1
+
+
+def reason_name(reason: int) -> str:
+    return "exception" if reason == EXCEPTION else ExitReason.name_of(reason)
+
+
 #: The hypercall fast path times one exit in this many (a power of two).
 SAMPLE_EVERY = 64
 #: ...after timing the first this many exits of a run exactly (short runs stay exact).
@@ -110,13 +119,13 @@ class ExitStats:
         return ps
 
     def by_reason(self) -> dict[str, int]:
-        return {ExitReason.name_of(r): c for r, c in enumerate(self.counts) if c}
+        return {reason_name(r): c for r, c in enumerate(self.counts) if c}
 
     def to_dict(self) -> dict:
         return {
             "total": self.total,
             "by_reason": {
-                ExitReason.name_of(r): {
+                reason_name(r): {
                     "count": c,
                     "vmm_time_us": round(self.est_vmm_ns(r) / 1e3, 3),
                     "timed": self.timed[r],
@@ -151,7 +160,7 @@ class ExitStats:
         for r, c in enumerate(self.counts):
             if c:
                 t = self.est_vmm_ns(r)
-                reasons.add_row(ExitReason.name_of(r), str(c), _us(t), _us(t / c))
+                reasons.add_row(reason_name(r), str(c), _us(t), _us(t / c))
         reasons.add_row("total", str(self.total), _us(self.est_total_vmm_ns), "", style="bold")
         ports = Table(title="Port I/O exits by port")
         ports.add_column("port", justify="right")

@@ -500,9 +500,9 @@ def cmd_exits(args) -> int:
     err = Console(stderr=True, highlight=False)
     if args.runs < METHOD_RUNS or args.exits < METHOD_EXITS:
         err.print(
-            f"[yellow]note[/]: {args.runs} run(s) of {args.exits:,} exits; the issue's "
-            f"methodology needs ≥{METHOD_RUNS} runs of ≥{METHOD_EXITS:,} exits, so treat these "
-            "figures as a quick look"
+            f"[yellow]note[/]: {args.runs} run(s) of {args.exits:,} exits; figures worth "
+            f"quoting take ≥{METHOD_RUNS} runs of ≥{METHOD_EXITS:,} exits (the defaults), so "
+            "treat these as a quick look"
         )
     # No auto-refresh: a refresh thread would take the GIL (and the pinned CPU) in the middle
     # of the Python sides' runs and bias the comparison against them.

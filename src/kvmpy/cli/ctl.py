@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..result import RunResult, StopReason
+from .options import seconds
 
 
 def add_parser(sub) -> None:
@@ -21,6 +22,11 @@ def add_parser(sub) -> None:
     p.add_argument("socket", metavar="SOCK", help="the VM's control socket")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the result as JSON")
+    common.add_argument(
+        "--timeout", type=seconds, metavar="SECONDS",
+        help="how long to wait for the VMM's answer (default 5 s; snapshot 120 s, migrate 60 s "
+        "between progress reports)",
+    )  # fmt: skip
     ops = p.add_subparsers(dest="op", metavar="COMMAND", required=True)
     ops.add_parser("pause", parents=[common], help="stop the vCPU until 'resume'")
     ops.add_parser("resume", parents=[common], help="let a paused VM go on")
@@ -41,17 +47,40 @@ def add_parser(sub) -> None:
         "The VM stops here once the destination has confirmed; if anything fails it keeps "
         "running here.",
     )
-    m.add_argument("address", metavar="HOST:PORT")
+    m.add_argument("address", type=_address, metavar="HOST:PORT")
+    m.add_argument(
+        "--auth-key-file", metavar="FILE",
+        help="the shared migration key (the destination's --auth-key-file); default "
+        "$KVMPY_MIGRATION_KEY, else the VMM's own",
+    )  # fmt: skip
     m.add_argument("--downtime-ms", type=float, metavar="MS", help="downtime goal (default 30)")
     m.add_argument("--max-rounds", type=int, metavar="N", help="pre-copy round limit (default 30)")
     ops.add_parser("stop", parents=[common], help="stop the VM (as Ctrl-C would)")
     p.set_defaults(func=cmd_ctl)
 
 
+def _address(text: str) -> str:
+    """HOST:PORT, checked before anything connects (a usage error otherwise)."""
+    from ..persist.errors import MigrationError
+    from ..persist.migration import parse_address
+
+    try:
+        parse_address(text)
+    except MigrationError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def cmd_ctl(args) -> int:
     from ..persist.control import request
 
     op_args = {}
+    if args.op == "migrate":
+        from ..persist.migration import load_key
+
+        key = load_key(args.auth_key_file)
+        if key is not None:
+            op_args["auth_key"] = key.hex()
     if args.op == "snapshot":
         op_args["path"] = os.path.abspath(args.dir)  # the VMM's working directory may differ
     elif args.op == "migrate":
@@ -62,9 +91,11 @@ def cmd_ctl(args) -> int:
             op_args["max_rounds"] = args.max_rounds
     if args.op == "migrate":
         with _MigrationProgress() as shown:
-            result = request(args.socket, "migrate", op_args, progress=shown.update)
+            result = request(
+                args.socket, "migrate", op_args, progress=shown.update, timeout=args.timeout
+            )
     else:
-        result = request(args.socket, args.op, op_args)
+        result = request(args.socket, args.op, op_args, timeout=args.timeout)
     if args.json:
         print(json.dumps(result))
         return 0

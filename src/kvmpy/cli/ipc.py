@@ -8,6 +8,8 @@ import sys
 
 from ..benchmarks import positive_int
 from ..ipc.report import format_rate, format_time
+from ..signals import exit_status
+from .options import seconds, size
 
 
 def add_parser(sub) -> None:
@@ -26,14 +28,18 @@ def add_parser(sub) -> None:
         help="port I/O relayed by the VMMs, a ring in shared memory with spinning ends, or "
         "the same ring with doorbell interrupts (ivshmem-doorbell)",
     )  # fmt: skip
-    p.add_argument("--size", default="4K", metavar="SIZE", help="bytes per run (default 4K)")
+    p.add_argument(
+        "--size", type=size, default="4K", metavar="SIZE", help="bytes per run (default 4K)"
+    )
     p.add_argument("--runs", type=positive_int, default=5, help="measured runs (default 5)")
     p.add_argument(
         "--same-process", action="store_true", help="run both VMMs as threads of this process"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--pingpong", action="store_true", help="measure small-message round trips")
-    p.add_argument("--msg", default="64", metavar="SIZE", help="ping-pong message (default 64)")
+    p.add_argument(
+        "--msg", type=size, default="64", metavar="SIZE", help="ping-pong message (default 64)"
+    )
     p.add_argument(
         "--rounds", type=positive_int, default=200, help="round trips per run (default 200)"
     )
@@ -51,6 +57,7 @@ def add_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument(
         "--shm-size",
+        type=size,
         default="2M",
         metavar="SIZE",
         help="shared region size; two rings get the largest power of two that fits (default 2M)",
@@ -69,10 +76,13 @@ def add_parser(sub) -> None:
     )  # fmt: skip
     pin = p.add_mutually_exclusive_group()
     pin.add_argument(
-        "--cpus", metavar="A,B", help="pin the sender's VMM to CPU A and the receiver's to B"
+        "--cpus",
+        type=_cpus,
+        metavar="A,B",
+        help="pin the sender's VMM to CPU A and the receiver's to B",
     )
     pin.add_argument("--no-pin", action="store_true", help="leave the VMMs unpinned")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long")
+    p.add_argument("--timeout", type=seconds, metavar="SECONDS", help="give up after this long")
     p.add_argument(
         "--accel", choices=("kvm", "unicorn"),
         help="CPU backend of both VMs (default kvm; shm-irq needs KVM's irqfd and ioeventfd)",
@@ -93,18 +103,11 @@ def _cpus(text: str) -> tuple[int, int]:
 
 
 def options_from_args(args):
-    from ..errors import ConfigError
     from ..ipc.bench import IpcOptions, default_cpus
     from ..ipc.layout import Mechanism, PioWidth, WaitMode
     from ..memory import parse_size
 
-    if args.cpus:
-        try:
-            cpus = _cpus(args.cpus)
-        except argparse.ArgumentTypeError as e:
-            raise ConfigError(str(e)) from None
-    else:
-        cpus = None if args.no_pin else default_cpus()
+    cpus = args.cpus or (None if args.no_pin else default_cpus())
     size = parse_size(args.msg if args.pingpong else args.size)
     return IpcOptions(
         mechanism=Mechanism.parse(args.mechanism),
@@ -126,16 +129,20 @@ def options_from_args(args):
 
 
 def cmd_ipc(args) -> int:
+    from ..errors import ConfigError, UsageError
     from ..ipc.bench import run_ipc, with_reference
 
-    opts = options_from_args(args)
+    try:
+        opts = options_from_args(args)
+    except ConfigError as e:  # flags that do not go together
+        raise UsageError(str(e)) from None
     if args.guest:
         return run_user_guest(opts, args)
     try:
         result = with_reference(opts, run_ipc(opts))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("kvmpy: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(e)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
     else:
@@ -151,9 +158,9 @@ def run_user_guest(opts, args) -> int:
     path, _mode = resolve_image(args.guest, Mode.LONG_USER)
     try:
         result = run_guest(opts, str(path))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("kvmpy: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(e)
     if args.json:
         sys.stdout.write(json.dumps({"mechanism": opts.mechanism.label, **result}) + "\n")
     else:

@@ -44,11 +44,11 @@ def _add_ipc(labs) -> None:
 
 
 def cmd_lab_ipc(args) -> int:
-    from ..errors import ConfigError
+    from ..errors import ConfigError, UsageError
     from ..ipc.study import main_study
 
     if args.runs < 5:
-        raise ConfigError("the study takes the median of at least 5 runs (--runs 5 or more)")
+        raise UsageError("the study takes the median of at least 5 runs (--runs 5 or more)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
@@ -62,9 +62,11 @@ def cmd_lab_ipc(args) -> int:
     progress = _progress() if sys.stderr.isatty() else None
     try:
         doc, files = main_study(out, args.full, args.runs, progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from ..signals import exit_status
+
         print("kvmpy: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(e)
     for f in files:
         print(f)
     failed = [

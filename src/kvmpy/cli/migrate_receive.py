@@ -17,6 +17,11 @@ def add_parser(sub) -> None:
         "a free port; the address is printed on stderr.",
     )
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="where to listen")
+    p.add_argument(
+        "--auth-key-file", metavar="FILE",
+        help="the shared migration key (at least 16 bytes; default $KVMPY_MIGRATION_KEY); "
+        "required unless HOST is a loopback address",
+    )  # fmt: skip
     add_result_options(p)
     p.set_defaults(func=cmd_migrate_receive)
 
@@ -24,26 +29,30 @@ def add_parser(sub) -> None:
 def cmd_migrate_receive(args) -> int:
     # Imported before the migration arrives: between GO and the first KVM_RUN (the downtime)
     # there is no time for imports.
-    from ..errors import ConfigError
+    from ..errors import UsageError
     from ..persist import control, session  # noqa: F401
-    from ..persist.migration import Incoming, parse_address
+    from ..persist.errors import MigrationError
+    from ..persist.migration import Incoming, load_key, parse_address
+    from ..signals import describe, exit_status
     from .ctl import run_with_control
+    from .outputs import GuestConsole
     from .run import report
 
-    if args.timeout is not None and args.timeout <= 0:
-        raise ConfigError("--timeout must be positive")
-    host, port = parse_address(args.listen)
-    incoming = Incoming(host, port)
+    try:
+        host, port = parse_address(args.listen)
+    except MigrationError as e:
+        raise UsageError(f"--listen: {e}") from None
+    incoming = Incoming(host, port, key=load_key(args.auth_key_file))
     try:
         h, p = incoming.address
         sys.stderr.write(f"kvmpy: waiting for a migration on {h}:{p}\n")
         sys.stderr.flush()
-        out = sys.stdout.buffer
+        out = GuestConsole()
         machine = incoming.receive(console=out, capture_output=False, accel=args.accel)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # SIGINT or SIGTERM while waiting
         incoming.close()
-        sys.stderr.write("kvmpy: interrupted; nothing runs here\n")
-        return 130
+        sys.stderr.write(f"kvmpy: {describe(getattr(e, 'signum', 2))}; nothing runs here\n")
+        return exit_status(e)
     except BaseException:
         incoming.close()
         raise
@@ -60,7 +69,5 @@ def cmd_migrate_receive(args) -> int:
     finally:
         incoming.close()
         machine.close()
-    out.flush()
-    report(result, stats=args.stats, as_json=args.json, image=f"migration from "
-           f"{extra.get('migration', {}).get('source', '?')}", mode=mode)  # fmt: skip
-    return result.process_exit_status
+    return report(result, stats=args.stats, as_json=args.json, image=f"migration from "
+           f"{extra.get('migration', {}).get('source', '?')}", mode=mode, console=out)  # fmt: skip

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from .run import add_result_options
 
 
@@ -40,15 +38,14 @@ def cmd_restore(args) -> int:
 
 def _restore(args, handler) -> int:
     # Everything the run needs is imported before restore() starts its clock.
-    from ..errors import ConfigError
     from ..persist import control, session  # noqa: F401
+    from ..persist.errors import SnapshotError
     from ..persist.snapshot import restore
     from .ctl import run_with_control
+    from .outputs import GuestConsole
     from .run import report
 
-    if args.timeout is not None and args.timeout <= 0:
-        raise ConfigError("--timeout must be positive")
-    out = sys.stdout.buffer
+    out = GuestConsole()
     restored = restore(
         args.dir, lazy_memory=args.lazy, console=out, capture_output=False, handler=handler,
         accel=args.accel,
@@ -59,8 +56,11 @@ def _restore(args, handler) -> int:
             restored.machine, args.control, args.timeout, before_first_run=restored.mark_first_run
         )
         result.extra["restore"] = restored.report()
+        failure = restored.failure
     finally:
         restored.close()
-    out.flush()
-    report(result, stats=args.stats, as_json=args.json, image=str(args.dir), mode=mode)
-    return result.process_exit_status
+    if failure is not None:  # the same one line as an eager restore of the same snapshot
+        raise SnapshotError(failure)
+    return report(
+        result, stats=args.stats, as_json=args.json, image=str(args.dir), mode=mode, console=out
+    )

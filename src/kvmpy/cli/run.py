@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
 from ..arch.x86.modes import Mode
 from ..errors import ConfigError
 from ..result import RunResult, StopReason
+from .options import guest_memory, seconds
+from .outputs import GuestConsole, write_stdout
 from .virtio_opts import (
     add_virtio_devices,
     add_virtio_options,
@@ -18,6 +21,8 @@ from .virtio_opts import (
     render_stats,
     virtio_specs,
 )
+
+log = logging.getLogger("kvmpy.cli")
 
 
 def add_parser(sub) -> None:
@@ -43,7 +48,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--mode", choices=[m.value for m in Mode], help="CPU mode (default: from the image)"
     )
-    p.add_argument("--mem", metavar="SIZE", help="guest RAM (default 64M)")
+    p.add_argument("--mem", type=guest_memory, metavar="SIZE", help="guest RAM (default 64M)")
     p.add_argument(
         "--vcpus", type=int, metavar="N",
         help="vCPUs, each in its own host thread (default 1, or the example's; SMP guests use "
@@ -73,7 +78,7 @@ def add_result_options(p) -> None:
     p.add_argument("--stats", action="store_true", help="print exit statistics (stderr)")
     p.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
     p.add_argument(
-        "--timeout", type=float, metavar="SECONDS", help="stop the guest after this long"
+        "--timeout", type=seconds, metavar="SECONDS", help="stop the guest after this long"
     )
     p.add_argument(
         "--control", metavar="SOCK", help="serve a control channel on this unix socket (kvmpy ctl)"
@@ -100,6 +105,13 @@ def resolve_image(name: str, mode: Mode | None) -> tuple[Path, Mode | None]:
     example = find_example(name)
     if example is None:
         return path, mode  # the loader reports the missing file
+    if mode is not None and mode not in example.modes:
+        from ..errors import UsageError
+
+        raise UsageError(
+            f"the example {name} runs in {', '.join(m.value for m in example.modes)} only, "
+            f"not in {mode.value} mode (see 'kvmpy examples')"
+        )
     mode = mode or example.default_mode
     return example.build(mode), mode
 
@@ -157,19 +169,18 @@ def vm_config(args):
 def cmd_run(args) -> int:
     from ..vmm import builder
 
-    if args.timeout is not None and args.timeout <= 0:
-        raise ConfigError("--timeout must be positive")
     config = vm_config(args)
     if args.dump_config:
-        sys.stdout.write(config.to_json() + "\n")
+        write_stdout(config.to_json() + "\n")
         return 0
-    out = sys.stdout.buffer
+    out = GuestConsole()
     mode = config.machine.mode
     path = config.boot.path if hasattr(config.boot, "path") else str(config.boot)
     with builder.build(config, console=out, capture_output=False) as machine:
         for vcpu in machine.vcpus:
             vcpu.trace = args.trace_exits
         connect_virtio(machine, args)
+        _log_start(machine, path)
         if args.control:
             from .ctl import run_with_control
 
@@ -179,22 +190,65 @@ def cmd_run(args) -> int:
         result.extra["accel"] = machine.accel
         vset = getattr(machine, "virtio", None)
         virtio = vset.stats() if vset is not None else None
-    out.flush()
-    report(result, stats=args.stats, as_json=args.json, image=str(path), mode=mode,
-           virtio=virtio)  # fmt: skip
-    return result.process_exit_status
+    return report(result, stats=args.stats, as_json=args.json, image=str(path), mode=mode,
+                  console=out, virtio=virtio)  # fmt: skip
 
 
-def report(result: RunResult, *, stats: bool, as_json: bool, image: str, mode: Mode,
-           virtio: list[dict] | None = None) -> None:  # fmt: skip
+def _log_start(machine, path) -> None:
+    """What `-v` shows before the guest starts: the image, the machine, kvmpy's layout."""
+    from ..memory import format_size
+
+    image = machine.image
+    if image is not None:
+        log.info(
+            "%s: %s image, %d segment(s), %s, entry %#x",
+            path, image.kind, len(image.segments), format_size(image.size), machine.entry_ip,
+        )  # fmt: skip
+    layout = machine.layout
+    log.info(
+        "machine: %s mode, %s of RAM, %d vCPU(s), %s, %s backend; kvmpy's structures at %s",
+        machine.mode.value,
+        format_size(machine.memory.size),
+        machine.config.vcpus,
+        "in-kernel irqchip" if machine.config.irqchip else "no irqchip",
+        machine.accel,
+        f"{layout.base:#x}-{layout.end:#x}" if layout is not None else "?",
+    )
+
+
+#: Stops reported in one line, without a register dump: they say nothing about the guest.
+_NO_DUMP = (StopReason.HOST_LIMITATION, StopReason.INTERRUPTED, StopReason.OUTPUT_ERROR)
+
+
+def report(
+    result: RunResult,
+    *,
+    stats: bool,
+    as_json: bool,
+    image: str,
+    mode: Mode,
+    console: GuestConsole | None = None,
+    virtio: list[dict] | None = None,
+) -> int:
+    """The end of every command that ran a VM (run, restore, migrate-receive): the stop on
+    stderr, --stats on stderr, --json on stdout. Returns the process's exit status."""
     from rich.console import Console
 
+    log.info(
+        "stopped (%s) after %d exits in %.1f ms",
+        result.stop_reason.value, result.stats.total, result.duration_s * 1e3,
+    )  # fmt: skip
+    output_ok = result.stop_reason is not StopReason.OUTPUT_ERROR
+    if console is not None and output_ok:
+        console.flush()  # OutputError if the last of the guest's output cannot be written
     # Plain writes: guest-controlled text (disassembly like "[rax]") must not meet rich markup.
-    if not result.stop_reason.ok:
+    if not output_ok:
+        sys.stderr.write(f"kvmpy: error: {result.message}; the VM was stopped\n")
+    elif not result.stop_reason.ok:
         sys.stderr.write(f"kvmpy: guest stopped: {result.stop_reason.value}: {result.message}\n")
-        if result.stop_reason is not StopReason.HOST_LIMITATION:
+        if result.stop_reason not in _NO_DUMP:
             sys.stderr.write(format_registers(result) + "\n")
-        sys.stderr.flush()
+    sys.stderr.flush()
     err = Console(stderr=True, highlight=False)
     if stats:
         for table in result.stats.rich_tables():
@@ -203,16 +257,19 @@ def report(result: RunResult, *, stats: bool, as_json: bool, image: str, mode: M
             err.print(vcpu_table(result))
         if virtio:
             render_stats(virtio, err)
+        code = "none" if result.exit_code is None else result.exit_code
         err.print(
             f"{result.stats.total} exits in {result.duration_s * 1e3:.1f} ms; "
-            f"stop: {result.stop_reason.value}, exit code {result.exit_code}"
+            f"stop: {result.stop_reason.value}, guest exit code {code}"
         )
-    if as_json:
+    if as_json and output_ok:
         doc = {"image": image, "mode": mode.value, **result.to_dict()}
         if virtio is not None:
             doc["virtio"] = virtio
-        sys.stdout.write(json.dumps(doc) + "\n")
-        sys.stdout.flush()
+        # On a line of its own, whatever the guest's last byte was.
+        lead = "" if console is None or console.ends_line else "\n"
+        write_stdout(lead + json.dumps(doc) + "\n")
+    return result.process_exit_status
 
 
 def format_registers(result: RunResult) -> str:

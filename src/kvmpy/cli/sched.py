@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..arch.x86.modes import Mode
+from ..limits import MAX_DURATION_S, duration_problem
+from .options import guest_memory
 
 #: Guest output kept per VM (the tail): a guest that prints without end must not make the
 #: VMM allocate without end.
@@ -56,7 +58,11 @@ def add_parser(sub) -> None:
         help="CPU mode of every VM (default: the image's)",
     )
     p.add_argument(
-        "--mem", default="64M", metavar="SIZE", help="guest RAM of each VM (default 64M)"
+        "--mem",
+        type=guest_memory,
+        default="64M",
+        metavar="SIZE",
+        help="guest RAM of each VM (default 64M)",
     )
     p.add_argument(
         "--accel", choices=("kvm", "unicorn"),
@@ -121,8 +127,11 @@ def _time(text: str, what: str) -> float:
         value = parse_duration(text)
     except SchedError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"the {what} must be positive (got {text!r})")
+    if duration_problem(value) is not None:
+        raise argparse.ArgumentTypeError(
+            f"the {what} must be positive, finite and at most {MAX_DURATION_S} s (30 days) "
+            f"(got {text!r})"
+        )
     return value
 
 
@@ -169,11 +178,13 @@ class _Tail:
 
 
 def cmd_sched(args) -> int:
+    from ..signals import exit_status
+
     try:
         return _sched(args)
-    except KeyboardInterrupt:  # Ctrl-C before the schedule started (building, loading)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM before the schedule started (building)
         print("kvmpy: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(e)
 
 
 def _sched(args) -> int:
@@ -244,7 +255,7 @@ def _sched(args) -> int:
         if not args.json:
             Console(highlight=False).print(f"plot: {args.plot}")
     if result.interrupted:
-        return 130
+        return 128 + (sched.signal or 2)
     return 0
 
 

@@ -106,7 +106,20 @@ def plots(doc: dict, out: Path) -> list[Path]:
         plt.close(fig)
 
     # Stacked per-layer breakdown.
-    bd = doc.get("breakdown", {})
+    fig = breakdown_figure(doc.get("breakdown", {}))
+    if fig is not None:
+        files.append(out / "breakdown.png")
+        fig.savefig(files[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    return files
+
+
+def breakdown_figure(bd: dict):
+    """The per-layer breakdown: one panel per measured configuration, a stacked bar per side.
+    Every layer has its own colour, the same in every panel, and each panel a legend that
+    can be read at the size the report shows it."""
+    import matplotlib.pyplot as plt
+
     panels = []
     if "pio" in bd:
         panels.append((f"pio, {_size(bd['pio']['size'])}", _nonzero(bd["pio"]["layers"])))
@@ -115,59 +128,55 @@ def plots(doc: dict, out: Path) -> list[Path]:
             panels.append(
                 (f"{bd[key]['mechanism']}, {_size(bd[key]['size'])}", _nonzero(bd[key]["layers"]))
             )
-    if panels:
-        fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.2 * len(panels) + 0.8))
-        if len(panels) == 1:
-            axes = [axes]
-        for ax, (title, layers) in zip(axes, panels, strict=True):
-            names = list(dict.fromkeys([*layers["sender"], *layers["receiver"]]))
-            longest = max(sum(layers[side].values()) for side in ("sender", "receiver"))
-            unit, scale = (
-                ("s", 1.0) if longest >= 2 else ("ms", 1e3) if longest >= 2e-3 else ("µs", 1e6)
-            )
-            shown: set[str] = set()
-            for y, side in enumerate(("sender", "receiver")):
-                left = 0.0
-                for name in names:
-                    v = layers[side].get(name, 0.0) * scale
-                    if v <= 0:
-                        continue
-                    ax.barh(y, v, left=left, color=layer_color(name),
-                            label=None if name in shown else name)  # fmt: skip
-                    shown.add(name)
-                    left += v
-            ax.set_yticks([0, 1], ["sender", "receiver"])
-            ax.set_xlabel(f"{unit} per run")
-            ax.set_title(title, fontsize=10)
-            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        fig.tight_layout()
-        files.append(out / "breakdown.png")
-        fig.savefig(files[-1], dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    return files
+    if not panels:
+        return None
+    colors = layer_colors(
+        name for _, layers in panels for side in ("sender", "receiver") for name in layers[side]
+    )
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 2.6 * len(panels) + 0.8))
+    if len(panels) == 1:
+        axes = [axes]
+    for ax, (title, layers) in zip(axes, panels, strict=True):
+        names = list(dict.fromkeys([*layers["sender"], *layers["receiver"]]))
+        longest = max(sum(layers[side].values()) for side in ("sender", "receiver"))
+        unit, scale = (
+            ("s", 1.0) if longest >= 2 else ("ms", 1e3) if longest >= 2e-3 else ("µs", 1e6)
+        )
+        shown: set[str] = set()
+        for y, side in enumerate(("sender", "receiver")):
+            left = 0.0
+            for name in names:
+                v = layers[side].get(name, 0.0) * scale
+                if v <= 0:
+                    continue
+                ax.barh(y, v, left=left, color=colors[name], edgecolor="white", linewidth=0.5,
+                        label=None if name in shown else name)  # fmt: skip
+                shown.add(name)
+                left += v
+        ax.set_yticks([0, 1], ["sender", "receiver"], fontsize=10)
+        ax.set_xlabel(f"{unit} per run", fontsize=10)
+        ax.set_title(title, fontsize=11)
+        ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    return fig
 
 
-#: One colour per layer, the same in every panel: guest work, KVM, exits, Python, host, waits.
-LAYER_COLORS = (
-    ("guest: make", "#1f77b4"),
-    ("guest: check", "#1f77b4"),
-    ("KVM: notification", "#9467bd"),
-    ("KVM:", "#aec7e8"),
-    ("exits", "#ff7f0e"),
-    ("VMM: Python", "#d62728"),
-    ("VMM: waiting", "#c7c7c7"),
-    ("host:", "#2ca02c"),
-    ("guest: doorbell", "#e377c2"),
-    ("guest: handler", "#c5b0d5"),
-    ("guest: waiting", "#c7c7c7"),
-)
+def layer_colors(names) -> dict[str, str]:
+    """A distinct colour for each distinct layer name (first come, first served), from
+    matplotlib's 20-colour qualitative palettes (40 colours before any repeats)."""
+    import matplotlib
+    from matplotlib.colors import to_hex
 
-
-def layer_color(name: str) -> str:
-    for prefix, color in LAYER_COLORS:
-        if prefix in name:
-            return color
-    return "#dbdb8d"
+    palette = [to_hex(c) for cmap in ("tab20", "tab20b")
+               for c in matplotlib.colormaps[cmap].colors]  # fmt: skip
+    # tab20 pairs a strong and a light shade of each hue: strong ones first, so that layers
+    # side by side differ in hue.
+    palette = palette[0:20:2] + palette[1:20:2] + palette[20:]
+    out: dict[str, str] = {}
+    for name in names:
+        if name not in out:
+            out[name] = palette[len(out) % len(palette)]
+    return out
 
 
 def _nonzero(layers: dict) -> dict:

@@ -80,16 +80,25 @@ def migrate(
     *,
     downtime_ms: float | None = None,
     max_rounds: int | None = None,
+    auth_key: str | None = None,
 ) -> dict[str, Any]:
     """Live-migrate the VM to `address` (HOST:PORT, where `kvmpy migrate-receive` listens).
     On success the VM has stopped here and runs there; on failure it keeps running here and
-    MigrationError says why."""
+    MigrationError says why. `auth_key` is the shared migration key in hex (`kvmpy ctl`
+    sends it over the owner-only control socket); without it, the VMM's $KVMPY_MIGRATION_KEY."""
     from . import migration
 
     host, port = migration.parse_address(address)
+    key = None
+    if auth_key is not None:
+        try:
+            key = bytes.fromhex(auth_key)
+        except ValueError:
+            raise ControlError("migrate: auth_key must be hex") from None
     return migration.migrate(
-        session, host, port, progress=progress, downtime_ms=downtime_ms, max_rounds=max_rounds
-    )
+        session, host, port, progress=progress, downtime_ms=downtime_ms, max_rounds=max_rounds,
+        key=key,
+    )  # fmt: skip
 
 
 def stop(session: VmSession) -> dict[str, Any]:
@@ -106,7 +115,7 @@ OPS: dict[str, tuple[Callable[..., dict], dict[str, type | tuple[type, ...]], se
     "snapshot": (snapshot, {"path": str}, {"path"}),
     "migrate": (
         migrate,
-        {"address": str, "downtime_ms": (int, float), "max_rounds": int},
+        {"address": str, "downtime_ms": (int, float), "max_rounds": int, "auth_key": str},
         {"address"},
     ),
     "stop": (stop, {}, set()),
@@ -296,6 +305,17 @@ def _listen(path: Path) -> socket.socket:
 # --- the client ----------------------------------------------------------------------------------
 
 
+#: How long `request` waits for each reply line by default. Snapshots and migrations reply
+#: less often (a snapshot writes all of memory first; a migration's stop-and-copy waits up to
+#: 5 s for the destination), so they get longer.
+DEFAULT_TIMEOUT_S = 5.0
+SLOW_OPS_TIMEOUT_S = {"snapshot": 120.0, "migrate": 60.0}
+
+
+def default_timeout(op: str) -> float:
+    return SLOW_OPS_TIMEOUT_S.get(op, DEFAULT_TIMEOUT_S)
+
+
 def request(
     path: str | os.PathLike,
     op: str,
@@ -304,12 +324,21 @@ def request(
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """Send one request to the control socket at `path` and return its result (raises
-    ControlError with the server's message on failure)."""
+    ControlError with the server's message on failure). `timeout` bounds the connection and
+    the wait for each reply line (default: `default_timeout(op)`); a VMM that accepts but
+    does not answer (stopped, hung) is a ControlError naming the operation."""
+    if timeout is None:
+        timeout = default_timeout(op)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         try:
             sock.connect(os.fspath(path))
+        except TimeoutError:
+            raise ControlError(
+                f"{op}: could not connect to {path} within {timeout:g} s (the VMM does not "
+                "accept connections: stopped or hung?)"
+            ) from None
         except OSError as e:
             why = "no VM serves it" if e.errno in (errno.ECONNREFUSED, errno.ENOENT) else e.strerror
             raise ControlError(f"cannot reach the control socket {path}: {why}") from None
@@ -317,6 +346,8 @@ def request(
         f = sock.makefile("rb")
         for line in f:
             doc = json.loads(line)
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
             if "progress" in doc:
                 if progress is not None:
                     progress(doc["progress"])
@@ -325,8 +356,15 @@ def request(
                 return doc.get("result") or {}
             raise ControlError(doc.get("error") or "the request failed")
         raise ControlError("the VM closed the control connection without answering")
-    except (TimeoutError, ValueError) as e:
-        raise ControlError(f"no valid answer from {path}: {e}") from None
+    except TimeoutError:
+        raise ControlError(
+            f"{op}: no answer from {path} within {timeout:g} s (the VMM may be stopped or hung; "
+            "--timeout waits longer)"
+        ) from None
+    except ValueError as e:
+        raise ControlError(f"{op}: no valid answer from {path}: {e}") from None
+    except OSError as e:
+        raise ControlError(f"{op}: the connection to {path} failed: {e.strerror or e}") from None
     finally:
         sock.close()
 

@@ -263,6 +263,12 @@ def open_snapshot(path: str | os.PathLike) -> Snapshot:
     (those are checked as the pages are read) and the memory file's size."""
     path = Path(path)
     if not path.is_dir():
+        if path.exists():
+            what = "a file" if path.is_file() else "not a directory"
+            raise SnapshotError(
+                f"{path} is {what}; a snapshot is a directory ('kvmpy ctl SOCK snapshot DIR' "
+                "writes one)"
+            )
         raise SnapshotError(f"{path} is not a snapshot directory (no such directory)")
     try:
         with open(path / MANIFEST, "rb") as f:

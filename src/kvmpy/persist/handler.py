@@ -17,14 +17,27 @@ snapshot's memory index; then b"P" (populate everything, answered with b"D"); EO
 
 On a fault it reads the whole chunk around the page (the prefetch unit), checks each extent's
 CRC-32 and copies the extents in with UFFDIO_COPY; a page no extent holds was zero in the
-snapshot and gets UFFDIO_ZEROPAGE. Its counters and, if it fails, its error message go to the
-status page; a failure ends the process, which releases the userfaultfd (the VMM keeps no
-copy), so nothing stays blocked, and the VMM's SIGCHLD handler stops the VM.
+snapshot and gets UFFDIO_ZEROPAGE. Between faults it works through the rest of the file in the
+background (unless told not to): it checks that the file holds no data its index does not list
+(a damaged hole), then checks and copies every chunk nobody has touched yet, so a corrupted page
+stops the VM within about a second even if the guest never reads it; once everything is in, it
+unregisters guest memory and the VM runs without faults.
+
+A failure (a checksum that does not match, a short read, anything) never lets a page through:
+the handler writes its message to the status page and signals the VMM (SIGCHLD, whose handler
+reads the status page and stops the vCPU) *before* it resolves any fault again. A signal that
+is pending on the vCPU thread keeps KVM from entering the guest, and the stop request keeps
+the next KVM_RUN from doing so, so from then on it answers every fault with a zero page: the
+VMM's own accesses (the fault report reads the faulting instruction) must not hang. If this
+process dies instead (killed), a guardian it forked at the start, which holds the
+userfaultfd too, does the same once the VMM has been signalled (see `_start_guardian`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as C
+import errno
 import json
 import mmap
 import os
@@ -50,6 +63,7 @@ SETUP = struct.Struct("<II")  # JSON length, index length
 EXTENT = struct.Struct("<QII")  # as memfile.EXTENT
 MSG = struct.Struct("<B7xQQ8x")  # uffd_msg: event, pagefault.flags, pagefault.address
 PR_SET_PDEATHSIG = 1
+SEEK_DATA, SEEK_HOLE = 3, 4
 
 
 class HandlerProcess:
@@ -81,10 +95,10 @@ class HandlerProcess:
         self.sock.sendall(payload[n:])
 
     def close(self) -> None:
-        """End the process (it exits when its socket closes) and reap it."""
+        """End the process (it, and its guardian, exit when the socket closes) and reap it."""
+        self.sock.close()  # also if it died already: its guardian holds the other end
         if self.pid <= 0:
             return
-        self.sock.close()
         try:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
@@ -92,10 +106,62 @@ class HandlerProcess:
         self.pid = 0
 
 
+def unlisted_data(fd: int, extents, size: int, buf: memoryview) -> tuple[int, int] | None:
+    """The first run of pages (first, last) of the memory file that holds non-zero data where its
+    index lists nothing: a page of a hole that was damaged. `extents` are (page, pages) pairs
+    in order; `buf` is scratch space of at least one page. Holes cost one SEEK_DATA each; only
+    data the index does not list is read (normally none)."""
+    listed = [(p * PAGE_SIZE, (p + n) * PAGE_SIZE) for p, n in extents]
+    i, pos = 0, 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return None
+            if e.errno == errno.EINVAL:  # no hole support: every byte counts as data
+                start = pos
+            else:
+                raise
+        end = min(_next_hole(fd, start), size)
+        # Walk [start, end) and read what no extent covers.
+        at = start
+        while at < end:
+            while i < len(listed) and listed[i][1] <= at:
+                i += 1
+            if i < len(listed) and listed[i][0] <= at:
+                at = listed[i][1]
+                continue
+            stop = min(end, listed[i][0] if i < len(listed) else end)
+            while at < stop:
+                n = min(len(buf), stop - at)
+                got = os.preadv(fd, [buf[:n]], at)
+                if got <= 0:
+                    break
+                data = buf[:got].tobytes()
+                if data.count(0) != got:
+                    page = (at + len(data) - len(data.lstrip(b"\0"))) // PAGE_SIZE
+                    return page, page
+                at += got
+            at = stop
+        pos = end
+    return None
+
+
+def _next_hole(fd: int, pos: int) -> int:
+    try:
+        return os.lseek(fd, pos, SEEK_HOLE)
+    except OSError:
+        return 1 << 62
+
+
 def main() -> None:
     """Entry point of the handler process: argv = [socket fd, the VMM's pid]."""
     ready = time.monotonic_ns()  # started, imports done: from here it waits for its work
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the VMM's to handle
+    # Ctrl-C and SIGTERM (to the process group) are the VMM's to handle; the VMM ends this
+    # process (and PR_SET_PDEATHSIG does if it dies).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     fd, parent = int(sys.argv[1]), int(sys.argv[2])
     if os.getppid() != parent:  # the VMM is gone already
@@ -111,10 +177,68 @@ def main() -> None:
     json_len, index_len = SETUP.unpack(head)
     rest = _recv_exact(sock, json_len + index_len)
     status = mmap.mmap(status_fd, STATUS_SIZE)
-    handler = _Handler(Userfaultfd(uffd), sock, memory_fd, status, json.loads(rest[:json_len]),
-                       rest[json_len:])  # fmt: skip
+    header = json.loads(rest[:json_len])
+    bye = _start_guardian(uffd, sock, [tuple(r) for r in header["regions"]])
+    handler = _Handler(Userfaultfd(uffd), sock, memory_fd, status, header, rest[json_len:],
+                       parent)  # fmt: skip
     handler.counters[READY] = ready
-    os._exit(handler.run())
+    code = handler.run()
+    os.write(bye, b"x")  # a normal end: the guardian leaves too
+    os._exit(code)
+
+
+def _start_guardian(uffd: int, sock: socket.socket, regions) -> int:
+    """Fork the guardian: a process that holds the userfaultfd too, idle while this one lives.
+    If this process dies (killed) the guardian answers the faults with zero pages, so that a
+    vCPU waiting on one is released: KVM then finds the VMM's SIGCHLD pending and returns to
+    it before running the guest (the VMM stops the VM). Without it the faults would stay
+    pending for ever (KVM-PVM retries them in the kernel without returning) or, had nobody
+    kept the userfaultfd, turn into zero pages before the VMM had heard of the death.
+    Returns the write end of the pipe this process says "bye" on when it ends normally."""
+    r, w = os.pipe()
+    if os.fork() != 0:
+        os.close(r)
+        return w
+    try:
+        os.close(w)
+        _guard(r, Userfaultfd(uffd), sock, regions)
+    finally:
+        os._exit(0)
+
+
+def _guard(bye: int, uffd: Userfaultfd, sock: socket.socket, regions) -> None:
+    if os.read(bye, 1):  # blocks until the handler says bye, or dies (EOF)
+        return
+    # The handler died; nobody else reads the socket now: its EOF is the VMM closing.
+    poller = select.poll()
+    ufd, cfd = uffd.fd, sock.fileno()
+    poller.register(ufd, select.POLLIN)
+    poller.register(cfd, select.POLLIN)
+    for hva, size, _ in regions:  # faults it had read but not answered fault again
+        with contextlib.suppress(OSError):
+            uffd.wake(hva, size)
+    while True:
+        for fd, _ in poller.poll():
+            if fd == cfd:
+                try:
+                    cmd = sock.recv(16)
+                except OSError:
+                    return
+                if not cmd:
+                    return
+                if b"P" in cmd:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"F")
+                continue
+            try:
+                data = os.read(ufd, MSG_SIZE * 64)
+            except BlockingIOError:
+                continue
+            for event, _flags, address in MSG.iter_unpack(data):
+                if event == UFFD_EVENT_PAGEFAULT:
+                    page = address & ~(PAGE_SIZE - 1)
+                    with contextlib.suppress(OSError):
+                        uffd.zeropage(page, PAGE_SIZE)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -127,35 +251,92 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+def corrupted(first: int, last: int, why: str = "do not match their checksum") -> str:
+    """The one message for a damaged memory file, eager (memfile.py) or lazy (here)."""
+    return f"the memory file is corrupted: pages {first}-{last} {why}"
+
+
+def truncated(page: int) -> str:
+    return f"the memory file is truncated (page {page} is missing)"
+
+
 class _Handler:
-    def __init__(self, uffd, sock, memory_fd, status, header: dict, index: bytes):
+    def __init__(self, uffd, sock, memory_fd, status, header: dict, index: bytes, parent: int = 0):
         self.uffd = uffd
         self.sock = sock
         self.fd = memory_fd
         self.status = status
+        self.parent = parent
         self.regions = [tuple(r) for r in header["regions"]]  # (hva, size, logical base)
         self.chunk_pages = header["chunk_pages"]
+        self.background = bool(header.get("background", True))
+        self.size = sum(size for _, size, _ in self.regions)
+        self.extents = list(EXTENT.iter_unpack(index))
         self.by_chunk: dict[int, list[tuple[int, int, int]]] = {}
-        for page, pages, crc in EXTENT.iter_unpack(index):
+        for page, pages, crc in self.extents:
             self.by_chunk.setdefault(page // self.chunk_pages, []).append((page, pages, crc))
         self.loaded: set[int] = set()
         self.counters = [0] * 8
         self.buf = (C.c_char * (self.chunk_pages * PAGE_SIZE))()
         self.buf_addr = C.addressof(self.buf)
         self.view = memoryview(self.buf).cast("B")
+        # Background work still to do: the hole check, then every chunk, in order.
+        self.todo = iter([None, *sorted(self.by_chunk)]) if self.background else iter(())
 
     def run(self) -> int:
         try:
             self._publish()
             self._loop()
             return 0
-        except Exception as e:  # the VMM reports it; there is no one else to tell
+        except Exception as e:
             msg = str(e) if isinstance(e, SnapshotError) else f"lazy restore failed: {e!r}"
-            self.counters[STATE] = STATE_FAILED
-            self._publish()
-            data = msg.encode()[: STATUS_SIZE - ERROR_AT - 1] + b"\0"
-            self.status[ERROR_AT : ERROR_AT + len(data)] = data
+            self._fail(msg)
+            with contextlib.suppress(Exception):
+                self._serve_zero()
             return 1
+
+    def _fail(self, msg: str) -> None:
+        """Tell the VMM, before any fault is resolved again (see the module docstring)."""
+        self.counters[STATE] = STATE_FAILED
+        self._publish()
+        data = msg.encode()[: STATUS_SIZE - ERROR_AT - 1] + b"\0"
+        self.status[ERROR_AT : ERROR_AT + len(data)] = data
+        if self.parent:
+            with contextlib.suppress(OSError):
+                os.kill(self.parent, signal.SIGCHLD)
+
+    def _serve_zero(self) -> None:
+        """After a failure: every fault gets a zero page (the VM is stopped; the VMM's own
+        reads must not hang) until the VMM closes the socket."""
+        poller = select.poll()
+        ufd, cfd = self.uffd.fd, self.sock.fileno()
+        poller.register(ufd, select.POLLIN)
+        poller.register(cfd, select.POLLIN)
+        # Faults read before the failure were never answered: wake them, so that they fault
+        # again and are answered below.
+        for hva, size, _ in self.regions:
+            with contextlib.suppress(OSError):
+                self.uffd.wake(hva, size)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == cfd:
+                    cmd = self.sock.recv(16)
+                    if not cmd:
+                        return
+                    if b"P" in cmd:
+                        self.sock.sendall(b"F")
+                    continue
+                try:
+                    data = os.read(ufd, MSG_SIZE * 64)
+                except BlockingIOError:
+                    continue
+                for event, _flags, address in MSG.iter_unpack(data):
+                    if event == UFFD_EVENT_PAGEFAULT:
+                        page = address & ~(PAGE_SIZE - 1)
+                        with contextlib.suppress(OSError):
+                            self.uffd.zeropage(page, PAGE_SIZE, wake=False)
+                        with contextlib.suppress(OSError):
+                            self.uffd.wake(page, PAGE_SIZE)
 
     def _publish(self) -> None:
         COUNTERS.pack_into(self.status, 0, *self.counters)
@@ -165,14 +346,21 @@ class _Handler:
         ufd, cfd = self.uffd.fd, self.sock.fileno()
         poller.register(ufd, select.POLLIN)
         poller.register(cfd, select.POLLIN)
+        busy = self.background
         while True:
-            for fd, _ in poller.poll():
+            # Faults first: background work only when nothing waits.
+            events = poller.poll(0 if busy else None)
+            if not events and busy:
+                busy = self._background_step()
+                continue
+            for fd, _ in events:
                 if fd == cfd:
                     cmd = self.sock.recv(16)
                     if not cmd:
                         return
                     if b"P" in cmd:
                         self._populate_all()
+                        busy = False
                         self.sock.sendall(b"D")
                     continue
                 try:
@@ -182,6 +370,25 @@ class _Handler:
                 for event, _flags, address in MSG.iter_unpack(data):
                     if event == UFFD_EVENT_PAGEFAULT:
                         self._fault(address)
+
+    def _background_step(self) -> bool:
+        """One piece of background work; False when there is none left."""
+        if self.counters[POPULATED]:
+            return False
+        try:
+            chunk = next(self.todo)
+        except StopIteration:
+            self._finish()
+            return False
+        if chunk is None:
+            bad = unlisted_data(self.fd, [(p, n) for p, n, _ in self.extents], self.size,
+                                self.view)  # fmt: skip
+            if bad is not None:
+                raise SnapshotError(corrupted(*bad, "hold data its index does not list"))
+        elif chunk not in self.loaded:
+            self._load_chunk(chunk)
+            self._publish()
+        return True
 
     def _where(self, address: int) -> tuple[int, int, int]:
         """(region hva, region size, logical page) of a faulting address."""
@@ -220,20 +427,22 @@ class _Handler:
         self.uffd.wake(start, end - start)
 
     def _load_chunk(self, chunk: int) -> None:
+        # Read and check the whole chunk before copying any of it in: a bad extent must not
+        # let its chunk's good ones through either (they would wake a waiting vCPU).
+        pos = 0
+        pieces = []
         for page, pages, crc in self.by_chunk.get(chunk, ()):
             size = pages * PAGE_SIZE
-            view = self.view[:size]
+            view = self.view[pos : pos + size]
             got = os.preadv(self.fd, [view], page * PAGE_SIZE)
             if got != size:
-                raise SnapshotError(
-                    f"the snapshot's memory file is truncated at page {page + got // PAGE_SIZE}"
-                )
+                raise SnapshotError(truncated(page + got // PAGE_SIZE))
             if zlib.crc32(view) != crc:
-                raise SnapshotError(
-                    f"the snapshot's memory is corrupted: pages {page}-{page + pages - 1} "
-                    "do not match their checksum; the restored VM was stopped"
-                )
-            dst, src, left = self._hva(page), self.buf_addr, size
+                raise SnapshotError(corrupted(page, page + pages - 1))
+            pieces.append((page, size, self.buf_addr + pos))
+            pos += size
+        for page, size, src in pieces:
+            dst, left = self._hva(page), size
             while left:
                 n = self.uffd.copy(dst, src, left, wake=False)
                 self.counters[COPIED] += n // PAGE_SIZE
@@ -244,8 +453,17 @@ class _Handler:
         self.counters[CHUNKS] += 1
 
     def _populate_all(self) -> None:
+        if self.counters[POPULATED]:
+            return
+        bad = unlisted_data(self.fd, [(p, n) for p, n, _ in self.extents], self.size, self.view)
+        if bad is not None:
+            raise SnapshotError(corrupted(*bad, "hold data its index does not list"))
         for chunk in sorted(set(self.by_chunk) - self.loaded):
             self._load_chunk(chunk)
+        self._finish()
+
+    def _finish(self) -> None:
+        """Everything is in: wake whoever waits, and stop watching guest memory."""
         for hva, size, _ in self.regions:
             self.uffd.wake(hva, size)
             # Pages that were zero now fault the normal way (a fresh shmem page).

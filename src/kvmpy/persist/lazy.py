@@ -3,10 +3,16 @@ handler process (handler.py) brings each chunk in from the snapshot the first ti
 touches it: the guest, KVM on the guest's behalf (the instruction emulator, get_user_pages for
 shadow paging), or the VMM itself.
 
-The VMM keeps no copy of the userfaultfd: if the handler fails (a chunk that does not match
-its checksum, an unreadable file) or dies, its exit releases the registration, so nothing
-stays blocked on a fault, and the SIGCHLD handler installed here stops the VM with the
-handler's error.
+The guest never runs on a page that did not pass its checksum. A handler that finds one (on a
+fault, or in its background pass over the whole file) writes why on the status page and
+signals this process before it answers any fault again; the SIGCHLD handler installed here
+reads the status page and stops the vCPU (VMM_ERROR with the handler's one-line message), and
+`failure` keeps the message for the caller. The VMM keeps no copy of the userfaultfd: the
+handler's guardian (handler.py) holds one, so a killed handler's faults are neither left
+pending for ever (KVM-PVM retries them in the kernel, out of reach of any signal handler) nor
+turned into zero pages before SIGCHLD is pending on the vCPU thread; the SIGCHLD handler then
+stops the VM. (If the guardian is killed too, the registration goes, the faults become zero
+pages, and the VM is stopped when SIGCHLD is handled: the one case left.)
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class LazyLoader:
         snap: Snapshot,
         on_error: Callable[[str], None] | None = None,
         process: H.HandlerProcess | None = None,
+        background: bool = True,
     ):
         if threading.current_thread() is not threading.main_thread():
             # Without the SIGCHLD handler a dead handler process would go unnoticed and the
@@ -65,6 +72,8 @@ class LazyLoader:
         self.memory = memory
         self.closed = False
         self.on_error = on_error
+        #: Why the lazy restore failed (the handler's message), if it did.
+        self.failure: str | None = None
         self._expect_exit = False
         self._old_sigchld = None
         self.process = process or H.HandlerProcess.start()
@@ -82,7 +91,7 @@ class LazyLoader:
                 uffd.fd,
                 snap.memory_fd,
                 status_fd,
-                {"regions": regions, "chunk_pages": memfile.CHUNK_PAGES},
+                {"regions": regions, "chunk_pages": memfile.CHUNK_PAGES, "background": background},
                 snap.index,
             )
         except BaseException:
@@ -92,7 +101,7 @@ class LazyLoader:
                 signal.signal(signal.SIGCHLD, self._old_sigchld)
             raise
         finally:
-            # The handler holds the only copies now: if it goes, the registration goes.
+            # The handler and its guardian hold the only copies now (module docstring).
             if uffd is not None:
                 uffd.close()
             os.close(status_fd)
@@ -100,19 +109,30 @@ class LazyLoader:
         self._child_changed(signal.SIGCHLD, None)  # it may have died already
 
     def _child_changed(self, signum, frame) -> None:
+        """SIGCHLD: the handler failed (it says so on the status page and signals) or died."""
         pid = self.process.pid
         if self._expect_exit or self.closed or pid <= 0:
             return
+        error = self.error
         try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
+            done, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            done = pid
+            done, status = pid, 0
         if done == pid:
             self.process.pid = 0  # reaped
-            self.closed = True
-            _active.pop(self.memory, None)
-            if self.on_error is not None:
-                self.on_error(self.error or "the lazy-restore handler process died")
+        elif error is None:
+            return  # another child of this process
+        if error is None and done == pid and self.stats()["populated_all"]:
+            log.warning("the lazy-restore handler exited after loading all memory")
+            return
+        if error is None:
+            how = f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else "exited"
+            error = f"the lazy-restore handler process died ({how}); the restored VM was stopped"
+        self.failure = error
+        self.closed = True
+        _active.pop(self.memory, None)
+        if self.on_error is not None:
+            self.on_error(error)  # stops the vCPU: from here no fault can let the guest run
 
     @property
     def error(self) -> str | None:

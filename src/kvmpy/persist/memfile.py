@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..memory import PAGE_SIZE, GuestMemory, MemoryRegion
+from . import handler
 from .errors import SnapshotError
 
 #: Pages per chunk: the unit of checking and of lazy prefetch (256 KiB).
@@ -190,15 +191,16 @@ def read_memory(memory: GuestMemory, fd: int, extents: list[Extent]) -> int:
         view = locate(memory, e.page, e.pages)
         got = os.preadv(fd, [view], e.offset)
         if got != e.size:
-            raise SnapshotError(
-                f"the memory file is truncated (page {e.page + got // PAGE_SIZE} is missing)"
-            )
+            raise SnapshotError(handler.truncated(e.page + got // PAGE_SIZE))
         if zlib.crc32(view) != e.crc:
-            raise SnapshotError(
-                f"the memory file is corrupted: pages {e.page}-{e.page + e.pages - 1} do not "
-                "match their checksum"
-            )
+            raise SnapshotError(handler.corrupted(e.page, e.page + e.pages - 1))
         return e.pages
 
+    # A hole the index does not list must read as zero: a damaged one would otherwise go
+    # unnoticed (the restored guest would get zeros, not what the file holds).
+    scratch = memoryview(bytearray(CHUNK_BYTES))
+    bad = handler.unlisted_data(fd, [(e.page, e.pages) for e in extents], memory.size, scratch)
+    if bad is not None:
+        raise SnapshotError(handler.corrupted(*bad, "hold data its index does not list"))
     with ThreadPoolExecutor(IO_THREADS) as pool:
         return sum(pool.map(load, extents))

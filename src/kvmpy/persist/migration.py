@@ -22,14 +22,26 @@ the source's part (pause to GO sent), one trip over the link (half the round-tri
 at the start), and the destination's part (GO received to KVM_RUN). Both sides report it.
 
 Wire format: every message is a 9-byte header (type byte, u64 payload length) and a payload.
+
+Authentication (before HELLO): the destination opens with CHALLENGE (protocol, version, a
+fresh 32-byte nonce, whether it wants a key). With a shared key on both sides the source
+answers AUTH (its own nonce and HMAC-SHA256(key, "kvmpy-migration source" + both nonces)), the
+destination checks it and answers AUTH_OK with HMAC(key, "kvmpy-migration destination" + both
+nonces), which the source checks in turn: each side proves it holds the key without sending
+it, and a recorded handshake is useless on a later connection (a new nonce). Without a key the
+destination listens on loopback addresses only. A connection that does not start a migration
+(a port scanner, a wrong key) is logged and the destination goes on listening.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes as C
+import hmac
+import ipaddress
 import json
 import logging
+import os
 import socket
 import struct
 import time
@@ -50,7 +62,14 @@ from .session import VmSession
 log = logging.getLogger(__name__)
 
 PROTOCOL = "kvmpy-migration"
-VERSION = 1
+VERSION = 2  # 2: the CHALLENGE/AUTH handshake
+
+#: The environment variable that may hold the shared key instead of --auth-key-file.
+KEY_ENV = "KVMPY_MIGRATION_KEY"
+MIN_KEY_BYTES = 16
+NONCE_BYTES = 32
+#: How long the destination gives a new connection to start a migration (or authenticate).
+HANDSHAKE_TIMEOUT_S = 10.0
 
 DEFAULT_DOWNTIME_MS = 30.0
 DEFAULT_MAX_ROUNDS = 30
@@ -80,6 +99,7 @@ SET = struct.Struct("<II")  # round, page count; then u64 page numbers, then the
 # Message types.
 HELLO, READY, PING, PAGES, PAGESET, ZEROSET, ROUND_END, ROUND_ACK = b"HRTPAZDa"
 STATE, READY_TO_RUN, GO, RUNNING, ERROR = b"SKGOE"
+CHALLENGE, AUTH, AUTH_OK = b"CUV"
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -97,17 +117,153 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), value
 
 
+# --- the shared key ------------------------------------------------------------------------------
+
+
+def load_key(path: str | None = None, environ=None) -> bytes | None:
+    """The migration key from the file `path`, else from $KVMPY_MIGRATION_KEY, else None.
+    Surrounding whitespace is not part of it; it must be at least MIN_KEY_BYTES long."""
+    environ = os.environ if environ is None else environ
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                key = f.read(1 << 16).strip()
+        except OSError as e:
+            raise MigrationError(f"cannot read the key file {path}: {e.strerror}") from None
+        where = path
+    elif environ.get(KEY_ENV):
+        key, where = os.fsencode(environ[KEY_ENV]).strip(), f"${KEY_ENV}"
+    else:
+        return None
+    if len(key) < MIN_KEY_BYTES:
+        raise MigrationError(
+            f"the migration key in {where} is {len(key)} bytes; use at least {MIN_KEY_BYTES} "
+            "(e.g. head -c 32 /dev/urandom | base64 > key)"
+        )
+    return key
+
+
+def _mac(key: bytes, role: bytes, source_nonce: bytes, dest_nonce: bytes) -> bytes:
+    return hmac.new(key, b"kvmpy-migration " + role + dest_nonce + source_nonce, "sha256").digest()
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def _client_handshake(link: Link, key: bytes | None) -> None:
+    """The source's half: answer the destination's CHALLENGE (MigrationError if it fails)."""
+    timeout = link.sock.gettimeout()
+    link.sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    try:
+        _answer_challenge(link, key)
+    except TimeoutError:
+        raise MigrationError(
+            f"the destination did not open the handshake within {HANDSHAKE_TIMEOUT_S:g} s (is "
+            f"it a kvmpy migrate-receive speaking {PROTOCOL} version {VERSION}?)"
+        ) from None
+    finally:
+        link.sock.settimeout(timeout)
+
+
+def _answer_challenge(link: Link, key: bytes | None) -> None:
+    kind, length = link.recv_header()
+    if kind != CHALLENGE:
+        raise MigrationError("the other side is not a kvmpy migration destination")
+    hello = link.recv_json(length)
+    if hello.get("protocol") != PROTOCOL or hello.get("version") != VERSION:
+        raise MigrationError(
+            f"the destination speaks {hello.get('protocol')} version {hello.get('version')}; "
+            f"this kvmpy speaks {PROTOCOL} version {VERSION}"
+        )
+    wants_key = hello.get("auth") is True
+    if not wants_key:
+        if key is not None:
+            raise MigrationError(
+                "the destination does not authenticate, but this VM has a migration key: start "
+                "it with --auth-key-file (or the same $KVMPY_MIGRATION_KEY)"
+            )
+        return
+    if key is None:
+        raise MigrationError(
+            "the destination requires a migration key: give the source one (ctl migrate "
+            f"--auth-key-file, or ${KEY_ENV})"
+        )
+    try:
+        dest_nonce = bytes.fromhex(hello["nonce"])
+    except (KeyError, TypeError, ValueError):
+        raise MigrationError("the destination sent a malformed challenge") from None
+    nonce = os.urandom(NONCE_BYTES)
+    link.send_json(AUTH, {"nonce": nonce.hex(),
+                          "mac": _mac(key, b"source", nonce, dest_nonce).hex()})  # fmt: skip
+    kind, length = link.recv_header()
+    if kind == ERROR:
+        raise MigrationError(f"the destination refused: {link.recv_json(length).get('error')}")
+    doc = link.recv_json(length) if kind == AUTH_OK else {}
+    try:
+        mac = bytes.fromhex(doc.get("mac", ""))
+    except (TypeError, ValueError):
+        mac = b""
+    if kind != AUTH_OK or not hmac.compare_digest(
+        mac, _mac(key, b"destination", nonce, dest_nonce)
+    ):
+        raise MigrationError("the destination could not prove it holds the migration key")
+
+
+class _NotAMigration(Exception):
+    """A connection to the destination that is not a usable migration; it is dropped."""
+
+
+def _server_handshake(link: Link, key: bytes | None) -> None:
+    """The destination's half: challenge a new connection; _NotAMigration if it fails."""
+    nonce = os.urandom(NONCE_BYTES)
+    link.send_json(CHALLENGE, {"protocol": PROTOCOL, "version": VERSION, "nonce": nonce.hex(),
+                               "auth": key is not None})  # fmt: skip
+    kind, length = link.recv_header()
+    if key is None:
+        if kind != HELLO:
+            raise _NotAMigration(f"it sent {_kind_name(kind)} instead of HELLO")
+        link.pending = (kind, length)
+        return
+    if kind != AUTH or length > 4096:
+        raise _NotAMigration(f"it sent {_kind_name(kind)} instead of authenticating")
+    doc = link.recv_json(length)
+    try:
+        source_nonce = bytes.fromhex(doc["nonce"])
+        mac = bytes.fromhex(doc["mac"])  # bytes: compare_digest refuses non-ASCII str
+    except (KeyError, TypeError, ValueError):
+        raise _NotAMigration("a malformed authentication") from None
+    if len(source_nonce) != NONCE_BYTES or not hmac.compare_digest(
+        mac, _mac(key, b"source", source_nonce, nonce)
+    ):
+        with contextlib.suppress(OSError):
+            link.send_json(ERROR, {"error": "wrong migration key"})
+        raise _NotAMigration("a wrong migration key")
+    link.send_json(AUTH_OK, {"mac": _mac(key, b"destination", source_nonce, nonce).hex()})
+
+
+def _kind_name(kind: int) -> str:
+    return repr(chr(kind)) if 32 <= kind < 127 else f"byte {kind:#x}"
+
+
 # --- framing -------------------------------------------------------------------------------------
 
 
 class Link:
     """A TCP connection carrying the migration's messages."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, timeout: float = IO_TIMEOUT_S):
         self.sock = sock
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(IO_TIMEOUT_S)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(timeout)
         self._hdr = bytearray(HDR.size)
+        #: A header read ahead (by the handshake), returned by the next recv_header().
+        self.pending: tuple[int, int] | None = None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -136,6 +292,9 @@ class Link:
             view = view[n:]
 
     def recv_header(self) -> tuple[int, int]:
+        if self.pending is not None:
+            header, self.pending = self.pending, None
+            return header
         self.recv_into(memoryview(self._hdr))
         return HDR.unpack(self._hdr)
 
@@ -287,17 +446,21 @@ def migrate(
     progress: Progress | None = None,
     downtime_ms: float | None = None,
     max_rounds: int | None = None,
+    key: bytes | None = None,
 ) -> dict[str, Any]:
-    """Live-migrate the session's VM to a `kvmpy migrate-receive` at host:port."""
+    """Live-migrate the session's VM to a `kvmpy migrate-receive` at host:port. `key` is the
+    shared migration key (load_key()); without one, this process's $KVMPY_MIGRATION_KEY."""
+    if key is None:
+        key = load_key()
     goal_ms = DEFAULT_DOWNTIME_MS if downtime_ms is None else float(downtime_ms)
     rounds_limit = DEFAULT_MAX_ROUNDS if max_rounds is None else int(max_rounds)
     if goal_ms <= 0 or rounds_limit < 1:
         raise MigrationError("the downtime goal and the round limit must be positive")
     with session.exclusive("a migration"):
-        return _migrate(session, host, port, progress, goal_ms, rounds_limit)
+        return _migrate(session, host, port, progress, goal_ms, rounds_limit, key)
 
 
-def _migrate(session, host, port, progress, goal_ms, rounds_limit) -> dict[str, Any]:
+def _migrate(session, host, port, progress, goal_ms, rounds_limit, key) -> dict[str, Any]:
     machine = session.machine
     session.check_live()
     t0 = time.monotonic()
@@ -312,6 +475,7 @@ def _migrate(session, host, port, progress, goal_ms, rounds_limit) -> dict[str, 
     tracker = DirtyTracker(machine)
     committed = False
     try:
+        _client_handshake(link, key)
         # Populate a lazily restored memory first: its unserved pages are holes in the memfd.
         lazy.settle(machine.memory)
         link.send_json(
@@ -504,9 +668,25 @@ def _mib_s(nbytes: int, seconds: float) -> float:
 
 
 class Incoming:
-    """The receiving side: accepts one migration and builds the machine it carries."""
+    """The receiving side: accepts one migration and builds the machine it carries.
 
-    def __init__(self, host: str, port: int):
+    `key` is the shared migration key (load_key()); without one, only a loopback address may
+    be listened on. `io_timeout` is how long a source may go silent in the middle of the
+    stream before the migration is given up."""
+
+    def __init__(
+        self, host: str, port: int, *, key: bytes | None = None, io_timeout: float = IO_TIMEOUT_S
+    ):
+        if key is None and not is_loopback(host):
+            raise MigrationError(
+                f"refusing to accept migrations on {host}, which is not a loopback address, "
+                f"without a migration key: give one with --auth-key-file (or ${KEY_ENV}), the "
+                "same on the source"
+            )
+        self.key = key
+        self.io_timeout = io_timeout
+        #: Connections that were dropped because they did not start a migration.
+        self.dropped = 0
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             family, _, _, _, addr = infos[0]
@@ -533,9 +713,9 @@ class Incoming:
         """Wait for a migration and receive it up to GO; returns the machine, ready to run
         (call `running()` just before its first KVM_RUN). On failure nothing is left running
         and MigrationError says why."""
-        conn, peer = self.listener.accept()
+        link, peer = self._accept_migration()
         self.listener.close()
-        link = self.link = Link(conn)
+        self.link = link
         t0 = time.monotonic()
         try:
             machine = self._receive(link, kvm, console, capture_output, setup, accel)
@@ -556,6 +736,26 @@ class Incoming:
         self.info["total_s"] = time.monotonic() - t0
         self.info["source"] = f"{peer[0]}:{peer[1]}"
         return machine
+
+    def _accept_migration(self) -> tuple[Link, tuple]:
+        """The next connection that authenticates and starts a migration; others are logged
+        and dropped, and listening goes on."""
+        while True:
+            conn, peer = self.listener.accept()
+            link = Link(conn, timeout=HANDSHAKE_TIMEOUT_S)
+            try:
+                _server_handshake(link, self.key)
+            except (_NotAMigration, MigrationError, OSError, ConnectionError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or "timeout"
+                log.warning(
+                    "ignored a connection from %s:%s that is not a migration (%s); still "
+                    "listening", peer[0], peer[1], why,
+                )  # fmt: skip
+                self.dropped += 1
+                link.close()
+                continue
+            conn.settimeout(self.io_timeout)
+            return link, peer
 
     def _discard(self) -> None:
         if self.machine is not None:
@@ -632,12 +832,14 @@ class Incoming:
                 link.send_json(READY_TO_RUN, {"restore_ms": restore_ms})
                 go = link.expect(GO)
                 self.t_go = time.monotonic()
+                # GO's figures only feed the report: the VM is committed to run here now, so
+                # a malformed one is replaced, never a reason to fail.
                 self.info.update(
-                    rounds=int(go.get("rounds", len(per_round))),
+                    rounds=int(_figure(go, "rounds", len(per_round))),
                     pages_per_round=[per_round[r] for r in sorted(per_round)],
-                    source_stop_ms=float(go.get("source_stop_ms", 0.0)),
-                    one_way_ms=float(go.get("one_way_ms", 0.0)),
-                    source_total_s=go.get("source_total_s"),
+                    source_stop_ms=_figure(go, "source_stop_ms", 0.0),
+                    one_way_ms=_figure(go, "one_way_ms", 0.0),
+                    source_total_s=_figure(go, "source_total_s", None),
                     restore_ms=restore_ms,
                 )
                 return machine
@@ -669,6 +871,16 @@ class Incoming:
         }
         self.report = report
         return report
+
+
+def _figure(doc: dict, key: str, default):
+    """A finite, non-negative number the other side reported, or `default`."""
+    value = doc.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    if not 0 <= value < 1e12:  # NaN fails this too
+        return default
+    return value
 
 
 def _scatter(arrays, numbers: np.ndarray, data: np.ndarray | None) -> None:

@@ -60,6 +60,11 @@ class Restored:
     info: dict[str, Any] = field(default_factory=dict)
     first_run_ns: int | None = None
 
+    @property
+    def failure(self) -> str | None:
+        """Why a lazy restore stopped the VM (damaged memory, a dead handler), or None."""
+        return self.loader.failure if self.loader is not None else None
+
     def mark_first_run(self) -> None:
         """Call just before the first KVM_RUN: the end of the restore proper."""
         if self.first_run_ns is None:
@@ -102,6 +107,7 @@ def restore(
     setup: Callable[[Machine], None] | None = None,
     handler: HandlerProcess | None = None,
     accel: str | None = None,
+    lazy_background: bool = True,
 ) -> Restored:
     """Build a machine from the snapshot at `path` and put its state back.
 
@@ -109,11 +115,15 @@ def restore(
     RAM starts empty and a page-fault handler brings each chunk in when it is first touched.
     The machine is rebuilt from the snapshot's VmConfig, devices included; `setup(machine)`
     runs before the state is applied: add there the devices only user code knows (kinds not
-    registered with kvmpy.devices.registry), whose state the snapshot holds but not code. `handler`, for a lazy restore,
+    registered with kvmpy.devices.registry), whose state the snapshot holds but not code.
+    `handler`, for a lazy restore,
     is a page-fault handler process started beforehand (`HandlerProcess.start()`), so it is
     ready when the VM starts; without one, one is started here and the first fault waits
     for it. `accel` picks the CPU backend (default: the snapshot's, or unicorn for a KVM
-    snapshot where /dev/kvm is not usable)."""
+    snapshot where /dev/kvm is not usable). `lazy_background=False` keeps the handler from
+    checking and loading the rest of memory between faults (every page then comes in on first
+    touch; tests count faults so). A lazy restore whose memory turns out damaged stops the VM:
+    `Restored.failure` says why."""
     t0 = time.monotonic_ns()
     snap = format.open_snapshot(path)
     machine = loader = None
@@ -139,7 +149,8 @@ def restore(
             def stop_vm(message: str) -> None:
                 m.request_stop(StopReason.VMM_ERROR, message)
 
-            loader = lazy.LazyLoader(machine.memory, snap, on_error=stop_vm, process=handler)
+            loader = lazy.LazyLoader(machine.memory, snap, on_error=stop_vm, process=handler,
+                                     background=lazy_background)  # fmt: skip
             handler = None  # the loader owns it now
             loaded = 0
         else:

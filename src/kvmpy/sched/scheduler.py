@@ -39,6 +39,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from ..kvm import constants as K
+from ..limits import duration_problem
 from ..machine import Machine
 from ..result import Stop
 from .errors import SchedError
@@ -196,6 +197,8 @@ class Scheduler:
             self._vms.append(_VM(i, s, name, counter))
         self._running: _VM | None = None
         self._interrupted = False
+        #: The signal that ended the schedule (SIGINT, SIGTERM), if one did.
+        self.signal: int | None = None
         self._ending = False
         self._t_start = 0
         self._cpu_start = self._cpu_total = 0
@@ -217,6 +220,7 @@ class Scheduler:
 
     def _on_sigint(self, signum, frame) -> None:
         self._interrupted = True
+        self.signal = signum
         vm = self._running
         if vm is not None:
             vm.vcpu.request_pause()
@@ -249,8 +253,9 @@ class Scheduler:
                 raise SchedError(
                     f"the duration must be a number of seconds (got {duration!r})"
                 ) from None
-            if not (math.isfinite(duration) and duration > 0):
-                raise SchedError(f"the duration must be positive (got {duration:g} s)")
+            problem = duration_problem(duration)
+            if problem is not None:
+                raise SchedError(f"the duration {problem} (got {duration:g} s)")
         if threading.current_thread() is not threading.main_thread():
             raise SchedError(
                 "the scheduler needs the main thread: its timer and Ctrl-C are signals, and "
@@ -267,9 +272,10 @@ class Scheduler:
             raise SchedError(f"the tick interval must be positive (got {tick_interval!r})")
         tick_ns = int(tick_interval * 1e9) if on_tick else None
         with ExitStack() as stack:
-            if handle_sigint:
-                old_int = signal.signal(signal.SIGINT, self._on_sigint)
-                stack.callback(signal.signal, signal.SIGINT, old_int)
+            if handle_sigint:  # SIGTERM too, the same way (kvmpy.signals)
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    old_int = signal.signal(sig, self._on_sigint)
+                    stack.callback(signal.signal, sig, old_int)
             stack.enter_context(self._vcpu_setup())
             length = int(duration * 1e9) if duration is not None else None
             if self.policy is Policy.THREADS:
@@ -665,7 +671,11 @@ def parse_duration(text: str) -> float:
     try:
         value = round(float(num) * _UNITS[unit]) / 1e9
     except (ValueError, OverflowError):
-        raise SchedError(f"not a duration: {text!r} (use e.g. 10ms, 5s, 250us)") from None
+        raise SchedError(
+            f"not a duration: {text!r} (use a finite number with a unit, e.g. 10ms, 5s, 250us)"
+        ) from None
     if not math.isfinite(value) or value < 0:
-        raise SchedError(f"not a duration: {text!r} (use e.g. 10ms, 5s, 250us)")
+        raise SchedError(
+            f"not a duration: {text!r} (use a finite number with a unit, e.g. 10ms, 5s, 250us)"
+        )
     return value

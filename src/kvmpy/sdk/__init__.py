@@ -133,10 +133,15 @@ def build(
             raise BuildError(f"{s}: no such source file")
         if s.suffix not in (".c", ".S", ".s"):
             raise BuildError(f"{s}: only .c, .S and .s sources can be built")
+    output = Path(output)
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():  # checked before compiling; no directories are made for it
+        raise BuildError(f"cannot write {output}: {parent} is not a directory")
+    if output.is_dir():
+        raise BuildError(f"cannot write {output}: it is a directory")
     cc = gcc()
     t = target(mode)
     flags = compile_flags(mode, cflags)
-    output = Path(output)
     with tempfile.TemporaryDirectory(prefix="kvmpy-build-") as tmp:
         tmpdir = Path(tmp)
         objs = []
@@ -173,12 +178,14 @@ def build(
         )
         if t.limit is not None:
             _check_limit(tmp_out, t.limit, mode)
-        output.parent.mkdir(parents=True, exist_ok=True)
         # Write beside the target and rename: a concurrent reader never sees half a file.
-        fd, staging = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
-        os.close(fd)
-        shutil.copyfile(tmp_out, staging)
-        os.replace(staging, output)
+        try:
+            fd, staging = tempfile.mkstemp(dir=parent, prefix=f".{output.name}.")
+            os.close(fd)
+            shutil.copyfile(tmp_out, staging)
+            os.replace(staging, output)
+        except OSError as e:
+            raise BuildError(f"cannot write {output}: {e.strerror or e}") from None
     return output
 
 

@@ -39,6 +39,18 @@ MIN_MEMORY = 1 << 20
 ACCELS = ("kvm", "unicorn", "auto")
 
 
+def check_memory_size(memory: int | str) -> int:
+    """A guest RAM size in bytes, or ConfigError if it is not one a machine can have."""
+    size = parse_size(memory)
+    if size < MIN_MEMORY:
+        raise ConfigError(f"guest memory must be at least 1M (got {memory})")
+    if size > MAX_MEMORY:
+        raise ConfigError(f"guest memory must be at most 1T (got {memory})")
+    if size % PAGE_SIZE:
+        raise ConfigError(f"guest memory must be a multiple of 4K (got {memory})")
+    return size
+
+
 @dataclass(frozen=True)
 class MachineConfig:
     mode: Mode | str = Mode.LONG
@@ -58,13 +70,7 @@ class MachineConfig:
 
     def validated(self) -> MachineConfig:
         mode = Mode.parse(self.mode) if isinstance(self.mode, str) else self.mode
-        size = parse_size(self.memory)
-        if size < MIN_MEMORY:
-            raise ConfigError(f"guest memory must be at least 1M (got {self.memory})")
-        if size > MAX_MEMORY:
-            raise ConfigError(f"guest memory must be at most 1T (got {self.memory})")
-        if size % PAGE_SIZE:
-            raise ConfigError(f"guest memory must be a multiple of 4K (got {self.memory})")
+        size = check_memory_size(self.memory)
         if isinstance(self.vcpus, bool) or not isinstance(self.vcpus, int):
             raise ConfigError(f"the vCPU count must be an integer (got {self.vcpus!r})")
         if not 1 <= self.vcpus <= MAX_CPUS:

@@ -97,11 +97,6 @@ TSS_IOMAP_OFFSET = 104
 TSS_IOMAP_BYTES = 8192 + 1
 TSS_SIZE = TSS_IOMAP_OFFSET + TSS_IOMAP_BYTES
 
-# The MMIO hole's device windows (vmm/resources.py hands them out): virtio-mmio registers,
-# PCI ECAM and BARs. The IOAPIC and LAPIC above them stay unmapped.
-DEVICE_WINDOW_START = 3 << 30
-DEVICE_WINDOW_END = 0xFEC0_0000
-
 USER_STACK_SIZE = 64 * 1024
 REAL_STACK_SIZE = 4 * 1024
 #: Pages of each CPU's ring-0 area: its TSS (3 pages, with the I/O bitmap), IST1 stack (1),
@@ -193,10 +188,11 @@ def _free_spot(
 
 def _page_table_pages(mode: Mode, ram_top: int) -> int:
     if mode in (Mode.LONG, Mode.LONG_USER):
-        ram_top = max(ram_top, DEVICE_WINDOW_END)  # the device windows are mapped too
         # PML4 + PDPTs + one PD per GiB + page tables where 2 MiB chunks are mixed (system area,
         # stack, and the RAM tail).
-        return 2 + (ram_top >> 39) + -(-ram_top // (1 << 30)) + 6
+        # Below 4 GiB everything is mapped (the MMIO hole included), so at least 4 PDs.
+        top = max(ram_top, MMIO_TOP)
+        return 2 + (top >> 39) + -(-top // (1 << 30)) + 6
     if mode is Mode.PAGED32:
         return 1 + 4
     return 0
@@ -403,7 +399,7 @@ def _build_protected_or_long(
     sregs.cr4 = CR4_OSFXSR | CR4_OSXMMEXCPT
 
     if mode in (Mode.PAGED32, Mode.LONG, Mode.LONG_USER):
-        ranges = _map_ranges(memory, layout, user, devices=long)
+        ranges = _map_ranges(memory, layout, user)
         alloc = TableAllocator(page_tables_start(layout), layout.end, memory.write)
         if long:
             cr3 = build_identity_map_64(ranges, alloc, memory.write_u64, use_1g)
@@ -422,21 +418,27 @@ def _build_protected_or_long(
         regs.rflags |= RFLAGS_IOPL3
 
 
-def _map_ranges(
-    memory: GuestMemory, layout: SystemLayout, user: bool, devices: bool = False
-) -> list[MapRange]:
-    """All RAM identity-mapped read/write; in long-user mode the system area is supervisor-only
-    so a CPL3 bug cannot overwrite the IDT or page tables, and faults instead.
+#: Everything below this that is not RAM is mapped uncached, for MMIO devices.
+MMIO_TOP = 1 << 32
 
-    With `devices` (64-bit modes), the device windows of the MMIO hole too: uncached (PCD|PWT,
-    so every access reaches the device in order) and, in long-user mode, user-accessible, so
-    a CPL3 driver reaches virtio-mmio registers and PCI BARs without a ring-0 detour."""
+
+def _map_ranges(memory: GuestMemory, layout: SystemLayout, user: bool) -> list[MapRange]:
+    """All RAM identity-mapped read/write; in long-user mode the system area is supervisor-only
+    so a CPL3 bug cannot overwrite the IDT or page tables, and faults instead. Whatever lies
+    below 4 GiB and is not RAM (the MMIO hole at 3 GiB, and the space between the end of a
+    small guest's RAM and it) is mapped too, uncached (PCD|PWT), as a PC's firmware maps
+    device memory: so that `Machine.add_mmio_device` works in the paging modes as in the
+    others, and an access there reaches the MMIO bus instead of raising #PF."""
     rw_user = PTE_RW | PTE_US
+    mmio = PTE_RW | PTE_US | PTE_PCD | PTE_PWT
     ranges: list[MapRange] = []
-    if devices:
-        flags = PTE_RW | PTE_PCD | PTE_PWT | (PTE_US if user else 0)
-        if not any(r.gpa < DEVICE_WINDOW_END and r.end > DEVICE_WINDOW_START for r in memory):
-            ranges.append(MapRange(DEVICE_WINDOW_START, DEVICE_WINDOW_END, flags))
+    pos = 0
+    for region in sorted(memory, key=lambda r: r.gpa):
+        if pos < region.gpa and pos < MMIO_TOP:
+            ranges.append(MapRange(pos, min(region.gpa, MMIO_TOP), mmio))
+        pos = max(pos, region.end)
+    if pos < MMIO_TOP:
+        ranges.append(MapRange(pos, MMIO_TOP, mmio))
     for region in memory:
         if user and region.gpa <= layout.base < region.end:
             if region.gpa < layout.base:

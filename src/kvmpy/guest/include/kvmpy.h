@@ -140,7 +140,8 @@ static inline unsigned long HC_gvaToHva(unsigned long gva)
 
 /* --- the runtime library (lib/kvmpy.c) --------------------------------------------------- */
 
-/* printf subset: %c %s %d %i %u %x %X %p %%, 'l'/'ll'/'z' sizes, width and '0' padding.
+/* printf subset: %c %s %d %i %u %x %X %o %p %%; flags '-' '+' ' ' '#' '0'; width and precision
+ * (numbers or '*'); sizes hh h l ll z t j. An unknown conversion is printed as written.
  * Output is buffered and printed with hc_print_str, so a line costs one exit. */
 int kv_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 int kv_snprintf(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

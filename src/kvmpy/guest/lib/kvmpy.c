@@ -137,25 +137,67 @@ static void emit(struct out *o, char c)
 	o->total++;
 }
 
-static void emit_number(struct out *o, uint64_t v, unsigned base, int upper, int width, char pad,
+/* One conversion's flags, width and precision (prec < 0: none given). */
+struct spec {
+	int left, plus, space, alt, zero;
+	int width, prec;
+};
+
+static void emit_pad(struct out *o, char c, int n)
+{
+	for (; n > 0; n--)
+		emit(o, c);
+}
+
+/* prefix (sign, 0x) + zeros to the precision + digits, padded to the width. */
+static void emit_field(struct out *o, const struct spec *sp, const char *prefix, const char *digits,
+		       int ndigits, int prec_zeros)
+{
+	int plen = (int)strlen(prefix);
+	int len = plen + prec_zeros + ndigits;
+	int pad = sp->width > len ? sp->width - len : 0;
+	if (!sp->left && !sp->zero)
+		emit_pad(o, ' ', pad);
+	while (*prefix)
+		emit(o, *prefix++);
+	if (!sp->left && sp->zero)
+		emit_pad(o, '0', pad);
+	emit_pad(o, '0', prec_zeros);
+	while (ndigits)
+		emit(o, digits[--ndigits]); /* digits are stored backwards */
+	if (sp->left)
+		emit_pad(o, ' ', pad);
+}
+
+static void emit_number(struct out *o, const struct spec *sp, uint64_t v, unsigned base, int upper,
 			int negative)
 {
-	char tmp[24];
+	char tmp[24], prefix[4];
 	const char *digits = upper ? "0123456789ABCDEF" : "0123456789abcdef";
-	int n = 0;
-	do {
-		tmp[n++] = digits[v % base];
-		v /= base;
-	} while (v);
-	if (negative && pad == '0')
-		emit(o, '-');
-	int total = n + (negative ? 1 : 0);
-	for (; width > total; width--)
-		emit(o, pad);
-	if (negative && pad != '0')
-		emit(o, '-');
-	while (n)
-		emit(o, tmp[--n]);
+	int n = 0, p = 0;
+	if (!(v == 0 && sp->prec == 0)) /* "%.0d" of 0 prints no digits */
+		do {
+			tmp[n++] = digits[v % base];
+			v /= base;
+		} while (v);
+	if (negative)
+		prefix[p++] = '-';
+	else if (sp->plus)
+		prefix[p++] = '+';
+	else if (sp->space)
+		prefix[p++] = ' ';
+	if (sp->alt && base == 16 && n && !(n == 1 && tmp[0] == '0')) {
+		prefix[p++] = '0';
+		prefix[p++] = upper ? 'X' : 'x';
+	}
+	int zeros = sp->prec > n ? sp->prec - n : 0;
+	if (sp->alt && base == 8 && zeros == 0 && (n == 0 || tmp[n - 1] != '0'))
+		zeros = 1;
+	prefix[p] = 0;
+	struct spec s = *sp;
+	if (s.prec >= 0)
+		s.zero = 0; /* a precision turns '0' padding off, as in C */
+	emit_field(o, &s, prefix, tmp, n, zeros);
 }
 
 static void format(struct out *o, const char *fmt, va_list ap)
@@ -165,32 +207,80 @@ static void format(struct out *o, const char *fmt, va_list ap)
 			emit(o, *fmt);
 			continue;
 		}
-		fmt++;
-		char pad = ' ';
-		int width = 0, longs = 0;
-		if (*fmt == '0') {
-			pad = '0';
-			fmt++;
+		const char *start = fmt++;
+		struct spec sp = {0, 0, 0, 0, 0, 0, -1};
+		for (;; fmt++) {
+			if (*fmt == '-')
+				sp.left = 1;
+			else if (*fmt == '+')
+				sp.plus = 1;
+			else if (*fmt == ' ')
+				sp.space = 1;
+			else if (*fmt == '#')
+				sp.alt = 1;
+			else if (*fmt == '0')
+				sp.zero = 1;
+			else
+				break;
 		}
-		while (*fmt >= '0' && *fmt <= '9')
-			width = width * 10 + (*fmt++ - '0');
-		while (*fmt == 'l' || *fmt == 'z') {
-			longs += *fmt == 'z' ? (sizeof(size_t) == 8 ? 2 : 0) : 1;
+		if (*fmt == '*') {
+			sp.width = va_arg(ap, int);
+			if (sp.width < 0) {
+				sp.left = 1;
+				sp.width = -sp.width;
+			}
 			fmt++;
+		} else
+			while (*fmt >= '0' && *fmt <= '9')
+				sp.width = sp.width * 10 + (*fmt++ - '0');
+		if (*fmt == '.') {
+			fmt++;
+			sp.prec = 0;
+			if (*fmt == '*') {
+				sp.prec = va_arg(ap, int);
+				if (sp.prec < 0)
+					sp.prec = -1;
+				fmt++;
+			} else
+				while (*fmt >= '0' && *fmt <= '9')
+					sp.prec = sp.prec * 10 + (*fmt++ - '0');
+		}
+		if (sp.left)
+			sp.zero = 0;
+		/* Length: 0 int, 1 long, 2 long long; -1 short, -2 char. */
+		int longs = 0;
+		for (;; fmt++) {
+			if (*fmt == 'l')
+				longs++;
+			else if (*fmt == 'h')
+				longs--;
+			else if (*fmt == 'z' || *fmt == 't')
+				longs = sizeof(size_t) == 8 ? 2 : 0;
+			else if (*fmt == 'j')
+				longs = 2;
+			else
+				break;
 		}
 		switch (*fmt) {
-		case 'c':
-			emit(o, (char)va_arg(ap, int));
+		case 'c': {
+			char c = (char)va_arg(ap, int);
+			emit_field(o, &(struct spec){sp.left, 0, 0, 0, 0, sp.width, -1}, "", &c, 1, 0);
 			break;
+		}
 		case 's': {
 			const char *s = va_arg(ap, const char *);
 			if (!s)
 				s = "(null)";
-			size_t len = strlen(s);
-			for (; width > (int)len; width--)
-				emit(o, ' ');
-			while (*s)
-				emit(o, *s++);
+			int len = 0;
+			while (s[len] && (sp.prec < 0 || len < sp.prec))
+				len++;
+			int pad = sp.width > len ? sp.width - len : 0;
+			if (!sp.left)
+				emit_pad(o, ' ', pad);
+			for (int i = 0; i < len; i++)
+				emit(o, s[i]);
+			if (sp.left)
+				emit_pad(o, ' ', pad);
 			break;
 		}
 		case 'd':
@@ -198,31 +288,48 @@ static void format(struct out *o, const char *fmt, va_list ap)
 			int64_t v = longs >= 2 ? va_arg(ap, long long)
 				   : longs == 1 ? va_arg(ap, long)
 						: va_arg(ap, int);
-			emit_number(o, v < 0 ? -(uint64_t)v : (uint64_t)v, 10, 0, width, pad, v < 0);
+			if (longs == -1)
+				v = (short)v;
+			else if (longs <= -2)
+				v = (signed char)v;
+			emit_number(o, &sp, v < 0 ? -(uint64_t)v : (uint64_t)v, 10, 0, v < 0);
 			break;
 		}
 		case 'u':
 		case 'x':
-		case 'X': {
+		case 'X':
+		case 'o': {
 			uint64_t v = longs >= 2 ? va_arg(ap, unsigned long long)
 				    : longs == 1 ? va_arg(ap, unsigned long)
 						 : va_arg(ap, unsigned int);
-			emit_number(o, v, *fmt == 'u' ? 10 : 16, *fmt == 'X', width, pad, 0);
+			if (longs == -1)
+				v = (unsigned short)v;
+			else if (longs <= -2)
+				v = (unsigned char)v;
+			unsigned base = *fmt == 'u' ? 10 : *fmt == 'o' ? 8 : 16;
+			emit_number(o, &sp, v, base, *fmt == 'X', 0);
 			break;
 		}
-		case 'p':
-			emit(o, '0');
-			emit(o, 'x');
-			emit_number(o, (uintptr_t)va_arg(ap, void *), 16, 0, width, pad, 0);
+		case 'p': {
+			struct spec p = sp;
+			p.alt = 1;
+			uintptr_t v = (uintptr_t)va_arg(ap, void *);
+			if (v == 0) { /* "0x0", where glibc prints "(nil)" */
+				p.zero = 0;
+				emit_field(o, &p, "0x", "0", 1, 0);
+				break;
+			}
+			emit_number(o, &p, v, 16, 0, 0);
 			break;
+		}
 		case '%':
 			emit(o, '%');
 			break;
 		case 0:
 			return;
-		default:
-			emit(o, '%');
-			emit(o, *fmt);
+		default: /* not a conversion kvmpy knows: print it as written */
+			while (start <= fmt)
+				emit(o, *start++);
 		}
 	}
 }

@@ -19,8 +19,10 @@ Rare exits (faults, MMIO, odd I/O) go through `_slow_exit`, where clarity wins.
 
 from __future__ import annotations
 
+import dis
 import fcntl
 import logging
+import operator
 import signal
 import sys
 import threading
@@ -39,6 +41,7 @@ from ...kvm import structs as S
 from ...kvm.vcpu import RUN_DIRTY_REGS, RUN_EXIT_UNION, RUN_SYNC_REGS, RUN_VALID_REGS, VcpuFd
 from ...result import Stop, StopReason
 from ...stats import EXACT_FIRST, MAX_REASON, SAMPLE_EVERY, ExitStats
+from ...stats import EXCEPTION as EXCEPTION_REASON
 from ..signals import KICK_SIGNAL
 
 if TYPE_CHECKING:
@@ -123,10 +126,17 @@ class KvmVcpu:
             self.kick()
 
     def request_stop(
-        self, reason: StopReason = StopReason.INTERRUPTED, message: str = "", kick: bool = False
+        self,
+        reason: StopReason = StopReason.INTERRUPTED,
+        message: str = "",
+        kick: bool = False,
+        signum: int | None = None,
     ) -> None:
-        """Make `run()` return a Stop with `reason` (as `request_pause`, but final)."""
-        self._stop_requested = Stop(reason, 0, message or "stopped by the host", cpu=self.index)
+        """Make `run()` return a Stop with `reason` (as `request_pause`, but final); `signum`:
+        the signal that asked for it, if one did."""
+        self._stop_requested = Stop(
+            reason, 0, message or "stopped by the host", cpu=self.index, signum=signum
+        )
         self.fd.run_struct.immediate_exit = 1
         if kick:
             self.kick()
@@ -255,17 +265,29 @@ class KvmVcpu:
                     handler = hc_table.get(nr)
                     ctx.exits = n
                     if handler is None:
-                        result = enosys
+                        u64[rax] = enosys & mask64
                     else:
+                        # `try` costs nothing in CPython 3.11 until something raises, so a
+                        # Python handler's mistakes are caught here, in the one try around
+                        # the call and the rax write, with no instruction added per exit.
                         try:
                             result = handler(ctx, u64[rdi], u64[rsi], u64[rcx], u64[rbx])
+                            u64[rax] = result & mask64
                         except GuestExit as e:
                             return Stop(
                                 StopReason.EXIT, e.code, f"exit hypercall, code {e.code}", cpu=index
                             )
                         except GuestMemoryError:
-                            result = efault  # a handler touched a bad guest pointer
-                    u64[rax] = result & mask64
+                            u64[rax] = efault & mask64  # a handler touched a bad guest pointer
+                        except Exception as e:
+                            # Raised by the rax write (None, a numpy int, not an int) or by
+                            # the handler: the traceback's line in this frame tells which.
+                            if e.__traceback__.tb_lineno in _RESULT_LINES:
+                                stop = self._odd_result(nr, result)
+                            else:
+                                stop = self._handler_raised(nr, e)
+                            if stop is not None:
+                                return stop
                     u64[dirty] = sync_regs
                     if t_exit:
                         dt = now() - t_exit
@@ -306,9 +328,23 @@ class KvmVcpu:
         count = u32[_IO_COUNT]
         off = u64[_IO_DATA_OFFSET]
         nbytes = size * count
+        if size not in (1, 2, 4) or off + nbytes > len(u8):
+            # KVM never reports these; a loop over `count` items would run for ever.
+            return self._stop_with_fault(
+                StopReason.VMM_ERROR,
+                f"KVM reported an impossible I/O exit (port {port:#x}, size {size}, count "
+                f"{count}, data at offset {off})",
+            )
         data = u8[off : off + nbytes]
         entry = self.ops.pio_bus.entries.get(port)
-        ps = self.stats.port(port, entry.device.name if entry else "")
+        if entry is None and port == FAULT_PORT and out:
+            stop = self._check_fault_stub()
+            if stop is not None:  # an exception, not an I/O exit: count it as one
+                counts = self.stats.counts
+                counts[_IO] -= 1
+                counts[EXCEPTION_REASON] += 1
+                return stop
+        ps = self.stats.port(port, entry.device.name if entry else "(unassigned)")
         t0 = time.perf_counter_ns()
         if out:
             ps.writes += 1
@@ -320,8 +356,6 @@ class KvmVcpu:
                 # or yielding on I/O; otherwise 32-bit ones take the fast path.
                 return self._hypercall(int.from_bytes(data[:size], "little"))
             if entry is None:
-                if port == FAULT_PORT and out:
-                    return self._check_fault_stub()
                 if not out:
                     data[:] = b"\xff" * nbytes  # nothing there: the bus floats high
                 return None
@@ -349,6 +383,8 @@ class KvmVcpu:
                     value = device.read(offset, size)
                     data[i * size : (i + 1) * size] = bytes(value[:size]).ljust(size, b"\xff")
             return None
+        except Exception as e:  # a Python device model failed: the VMM's fault, not the guest's
+            return self._device_raised(entry.device.name if entry else f"port {port:#x}", e)
         finally:
             ps.time_ns += time.perf_counter_ns() - t0
             ps.timed += 1
@@ -369,9 +405,49 @@ class KvmVcpu:
                 )
             except GuestMemoryError:
                 result = -14
-        u64[_RAX] = result & MASK64
+            except Exception as e:
+                return self._handler_raised(nr, e)
+        try:
+            u64[_RAX] = result & MASK64
+        except Exception:
+            stop = self._odd_result(nr, result)
+            if stop is not None:
+                return stop
         u64[_DIRTY] = K.KVM_SYNC_X86_REGS
+        if self.trace:
+            value = u64[_RAX]
+            signed = value - (1 << 64) if value >> 63 else value
+            shown = f"{signed}" if -4096 < signed < 0 else f"{value:#x}"
+            print(f"    -> {self.ops.hypercalls.name(nr)} returned {shown}", file=sys.stderr)
         return None
+
+    def _handler_raised(self, nr: int, e: Exception) -> Stop:
+        """A Python hypercall handler raised: the VMM's side failed, not the guest's, so the VM
+        stops with VMM_ERROR (run() itself raises nothing its caller did not ask for)."""
+        name = self.ops.hypercalls.name(nr)
+        log.debug("hypercall %d (%s) raised", nr, name, exc_info=e)
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        return self._stop_with_fault(
+            StopReason.VMM_ERROR, f"hypercall {nr} ({name}) handler raised {detail}"
+        )
+
+    def _odd_result(self, nr: int, result) -> Stop | None:
+        """A handler's result that is not a plain int: None means 0, an integer type (numpy's)
+        is taken as its value, anything else stops the VM."""
+        if result is None:
+            self._u64[_RAX] = 0
+            return None
+        try:
+            self._u64[_RAX] = operator.index(result) & MASK64
+            return None
+        except Exception:
+            pass
+        name = self.ops.hypercalls.name(nr)
+        return self._stop_with_fault(
+            StopReason.VMM_ERROR,
+            f"hypercall {nr} ({name}) handler returned {type(result).__name__} {result!r:.60}, "
+            "not an int",
+        )
 
     def _apply(self, effect) -> None:
         if isinstance(effect, Output):
@@ -385,8 +461,7 @@ class KvmVcpu:
         ER = K.ExitReason
         run = self.fd.run_struct
         if reason == ER.MMIO:
-            self._mmio(run.mmio)
-            return None
+            return self._mmio(run.mmio)
         if reason in (ER.IRQ_WINDOW_OPEN, ER.INTR):
             return None
         if reason == ER.SHUTDOWN:
@@ -408,7 +483,12 @@ class KvmVcpu:
             StopReason.UNHANDLED_EXIT, f"kvmpy has no handler for the {name} exit"
         )
 
-    def _mmio(self, mmio) -> None:
+    def _device_raised(self, name: str, e: Exception) -> Stop:
+        log.debug("device %s raised", name, exc_info=e)
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        return self._stop_with_fault(StopReason.VMM_ERROR, f"device {name} raised {detail}")
+
+    def _mmio(self, mmio) -> Stop | None:
         hit = self.ops.mmio_bus.lookup(mmio.phys_addr)
         length = min(mmio.len, 8)
         if hit is None:
@@ -420,16 +500,20 @@ class KvmVcpu:
                 ps.reads += 1
                 for i in range(length):
                     mmio.data[i] = 0xFF
-            return
+            return None
         device, offset = hit
-        if mmio.is_write:
-            effect = device.write(offset, bytes(mmio.data[:length]))
-            if effect is not None:
-                self._apply(effect)
-        else:
-            value = bytes(device.read(offset, length)[:length]).ljust(length, b"\xff")
-            for i in range(length):
-                mmio.data[i] = value[i]
+        try:
+            if mmio.is_write:
+                effect = device.write(offset, bytes(mmio.data[:length]))
+                if effect is not None:
+                    self._apply(effect)
+            else:
+                value = bytes(device.read(offset, length)[:length]).ljust(length, b"\xff")
+                for i in range(length):
+                    mmio.data[i] = value[i]
+        except Exception as e:
+            return self._device_raised(device.name, e)
+        return None
 
     def _interrupted(self) -> Stop | None | bool:
         """KVM_RUN returned EINTR: a pause, a stop, or a stray signal (False: keep going)."""
@@ -494,8 +578,10 @@ class KvmVcpu:
             d = "out" if io.direction == _OUT else "in"
             extra = f" {d} port={io.port:#x} size={io.size} count={io.count}"
             if io.port == HC_PORT and io.direction == _OUT:
-                nr = self._u32[io.data_offset >> 2] if io.size == 4 else None
-                extra += f" hypercall={self.ops.hypercalls.name(nr) if nr is not None else '?'}"
+                u64 = self._u64
+                nr = int.from_bytes(self._u8[io.data_offset : io.data_offset + io.size], "little")
+                args = ", ".join(f"{u64[r]:#x}" for r in (_RDI, _RSI, _RCX, _RBX))
+                extra += f" hypercall={self.ops.hypercalls.name(nr)}({args})"
         elif reason == K.ExitReason.MMIO:
             m = run.mmio
             extra = f" {'write' if m.is_write else 'read'} addr={m.phys_addr:#x} len={m.len}"
@@ -558,3 +644,17 @@ class KvmVcpu:
         from . import state
 
         state.apply_vcpu(self, d)
+
+
+def _result_lines(fn) -> frozenset[int]:
+    """The lines of `fn` that write a handler's `result & mask64` into rax: an exception raised
+    on one of them is the result's fault (None, not an int), not the handler's."""
+    lines, prev = set(), [None, None]
+    for ins in dis.get_instructions(fn):
+        if ins.opname == "BINARY_OP" and ins.argrepr == "&" and prev == ["result", "mask64"]:
+            lines.add(ins.positions.lineno)
+        prev = [prev[1], ins.argval if ins.opname == "LOAD_FAST" else None]
+    return frozenset(lines)
+
+
+_RESULT_LINES = _result_lines(KvmVcpu._loop)
