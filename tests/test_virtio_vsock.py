@@ -299,3 +299,21 @@ def test_small_receive_buffer_needs_reset(tmp_path):
         g.t.close()
     finally:
         mem.close()
+
+
+def test_uds_path_in_use_or_not_a_socket(tmp_path):
+    path = str(tmp_path / "v.sock")
+    dev = V.VirtioVsock(CID, path)
+    try:
+        with pytest.raises(ConfigError, match="another process listens"):
+            V.VirtioVsock(CID, path)
+    finally:
+        dev.close()
+    assert not os.path.exists(path)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)  # bound, never listening: what a crashed VMM leaves behind
+    stale.close()
+    V.VirtioVsock(CID, path).close()  # replaced
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a socket"):
+        V.VirtioVsock(CID, str(tmp_path / "file"))

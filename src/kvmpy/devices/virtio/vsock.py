@@ -119,7 +119,17 @@ class UdsHost:
         if st is not None:
             if not stat.S_ISSOCK(st.st_mode):
                 raise ConfigError(f"--vsock uds={path}: exists and is not a socket")
-            os.unlink(path)  # a stale socket of an earlier VMM
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                probe.connect(path)
+                live = True
+            except OSError:
+                live = False  # nobody listens: a stale socket of an earlier VMM
+            finally:
+                probe.close()
+            if live:
+                raise ConfigError(f"--vsock uds={path}: another process listens there")
+            os.unlink(path)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             s.bind(path)
