@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 
 import pytest
 
@@ -224,3 +225,91 @@ def test_tap_auto_is_created_and_removed():
     assert not os.path.exists(f"/sys/class/net/{name}")
     with pytest.raises(ConfigError):
         TapBackend.open("bad name!")
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def _tcp_frame(payload: bytes) -> bytes:
+    """An Ethernet/IPv4/TCP frame as a guest with CSUM and HOST_TSO4 hands it over: the TCP
+    checksum field holds only the pseudo-header sum (the device side finishes it)."""
+    src, dst = bytes([10, 99, 0, 1]), bytes([10, 99, 0, 2])
+    tcp_len = 20 + len(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + tcp_len, 1, 0x4000, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", 0xFFFF - _csum(ip)) + ip[12:]
+    pseudo = _csum(src + dst + struct.pack("!BBH", 0, 6, tcp_len))
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5000, 1, 0, 5 << 4, 0x18, 65535, pseudo, 0)
+    eth = bytes.fromhex("525400000002") + bytes.fromhex("525400000001") + b"\x08\x00"
+    return eth + ip + tcp + payload
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="TAPs and a network namespace need root")
+def test_offloads_end_to_end_through_the_host_kernel(mem):
+    """Guest A hands its TAP one 3000-byte TCP segment with a partial checksum (CSUM,
+    HOST_TSO4); guest B did not accept receive offloads, so the kernel segments it on the way
+    through a bridge and B receives three segments of 1000 bytes with correct checksums."""
+    from pyroute2 import IPRoute, NetNS, netns
+
+    ns_name = f"kvmpy-offload-{os.getpid()}"
+    netns.create(ns_name)
+    ns = NetNS(ns_name)
+    taps, transports = [], []
+    try:
+        ns.link("add", ifname="br0", kind="bridge")
+        br = ns.link_lookup(ifname="br0")[0]
+        ns.link("set", index=br, state="up")
+        for i in range(2):
+            tap = TapBackend.open(f"kvo{os.getpid() % 100000}{'ab'[i]}")
+            taps.append(tap)
+            with IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname=tap.name)[0], net_ns_fd=ns_name)
+            idx = ns.link_lookup(ifname=tap.name)[0]
+            ns.link("set", index=idx, master=br, state="up")
+        a = N.VirtioNet(taps[0], name="a", mac=bytes.fromhex("525400000001"))
+        b = N.VirtioNet(taps[1], name="b", mac=bytes.fromhex("525400000002"))
+        assert a.device_features & N.OFFLOADS == N.OFFLOADS  # a TAP finishes them
+        ta = M.VirtioMmio(a, mem, CallbackIrq(), base=0xD000_0000)
+        tb = M.VirtioMmio(b, mem, CallbackIrq(), base=0xD000_1000)
+        transports += [ta, tb]
+        _, tx_a = start(MmioRegs(ta), Arena(mem, ARENA, 0x10000), 2, size=16,
+                        features=F_VERSION_1 | N.F_CSUM | N.F_HOST_TSO4)  # fmt: skip
+        rx_b, _ = start(MmioRegs(tb), Arena(mem, ARENA + 0x10000, 0x10000), 2, size=16,
+                        features=F_VERSION_1)  # fmt: skip
+        at = {rx_b.add([], [(DATA + 0x1000 * i, 2048)]): DATA + 0x1000 * i for i in range(8)}
+        MmioRegs(tb).notify(0)
+        payload = os.urandom(3000)
+        hdr = struct.pack("<BBHHHHH", N.HDR_F_NEEDS_CSUM, N.GSO_TCPV4, 54, 1000, 34, 16, 0)
+        mem.write(0x300000, hdr + _tcp_frame(payload))
+        tx_a.add([(0x300000, 12 + 54 + 3000)], [])
+        MmioRegs(ta).notify(1)
+        assert a.stats()["tx_packets"] == 1 and a.stats()["tx_dropped"] == 0
+        got = b""
+        segments = []
+        deadline = time.monotonic() + 5
+        while len(got) < 3000 and time.monotonic() < deadline:
+            b.process(0)
+            for head, n in rx_b.take_used():
+                f = mem.read(at[head], n)[12:]
+                if f[12:14] != b"\x08\x00" or f[23] != 6:
+                    continue  # not ours
+                ip, tcp = f[14:34], f[34:]
+                assert _csum(ip) == 0xFFFF  # a valid IPv4 header checksum
+                pseudo = ip[12:20] + struct.pack("!BBH", 0, 6, len(tcp))
+                assert _csum(pseudo + tcp) == 0xFFFF  # the kernel finished the TCP checksum
+                segments.append(len(tcp) - 20)
+                got += tcp[20:]
+            time.sleep(0.01)
+        assert segments == [1000, 1000, 1000] and got == payload
+    finally:
+        for t in transports:
+            t.close()
+        for t in taps:
+            t.close()
+        ns.close()
+        netns.remove(ns_name)
