@@ -317,3 +317,26 @@ def test_uds_path_in_use_or_not_a_socket(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="not a socket"):
         V.VirtioVsock(CID, str(tmp_path / "file"))
+
+
+def test_guest_close_delivers_what_the_host_has_not_read_yet(env):
+    """The guest sends more than the host socket holds and shuts down at once: kvmpy keeps
+    the rest (within the credit), writes it as the host reads, then resets."""
+    g, dev, path = env
+    srv = listen(path, 82)
+    g.send(V.OP_REQUEST, GPORT, 82)
+    g.wait(lambda p: V.OP_RESPONSE in ops(p))
+    conn, _ = srv.accept()
+    data = os.urandom(V.MAX_PKT)
+    for _ in range(8):  # 512 KiB: more than a Unix socket buffers
+        g.send(V.OP_RW, GPORT, 82, data)
+    g.send(V.OP_SHUTDOWN, GPORT, 82, flags=3)
+    time.sleep(0.2)
+    assert dev.conns  # still writing
+    got = bytearray()
+    conn.settimeout(5)
+    while chunk := conn.recv(1 << 16):
+        got += chunk
+    assert got == data * 8
+    g.wait(lambda p: V.OP_RST in ops(p))
+    assert not dev.conns

@@ -153,7 +153,7 @@ class Conn:
     __slots__ = ("sock", "fd", "host_port", "guest_port", "state", "peer_buf_alloc",
                  "peer_fwd_cnt", "tx_cnt", "rx_cnt", "fwd_cnt", "fwd_told", "out", "ctrl",
                  "shutdown_flags", "host_eof", "guest_shut", "data_ready", "reading",
-                 "writing", "queued", "closed", "line", "credit_asked")  # fmt: skip
+                 "writing", "queued", "closed", "line", "credit_asked", "reset_when_sent")  # fmt: skip
 
     def __init__(self, sock: socket.socket, host_port: int, guest_port: int, state: str):
         self.sock = sock
@@ -174,6 +174,8 @@ class Conn:
         self.reading = self.writing = self.queued = self.closed = False
         self.line = b""
         self.credit_asked = False
+        #: The guest closed both ways with data still to write: reset once it is written.
+        self.reset_when_sent = False
 
     @property
     def key(self) -> tuple[int, int]:
@@ -370,6 +372,15 @@ class VirtioVsock(VirtioDevice):
             conn.guest_shut |= flags & (SHUTDOWN_RCV | SHUTDOWN_SEND)
             if conn.guest_shut == SHUTDOWN_RCV | SHUTDOWN_SEND:
                 self._flush(conn)
+                if conn.out:
+                    # What the guest sent before closing still goes to the host: reset once
+                    # it is written (or after CLOSE_TIMEOUT if the host never reads it).
+                    conn.reset_when_sent = True
+                    self._rearm(conn)
+                    self._expire_later(conn)
+                    return
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_WR)
                 self._reset(conn)  # the guest closed: RST acknowledges (as Linux peers do)
                 return
             if conn.guest_shut & SHUTDOWN_SEND and not conn.out:
@@ -525,10 +536,7 @@ class VirtioVsock(VirtioDevice):
                                      conn.shutdown_flags, conn.fwd_cnt))  # fmt: skip
             conn.fwd_told = conn.fwd_cnt
             self._unwatch(conn)
-            if self.loop is not None:
-                self.loop.call_later(
-                    CLOSE_TIMEOUT, lambda: self._locked(lambda: self._expire(conn))
-                )
+            self._expire_later(conn)
             return HDR.size
         chain.write(self._header(conn.host_port, conn.guest_port, OP_RW, n, 0, conn.fwd_cnt))
         conn.fwd_told = conn.fwd_cnt
@@ -536,6 +544,10 @@ class VirtioVsock(VirtioDevice):
         conn.credit_asked = False
         self.rx_bytes += n
         return HDR.size + n
+
+    def _expire_later(self, conn: Conn) -> None:
+        if self.loop is not None:
+            self.loop.call_later(CLOSE_TIMEOUT, lambda: self._locked(lambda: self._expire(conn)))
 
     def _expire(self, conn: Conn) -> None:
         if not conn.closed:
@@ -646,6 +658,8 @@ class VirtioVsock(VirtioDevice):
             if conn.guest_shut & SHUTDOWN_SEND:
                 with contextlib.suppress(OSError):
                     conn.sock.shutdown(socket.SHUT_WR)
+            if conn.reset_when_sent:
+                self._reset(conn)
         self._fill_rx()
 
     # --- host-initiated connections ----------------------------------------------------------
