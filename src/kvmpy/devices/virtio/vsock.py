@@ -442,6 +442,7 @@ class VirtioVsock(VirtioDevice):
         except OSError:
             self._queue_rst((host_port, guest_port))  # nobody listens on PATH_<port>
             return
+        _buffers(sock)
         conn = Conn(sock, host_port, guest_port, OPEN)
         conn.peer_buf_alloc, conn.peer_fwd_cnt = buf_alloc, fwd_cnt
         self.conns[conn.key] = conn
@@ -684,6 +685,7 @@ class VirtioVsock(VirtioDevice):
     def host_connect(self, sock: socket.socket) -> Conn:
         """A host client connected (to PATH): read its CONNECT line, then ask the guest."""
         sock.setblocking(False)
+        _buffers(sock)
         conn = Conn(sock, self._alloc_port(), 0, HANDSHAKE)
         self._handshakes[conn.fd] = conn
         conn.reading = True
@@ -762,6 +764,14 @@ class VirtioVsock(VirtioDevice):
             if self.status & STATUS_DRIVER_OK and self.broken is None:
                 self.activate()
                 self.notify(EVENT)  # TRANSPORT_RESET, once the event queue has a buffer
+
+
+def _buffers(sock: socket.socket) -> None:
+    """A send buffer as large as the credit we give the guest: the kernel then holds what the
+    guest may have in flight, and kvmpy rarely has to keep (and copy) any of it itself
+    (measured: 0.13-0.15 of a Unix socket pair guest -> host with the default 208 KiB)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CONN_BUF)
 
 
 def _parse_connect(line: bytes) -> int | None:

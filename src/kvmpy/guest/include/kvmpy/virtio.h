@@ -908,7 +908,7 @@ static inline void kv_vsock_queue(struct kv_vsock *v, struct kv_vsock_conn *c, u
 		while (kv_vq_poll(&v->tx, 0) >= 0)
 			;
 		if (!v->tx.num_free)
-			kv_cpu_relax();
+			kv_vq_idle(&v->tx);
 	}
 	unsigned char *slot = v->tx_bufs + (uint64_t)v->tx.free_head * KV_VSOCK_TX_BUF;
 	struct kv_vsock_hdr *h = (struct kv_vsock_hdr *)slot;
@@ -1060,8 +1060,10 @@ static inline int kv_vsock_send(struct kv_vsock *v, struct kv_vsock_conn *c, con
 				kv_vq_kick(&v->tx);
 				queued = 0;
 			}
+			/* no credit: sleep until the host's update arrives (a spinning vCPU takes
+			 * the CPU the device's thread needs to forward the data and send it) */
 			if (!kv_vsock_poll(v, c))
-				kv_cpu_relax();
+				kv_vq_idle(&v->rx);
 			continue;
 		}
 		uint32_t n = len < credit ? (uint32_t)len : credit;
