@@ -153,7 +153,7 @@ class Conn:
     __slots__ = ("sock", "fd", "host_port", "guest_port", "state", "peer_buf_alloc",
                  "peer_fwd_cnt", "tx_cnt", "rx_cnt", "fwd_cnt", "fwd_told", "out", "ctrl",
                  "shutdown_flags", "host_eof", "guest_shut", "data_ready", "reading",
-                 "writing", "queued", "closed", "line", "credit_asked", "reset_when_sent")  # fmt: skip
+                 "writing", "queued", "closed", "credit_asked", "reset_when_sent")  # fmt: skip
 
     def __init__(self, sock: socket.socket, host_port: int, guest_port: int, state: str):
         self.sock = sock
@@ -172,7 +172,6 @@ class Conn:
         self.guest_shut = 0
         self.data_ready = False
         self.reading = self.writing = self.queued = self.closed = False
-        self.line = b""
         self.credit_asked = False
         #: The guest closed both ways with data still to write: reset once it is written.
         self.reset_when_sent = False
@@ -203,8 +202,6 @@ class VirtioVsock(VirtioDevice):
         self._rsts: deque[tuple[int, int]] = deque()
         self._next_port = FIRST_HOST_PORT
         self._reset_event = False
-        #: callbacks a test (or the fuzzer) uses to see connections come and go
-        self.on_conn: Callable[[Conn], None] | None = None
         self.connections = 0
         self.resets_sent = 0
         self.bad_packets = 0
@@ -447,8 +444,6 @@ class VirtioVsock(VirtioDevice):
         conn.peer_buf_alloc, conn.peer_fwd_cnt = buf_alloc, fwd_cnt
         self.conns[conn.key] = conn
         self.connections += 1
-        if self.on_conn is not None:
-            self.on_conn(conn)
         self._want(conn, OP_RESPONSE)
         self._rearm(conn)
 
@@ -725,8 +720,6 @@ class VirtioVsock(VirtioDevice):
         conn.state = REQUESTING
         self.conns[conn.key] = conn
         self.connections += 1
-        if self.on_conn is not None:
-            self.on_conn(conn)
         self._rearm(conn)  # not OPEN: stop reading until the guest accepts
         self._want(conn, OP_REQUEST)
         self._fill_rx()
