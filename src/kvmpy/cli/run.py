@@ -142,8 +142,8 @@ def vm_config(args):
         if given:
             args.parser.error(f"{given[0]} conflicts with --config: put it in the config file")
         if virtio_specs(args):
-            raise ConfigError("--disk, --rng and --console virtio conflict with --config: put "
-                              "the devices in the config file")  # fmt: skip
+            raise ConfigError("--disk, --rng, --console virtio, --net and --vsock conflict "
+                              "with --config: put the devices in the config file")  # fmt: skip
         config = VmConfig.load(args.config)
         if config.boot is None:
             raise ConfigError(f"{args.config} has no boot source ('boot')")
