@@ -25,6 +25,7 @@ COMMANDS = [
     "ctl",
     "restore",
     "migrate-receive",
+    "ksm",
 ]
 
 

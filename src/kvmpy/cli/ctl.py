@@ -81,6 +81,17 @@ def _show(op: str, r: dict) -> None:
             f"{r['state']}: {r['mode']}, {r['memory'] >> 20} MiB, up {r['uptime_s']:.1f} s, "
             f"{exits} exits, {r['output_bytes']} bytes of output"
         )
+        ram = r.get("ram") or {}
+        if ram.get("vmas"):
+            line = f"guest RAM: {_mib(ram.get('rss_bytes', 0))} resident"
+            if r.get("mergeable"):
+                ksm = ram.get("ksm") or {}
+                line += (
+                    f", mergeable: {_mib(ram.get('ksm_bytes', 0))} merged "
+                    f"({ksm.get('merging_pages', 0)} pages), "
+                    f"{_mib(ram.get('pss_bytes', 0))} proportional share (PSS)"
+                )
+            print(line)
     elif op == "snapshot":
         print(
             f"snapshot written to {r['path']} in {r['snapshot_ms']:.1f} ms: "
@@ -93,6 +104,10 @@ def _show(op: str, r: dict) -> None:
             f"(pages {', '.join(map(str, r['pages_per_round']))}), downtime "
             f"{r['downtime_ms']:.1f} ms"
         )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 class _MigrationProgress:
