@@ -13,6 +13,7 @@ needs the same user or root, as ptrace does.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -103,3 +104,44 @@ def vm_memory(regions: Iterable[Any], pid: int | str = "self") -> dict[str, Any]
             "mergeable": stat.get("ksm_mergeable", False),
         }
     return d
+
+
+#: /proc/kpageflags bit of a page KSM merged (include/uapi/linux/kernel-page-flags.h).
+KPF_KSM = 21
+_PFN_MASK = (1 << 55) - 1
+
+
+def ksm_pages(pid: int | str, hva: int, pages: int):
+    """For each of `pages` pages of `pid` from address `hva`: is it a KSM (merged) page? A
+    numpy bool array, from /proc/PID/pagemap (the frame of each page) and /proc/kpageflags
+    (the frame's flags). Needs root: without it the kernel hides frame numbers (None)."""
+    import numpy as np
+
+    try:
+        pm = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.pread(pm, pages * 8, (hva // PAGE_SIZE) * 8)
+    finally:
+        os.close(pm)
+    entries = np.frombuffer(raw, dtype=np.uint64)
+    if len(entries) != pages:
+        return None
+    present = (entries >> np.uint64(63)) & np.uint64(1) == 1
+    pfns = entries & np.uint64(_PFN_MASK)
+    if present.any() and not pfns[present].any():
+        return None  # frame numbers hidden: not root
+    try:
+        kf = os.open("/proc/kpageflags", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    out = np.zeros(pages, dtype=bool)
+    try:
+        for i in np.flatnonzero(present):
+            data = os.pread(kf, 8, int(pfns[i]) * 8)
+            if len(data) == 8 and (int.from_bytes(data, "little") >> KPF_KSM) & 1:
+                out[i] = True
+    finally:
+        os.close(kf)
+    return out
