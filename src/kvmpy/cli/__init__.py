@@ -26,6 +26,7 @@ COMMANDS = [
     "restore",
     "migrate-receive",
     "ksm",
+    "store",
 ]
 
 

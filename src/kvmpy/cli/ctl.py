@@ -33,6 +33,12 @@ def add_parser(sub) -> None:
         "holds a snapshot). The VM pauses while it is written and then goes on.",
     )
     s.add_argument("dir", metavar="DIR")
+    s.add_argument(
+        "--store",
+        metavar="STORE",
+        help="write memory into this page store (created if absent), where pages that other "
+        "snapshots hold already are not stored again ('kvmpy store du|gc STORE')",
+    )
     m = ops.add_parser(
         "migrate",
         parents=[common],
@@ -54,6 +60,8 @@ def cmd_ctl(args) -> int:
     op_args = {}
     if args.op == "snapshot":
         op_args["path"] = os.path.abspath(args.dir)  # the VMM's working directory may differ
+        if args.store is not None:
+            op_args["store"] = os.path.abspath(args.store)
     elif args.op == "migrate":
         op_args["address"] = args.address
         if args.downtime_ms is not None:
@@ -93,11 +101,20 @@ def _show(op: str, r: dict) -> None:
                 )
             print(line)
     elif op == "snapshot":
-        print(
-            f"snapshot written to {r['path']} in {r['snapshot_ms']:.1f} ms: "
-            f"{r['pages_written']} of {r['pages_total']} pages, "
-            f"{r['disk_bytes'] / (1 << 20):.1f} MiB on disk"
-        )
+        st = r.get("store")
+        if st:
+            print(
+                f"snapshot written to {r['path']} in {r['snapshot_ms']:.1f} ms: "
+                f"{r['pages_written']} of {r['pages_total']} pages, {st['pages_new']} of them "
+                f"new to the page store {st['path']} ({_mib(st['new_bytes'])}), "
+                f"{st['pages_deduplicated']} there already"
+            )
+        else:
+            print(
+                f"snapshot written to {r['path']} in {r['snapshot_ms']:.1f} ms: "
+                f"{r['pages_written']} of {r['pages_total']} pages, "
+                f"{r['disk_bytes'] / (1 << 20):.1f} MiB on disk"
+            )
     elif op == "migrate":
         print(
             f"migrated to {r['destination']} in {r['total_s']:.3f} s: {r['rounds']} rounds "

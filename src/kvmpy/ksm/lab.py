@@ -26,6 +26,7 @@ import logging
 import os
 import platform
 import queue
+import shutil
 import signal
 import statistics
 import subprocess
@@ -99,7 +100,8 @@ def plan(kind: str = "default", runs: int | None = None) -> Plan:
         r = runs or 1
         return Plan("quick", Sizes(512, 128, 128, 128, "32M"), (
             Scenario("tuned", 3, TUNED, r, 20.0),
-        ), poll_s=0.1)  # fmt: skip
+        ), poll_s=0.1, store={"vms": 3, "successive": 3, "memory": "16M",
+                              "work_bytes": 4 << 20, "dirty_pages": 1, "interval_s": 0.2})  # fmt: skip
     r = runs or 3
     scenarios = [
         Scenario("tuned", 8, TUNED, r, 30.0),
@@ -112,7 +114,9 @@ def plan(kind: str = "default", runs: int | None = None) -> Plan:
             scenarios.append(Scenario(
                 f"pages_to_scan {pages}", 8, {"pages_to_scan": pages, "sleep_millisecs": 10},
                 r, 90.0))  # fmt: skip
-    return Plan(kind, Sizes(), tuple(scenarios))
+    store = {"vms": 8, "successive": 10, "memory": "64M", "work_bytes": 32 << 20,
+             "dirty_pages": 4, "interval_s": 0.25}  # fmt: skip
+    return Plan(kind, Sizes(), tuple(scenarios), store=store)
 
 
 # --- saving and restoring the host's settings ------------------------------------------------------
@@ -460,8 +464,7 @@ def measure_run(
         "saved_pages_sharing_bytes": (end["pages_sharing"] - before.get("pages_sharing", 0))
         * PAGE_SIZE,
         # Every duplicate page stored once instead of once per VM.
-        "ideal_saved_bytes": round(total_mergeable * (scenario.vms - 1) / scenario.vms)
-        * PAGE_SIZE,
+        "ideal_saved_bytes": round(total_mergeable * (scenario.vms - 1) / scenario.vms) * PAGE_SIZE,
         "speed_us_per_page": speed,
         "fill_us_per_page": fill,
         "load_average_before": round(load_before, 2),
@@ -586,7 +589,7 @@ def run_lab(
         doc["scenarios"] = results
         if progress:
             progress(done, total, "snapshot store")
-        doc["store"] = store_study(p, ksm, image, work)
+        doc["store"] = store_study(p, image, work)
         done += 1
     doc["host"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     doc["host"]["ksm_settings_after"] = ksm.save()
@@ -596,13 +599,109 @@ def run_lab(
     from . import report
 
     files = report.write(out, doc)
-    with contextlib.suppress(OSError):
-        for f in work.iterdir():
-            f.unlink()
-        work.rmdir()
+    shutil.rmtree(work, ignore_errors=True)
     return doc, files
 
 
-def store_study(p: Plan, ksm: Ksm, image: Path, work: Path) -> dict[str, Any] | None:
-    """Deduplicated snapshots (filled in once the page store exists)."""
-    return None
+def _du(store: Path) -> dict[str, Any]:
+    from ..persist.store import PageStore
+
+    ps = PageStore.open(store)
+    with ps.lock():
+        return ps.usage()
+
+
+def _step(store: Path, into: dict, plain: dict, steps: list[dict]) -> dict[str, Any]:
+    u = _du(store)
+    prev = steps[-1] if steps else {"logical_bytes": 0, "plain_bytes": 0}
+    return {
+        "logical_bytes": prev["logical_bytes"] + into["pages_written"] * PAGE_SIZE,
+        "plain_bytes": prev["plain_bytes"] + plain["disk_bytes"],
+        "store_bytes": u["disk_bytes"],
+        "unique_pages": u["needed_pages"],
+        "pages": into["pages_written"],
+        "pages_new": into["store"]["pages_new"],
+        "snapshot_ms": into["snapshot_ms"],
+        "plain_snapshot_ms": plain["snapshot_ms"],
+    }
+
+
+def store_study(p: Plan, image: Path, work: Path) -> dict[str, Any]:
+    """Deduplicated snapshots: N identical guests into one page store, and K successive
+    snapshots of one guest that keeps writing; each also as a plain snapshot, to compare."""
+    from ..persist.control import request
+
+    cfg = p.store
+    series = []
+    store = work / "store-vms"
+    with Fleet(cfg["vms"], p.sizes, image, work, control=True) as fleet:
+        fleet.wait("ready", timeout=120)
+        fleet.wait("step", STEP_FILLED, timeout=120)
+        steps: list[dict] = []
+        for i, sock in enumerate(fleet.sockets or []):
+            into = request(sock, "snapshot", {"path": str(work / f"vm{i}-store"),
+                                              "store": str(store)}, timeout=120)  # fmt: skip
+            plain = request(sock, "snapshot", {"path": str(work / f"vm{i}-plain")}, timeout=120)
+            steps.append(_step(store, into, plain, steps))
+    series.append({
+        "name": f"{cfg['vms']} identical guests",
+        "what": f"one snapshot of each of {cfg['vms']} ksm-fill VMs, just filled (each "
+                f"{p.sizes.pages} pages: {p.sizes.identical} identical in all, the rest their own)",
+        "steps": steps,
+        "snapshot_ms_median": statistics.median(s["snapshot_ms"] for s in steps),
+        "plain_snapshot_ms_median": statistics.median(s["plain_snapshot_ms"] for s in steps),
+    })  # fmt: skip
+    series.append(_successive(cfg, work))
+    return {"series": series}
+
+
+def _successive(cfg: dict, work: Path) -> dict[str, Any]:
+    """K snapshots, `interval_s` apart, of one hashchain guest writing `dirty_pages` pages
+    per millisecond over a `work_bytes` area."""
+    from ..machine import Machine, MachineConfig
+    from ..persist import control
+    from ..persist.guest import FOREVER, HashchainParams, set_params
+    from ..persist.guest import image_path as hashchain_image
+    from ..persist.session import VmSession, helper_thread
+    from ..result import StopReason
+
+    store = work / "store-successive"
+    steps: list[dict] = []
+    errors: list[BaseException] = []
+    with Machine(MachineConfig(mode="long-user", memory=cfg["memory"], name="successive")) as m:
+        m.load_file(hashchain_image())
+        khz = m.vcpus[0].fd.get_tsc_khz()
+        set_params(m, HashchainParams(
+            work_bytes=cfg["work_bytes"], lines=1, rounds_per_line=1000, memsum_every=0,
+            dirty_pages=cfg["dirty_pages"], tick_cycles=khz, ticks=FOREVER))  # fmt: skip
+        session = VmSession(m)
+
+        def drive() -> None:
+            try:
+                deadline = time.monotonic() + 120
+                while b"hashchain: ready" not in m.output:
+                    if session.state == "stopped" or time.monotonic() > deadline:
+                        raise LabError("the successive-snapshot guest never got ready")
+                    time.sleep(0.005)
+                for k in range(cfg["successive"]):
+                    time.sleep(cfg["interval_s"])
+                    into = control.snapshot(session, str(work / f"succ{k}-store"), str(store))
+                    plain = control.snapshot(session, str(work / f"succ{k}-plain"))
+                    steps.append(_step(store, into, plain, steps))
+            except BaseException as e:
+                errors.append(e)
+            finally:
+                m.request_stop(StopReason.INTERRUPTED, "done")
+
+        helper_thread(drive, name="ksm-lab-successive")
+        session.run(timeout=300)
+    if errors:
+        raise errors[0]
+    return {
+        "name": f"{cfg['successive']} successive snapshots",
+        "what": f"one hashchain VM writing {cfg['dirty_pages']} pages per ms over "
+                f"{cfg['work_bytes'] >> 20} MiB, a snapshot every {cfg['interval_s']} s",
+        "steps": steps,
+        "snapshot_ms_median": statistics.median(s["snapshot_ms"] for s in steps),
+        "plain_snapshot_ms_median": statistics.median(s["plain_snapshot_ms"] for s in steps),
+    }  # fmt: skip

@@ -6,7 +6,7 @@ later front end (a REST API) call them as they are:
     pause(session)                      -> {"state": "paused"}
     resume(session)                     -> {"state": "running"}
     stats(session)                      -> state, uptime, output bytes, exit statistics
-    snapshot(session, path)             -> what was written (sizes, pages, timings)
+    snapshot(session, path, store=None) -> what was written (sizes, pages, timings)
     migrate(session, address, progress) -> rounds, pages per round, downtime, total time
     stop(session)                       -> {"state": "stopping"}
 
@@ -65,12 +65,15 @@ def stats(session: VmSession) -> dict[str, Any]:
     return session.status()
 
 
-def snapshot(session: VmSession, path: str) -> dict[str, Any]:
-    """Write a snapshot to the directory `path` (replaced atomically if it holds one). The VM
-    goes on afterwards, or stays paused if it was."""
+def snapshot(session: VmSession, path: str, store: str | None = None) -> dict[str, Any]:
+    """Write a snapshot to the directory `path` (replaced atomically if it holds one); with
+    `store`, its memory goes into that page store, shared with other snapshots. The VM goes on
+    afterwards, or stays paused if it was."""
     if not isinstance(path, str) or not path:
         raise ControlError("snapshot needs a directory path")
-    return session.call_paused(lambda: snapshot_mod.take(session.machine, path))
+    if store is not None and (not isinstance(store, str) or not store):
+        raise ControlError("snapshot: store must be a directory path")
+    return session.call_paused(lambda: snapshot_mod.take(session.machine, path, store=store))
 
 
 def migrate(
@@ -103,7 +106,7 @@ OPS: dict[str, tuple[Callable[..., dict], dict[str, type | tuple[type, ...]], se
     "pause": (pause, {}, set()),
     "resume": (resume, {}, set()),
     "stats": (stats, {}, set()),
-    "snapshot": (snapshot, {"path": str}, {"path"}),
+    "snapshot": (snapshot, {"path": str, "store": str}, {"path"}),
     "migrate": (
         migrate,
         {"address": str, "downtime_ms": (int, float), "max_rounds": int},

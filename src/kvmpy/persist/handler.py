@@ -11,13 +11,17 @@ copy-on-write link to the VMM, whose every write after a fork would first copy t
 in `kvmpy restore --lazy`, started before the VMM imports its heavy modules, so it is waiting
 by the time the restore begins. It imports nothing but the standard library and uffd.py.
 
-Protocol on the unix socket it is started with: one setup message carrying three descriptors
-(the userfaultfd, the snapshot's memory file, a shared status page) with a JSON header and the
-snapshot's memory index; then b"P" (populate everything, answered with b"D"); EOF ends it.
+Protocol on the unix socket it is started with: one setup message carrying the userfaultfd, a
+shared status page and the first data descriptors (the snapshot's memory file; or, for a
+snapshot in a page store, the packs that hold its pages, further ones in messages of their
+own: SCM_RIGHTS passes at most 253 at a time), with a JSON header and the memory index; then
+b"P" (populate everything, answered with b"D"); EOF ends it.
 
-On a fault it reads the whole chunk around the page (the prefetch unit), checks each extent's
-CRC-32 and copies the extents in with UFFDIO_COPY; a page no extent holds was zero in the
-snapshot and gets UFFDIO_ZEROPAGE. Its counters and, if it fails, its error message go to the
+On a fault it reads the whole chunk around the page (the prefetch unit) and checks it before
+any of it reaches the guest: each extent's CRC-32, or, from a page store, each page's SHA-256
+(STORE_RECORD: logical page, pack, page within the pack, SHA-256). It copies the checked
+pages in with UFFDIO_COPY; a page the snapshot does not hold was zero and gets
+UFFDIO_ZEROPAGE. Its counters and, if it fails, its error message go to the
 status page; a failure ends the process, which releases the userfaultfd (the VMM keeps no
 copy), so nothing stays blocked, and the VMM's SIGCHLD handler stops the VM.
 """
@@ -25,6 +29,7 @@ copy), so nothing stays blocked, and the VMM's SIGCHLD handler stops the VM.
 from __future__ import annotations
 
 import ctypes as C
+import hashlib
 import json
 import mmap
 import os
@@ -46,8 +51,11 @@ FAULTS, COPIED, ZEROED, CHUNKS, FIRST_NS, STATE, POPULATED, READY = range(8)
 ERROR_AT = 256
 STATUS_SIZE = PAGE_SIZE
 STATE_FAILED = 2
-SETUP = struct.Struct("<II")  # JSON length, index length
+SETUP = struct.Struct("<III")  # JSON length, index length, data descriptors
 EXTENT = struct.Struct("<QII")  # as memfile.EXTENT
+STORE_RECORD = struct.Struct("<QII32s")  # logical page, pack, slot in the pack, SHA-256
+#: Descriptors per message after the first two (SCM_RIGHTS passes at most 253).
+FDS_PER_MESSAGE = 200
 MSG = struct.Struct("<B7xQQ8x")  # uffd_msg: event, pagefault.flags, pagefault.address
 PR_SET_PDEATHSIG = 1
 
@@ -74,10 +82,13 @@ class HandlerProcess:
             child.close()
         return cls(pid, parent)
 
-    def setup(self, uffd: int, memory_fd: int, status_fd: int, header: dict, index: bytes):
+    def setup(self, uffd: int, status_fd: int, data_fds: list[int], header: dict, index: bytes):
         head = json.dumps(header).encode()
-        payload = SETUP.pack(len(head), len(index)) + head + index
-        n = socket.send_fds(self.sock, [payload[: SETUP.size]], [uffd, memory_fd, status_fd])
+        payload = SETUP.pack(len(head), len(index), len(data_fds)) + head + index
+        first = [uffd, status_fd, *data_fds[:FDS_PER_MESSAGE]]
+        n = socket.send_fds(self.sock, [payload[: SETUP.size]], first)
+        for i in range(FDS_PER_MESSAGE, len(data_fds), FDS_PER_MESSAGE):
+            socket.send_fds(self.sock, [b"F"], data_fds[i : i + FDS_PER_MESSAGE])
         self.sock.sendall(payload[n:])
 
     def close(self) -> None:
@@ -102,16 +113,21 @@ def main() -> None:
         os._exit(0)
     sock = socket.socket(fileno=fd)
     try:
-        head, fds, _, _ = socket.recv_fds(sock, SETUP.size, 3)
+        head, fds, _, _ = socket.recv_fds(sock, SETUP.size, 2 + FDS_PER_MESSAGE)
+        if len(head) < SETUP.size or len(fds) < 2:
+            os._exit(0)  # the VMM gave up before handing us anything
+        json_len, index_len, nfds = SETUP.unpack(head)
+        while len(fds) < 2 + nfds:
+            _, more, _, _ = socket.recv_fds(sock, 1, FDS_PER_MESSAGE)
+            if not more:
+                os._exit(0)
+            fds += more
     except OSError:
         os._exit(0)
-    if len(head) < SETUP.size or len(fds) != 3:
-        os._exit(0)  # the VMM gave up before handing us anything
-    uffd, memory_fd, status_fd = fds
-    json_len, index_len = SETUP.unpack(head)
+    uffd, status_fd, data_fds = fds[0], fds[1], fds[2:]
     rest = _recv_exact(sock, json_len + index_len)
     status = mmap.mmap(status_fd, STATUS_SIZE)
-    handler = _Handler(Userfaultfd(uffd), sock, memory_fd, status, json.loads(rest[:json_len]),
+    handler = _Handler(Userfaultfd(uffd), sock, data_fds, status, json.loads(rest[:json_len]),
                        rest[json_len:])  # fmt: skip
     handler.counters[READY] = ready
     os._exit(handler.run())
@@ -128,16 +144,24 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 class _Handler:
-    def __init__(self, uffd, sock, memory_fd, status, header: dict, index: bytes):
+    def __init__(self, uffd, sock, data_fds, status, header: dict, index: bytes):
         self.uffd = uffd
         self.sock = sock
-        self.fd = memory_fd
+        self.fds = data_fds
         self.status = status
         self.regions = [tuple(r) for r in header["regions"]]  # (hva, size, logical base)
         self.chunk_pages = header["chunk_pages"]
-        self.by_chunk: dict[int, list[tuple[int, int, int]]] = {}
-        for page, pages, crc in EXTENT.iter_unpack(index):
-            self.by_chunk.setdefault(page // self.chunk_pages, []).append((page, pages, crc))
+        self.store = header.get("store")  # the page store's path, for messages
+        # Items of a chunk start with (first page, pages): an extent (+ CRC-32), or one page of
+        # a page store (+ pack, slot, SHA-256).
+        self.by_chunk: dict[int, list[tuple]] = {}
+        if self.store is None:
+            for page, pages, crc in EXTENT.iter_unpack(index):
+                self.by_chunk.setdefault(page // self.chunk_pages, []).append((page, pages, crc))
+        else:
+            for page, pack, slot, digest in STORE_RECORD.iter_unpack(index):
+                item = (page, 1, pack, slot, digest)
+                self.by_chunk.setdefault(page // self.chunk_pages, []).append(item)
         self.loaded: set[int] = set()
         self.counters = [0] * 8
         self.buf = (C.c_char * (self.chunk_pages * PAGE_SIZE))()
@@ -208,7 +232,7 @@ class _Handler:
         extents = self.by_chunk.get(chunk, ())
         page_hva = address & ~(PAGE_SIZE - 1)
         # A page no extent holds was zero in the snapshot (or never touched): a zero page.
-        if not any(p <= page < p + n for p, n, _ in extents) and self.uffd.zeropage(
+        if not any(e[0] <= page < e[0] + e[1] for e in extents) and self.uffd.zeropage(
             page_hva, PAGE_SIZE, wake=False
         ):
             self.counters[ZEROED] += 1
@@ -220,10 +244,15 @@ class _Handler:
         self.uffd.wake(start, end - start)
 
     def _load_chunk(self, chunk: int) -> None:
+        if self.store is not None:
+            self._load_store_chunk(chunk)
+            self.loaded.add(chunk)
+            self.counters[CHUNKS] += 1
+            return
         for page, pages, crc in self.by_chunk.get(chunk, ()):
             size = pages * PAGE_SIZE
             view = self.view[:size]
-            got = os.preadv(self.fd, [view], page * PAGE_SIZE)
+            got = os.preadv(self.fds[0], [view], page * PAGE_SIZE)
             if got != size:
                 raise SnapshotError(
                     f"the snapshot's memory file is truncated at page {page + got // PAGE_SIZE}"
@@ -233,15 +262,52 @@ class _Handler:
                     f"the snapshot's memory is corrupted: pages {page}-{page + pages - 1} "
                     "do not match their checksum; the restored VM was stopped"
                 )
-            dst, src, left = self._hva(page), self.buf_addr, size
-            while left:
-                n = self.uffd.copy(dst, src, left, wake=False)
-                self.counters[COPIED] += n // PAGE_SIZE
-                if n < left:  # that page exists already (the VMM wrote it): skip it
-                    n += PAGE_SIZE
-                dst, src, left = dst + n, src + n, left - n
+            self._copy(page, size)
         self.loaded.add(chunk)
         self.counters[CHUNKS] += 1
+
+    def _copy(self, page: int, size: int) -> None:
+        """UFFDIO_COPY `size` checked bytes from the buffer to logical page `page` on."""
+        dst, src, left = self._hva(page), self.buf_addr, size
+        while left:
+            n = self.uffd.copy(dst, src, left, wake=False)
+            self.counters[COPIED] += n // PAGE_SIZE
+            if n < left:  # that page exists already (the VMM wrote it): skip it
+                n += PAGE_SIZE
+            dst, src, left = dst + n, src + n, left - n
+
+    def _load_store_chunk(self, chunk: int) -> None:
+        """Pages of a page store: each run that is contiguous in the guest and in one pack is
+        one read; every page is checked against its SHA-256 before any of the run is copied."""
+        items = self.by_chunk.get(chunk, ())
+        i = 0
+        while i < len(items):
+            page, _, pack, slot, _ = items[i]
+            j = i + 1
+            while (j < len(items) and items[j][0] == items[j - 1][0] + 1
+                   and items[j][2] == pack and items[j][3] == items[j - 1][3] + 1):  # fmt: skip
+                j += 1
+            size = (j - i) * PAGE_SIZE
+            view = self.view[:size]
+            if not 0 <= pack < len(self.fds):
+                raise SnapshotError("lazy restore: a page names a pack it was not given")
+            got = os.preadv(self.fds[pack], [view], slot * PAGE_SIZE)
+            if got != size:
+                raise SnapshotError(
+                    f"the page store {self.store} is truncated (a pack ends before guest page "
+                    f"{page + got // PAGE_SIZE}); the restored VM was stopped"
+                )
+            for k in range(j - i):
+                if (
+                    hashlib.sha256(view[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]).digest()
+                    != items[i + k][4]
+                ):
+                    raise SnapshotError(
+                        f"the page store {self.store} is corrupted: guest page {page + k} does "
+                        "not match its checksum; the restored VM was stopped"
+                    )
+            self._copy(page, size)
+            i = j
 
     def _populate_all(self) -> None:
         for chunk in sorted(set(self.by_chunk) - self.loaded):

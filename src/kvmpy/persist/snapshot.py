@@ -24,14 +24,18 @@ from .errors import SnapshotError
 from .handler import HandlerProcess
 
 
-def take(machine: Machine, path: str | os.PathLike) -> dict[str, Any]:
-    """Write a snapshot of `machine` (vCPU paused, pending I/O completed) to `path`."""
+def take(
+    machine: Machine, path: str | os.PathLike, store: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """Write a snapshot of `machine` (vCPU paused, pending I/O completed) to `path`; with
+    `store`, its memory goes into that page store (store.py), shared with other snapshots."""
     t0 = time.perf_counter()
     lazy.settle(machine.memory)
     st = state.capture(machine)
     t_state = time.perf_counter()
-    res = format.write(path, st, machine.memory)
+    res = format.write(path, st, machine.memory, store=store)
     total = (time.perf_counter() - t0) * 1e3
+    extra = {"store": res.store} if res.store is not None else {}
     return {
         "path": str(Path(path).resolve()),
         "snapshot_ms": round(total, 3),
@@ -43,6 +47,7 @@ def take(machine: Machine, path: str | os.PathLike) -> dict[str, Any]:
         "pages_total": res.memory_bytes // PAGE_SIZE,
         "extents": res.extents,
         "output_bytes": machine.output_bytes,
+        **extra,
     }
 
 
@@ -139,6 +144,10 @@ def restore(
             loader = lazy.LazyLoader(machine.memory, snap, on_error=stop_vm, process=handler)
             handler = None  # the loader owns it now
             loaded = 0
+        elif snap.located is not None:
+            from .store import read_memory
+
+            loaded = read_memory(machine.memory, snap.located, snap.store)
         else:
             loaded = memfile.read_memory(machine.memory, snap.memory_fd, snap.extents)
         t_state = time.monotonic_ns()
@@ -158,6 +167,7 @@ def restore(
         "lazy": lazy_memory,
         "pages_total": snap.memory_size // PAGE_SIZE,
         "pages_in_snapshot": snap.pages_written,
+        **({"store": str(snap.store)} if snap.store is not None else {}),
         "pages_faulted": 0,
         "pages_loaded": loaded,
         "open_ms": round((t_mem - t0) / 1e6, 3),
