@@ -96,6 +96,7 @@ def write(
         )
     if not parent.is_dir():
         raise SnapshotError(f"cannot write the snapshot: {parent} is not a directory")
+    _sweep_stale(path)
     tmp = parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -158,6 +159,7 @@ def _write_to_store(path: Path, state: dict[str, Any], memory, store_path: Path)
     from .store import PageStore
 
     _check_target(path)
+    _sweep_stale(path)
     parent = path.parent if str(path.parent) else Path(".")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -220,6 +222,34 @@ def _write_to_store(path: Path, state: dict[str, Any], memory, store_path: Path)
             "new_bytes": new_bytes,
         },  # fmt: skip
     )
+
+
+def _sweep_stale(path: Path) -> None:
+    """Remove what writes of a snapshot to `path` killed before they finished left beside it
+    (`.NAME.tmp-PID-NS` directories of processes that no longer exist)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        entries = list(parent.glob(f".{path.name}.tmp-*"))
+    except OSError:
+        return
+    for d in entries:
+        try:
+            pid = int(d.name[len(path.name) + 6 :].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _check_target(path: Path) -> None:

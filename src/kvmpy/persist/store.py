@@ -48,6 +48,7 @@ from typing import Any
 
 from ..memory import PAGE_SIZE
 from .errors import SnapshotError
+from .handler import FDS_PER_MESSAGE  # noqa: F401 (how many packs a handler message carries)
 from .handler import STORE_RECORD as LAZY_RECORD
 
 FORMAT = "kvmpy-page-store"
@@ -71,8 +72,6 @@ MAX_PACK_PAGES = 1 << 32
 MAX_MAP_BYTES = _MAP_HEAD.size + (1 << 28) * _RECORD.size + DIGEST
 #: Bounds for what gc and du read of a registration file.
 MAX_REF_JSON = 64 << 10
-#: Data descriptors a lazy handler gets per message (SCM_RIGHTS takes up to 253).
-FDS_PER_MESSAGE = 200
 #: Threads that hash pages: hashlib releases the GIL for buffers over 2 KiB.
 HASH_THREADS = 2
 _IOV_MAX = 512
