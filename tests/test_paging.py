@@ -33,7 +33,9 @@ from kvmpy.arch.x86.paging import (
     PTE_G,
     PTE_NX,
     PTE_P,
+    PTE_PCD,
     PTE_PS,
+    PTE_PWT,
     PTE_RW,
     PTE_US,
     MapRange,
@@ -1006,10 +1008,18 @@ def test_mode_identity_maps(mode, size, use_1g):
         assert s.cr0 & CR0_PG
         assert s.cr3 == layout.page_tables[0]
         assert all(layout.base <= p < layout.end for p in layout.page_tables)
-        ranges = modes._map_ranges(mem, layout, mode.user)
-        # The ranges cover exactly RAM, and only the system area is supervisor-only.
-        assert sum(r.end - r.start for r in ranges) == mem.size
-        sup = [r for r in ranges if not r.flags & PTE_US]
+        long = mode.bits == 64
+        ranges = modes._map_ranges(mem, layout, mode.user, devices=long)
+        windows = [r for r in ranges if r.flags & PTE_PCD]
+        dev_lo, dev_hi = modes.DEVICE_WINDOW_START, modes.DEVICE_WINDOW_END
+        # The ranges cover exactly RAM (and in 64-bit modes the device windows, uncached), and
+        # only the system area is supervisor-only.
+        assert [(r.start, r.end) for r in windows] == ([(dev_lo, dev_hi)] if long else [])
+        assert all(r.flags & PTE_PWT for r in windows)
+        assert sum(r.end - r.start for r in ranges) == mem.size + sum(
+            r.end - r.start for r in windows
+        )
+        sup = [r for r in ranges if not r.flags & PTE_US and r not in windows]
         if mode.user:
             assert [(r.start, r.end) for r in sup] == [(layout.base, layout.end)]
         else:
@@ -1027,6 +1037,10 @@ def test_mode_identity_maps(mode, size, use_1g):
         )
         for a in sorted(probes):
             if mode is Mode.PAGED32 and a >= 1 << 32:
+                continue
+            if long and dev_lo <= a < dev_hi:
+                t = walk(a)
+                assert (t.gpa, t.writable, t.user) == (a, True, mode.user), hex(a)
                 continue
             if not mem.is_ram(a):
                 with pytest.raises(PageFault):
@@ -1191,7 +1205,8 @@ def test_kvm_translate_matches_kvmpy_identity_map(kvm, mode, memory):
             addrs.update({page, page + 0xFFF})
         addrs.update({1 << 32, 3 << 30, 0xFEE0_0000, 1 << 40, 0x0000_8000_0000_0000})
         valid, invalid = _compare_with_kvm(m, addrs)
-        assert valid == 2 * (size // PAGE_4K)
+        # RAM, and 3 GiB: the first device window (mapped for CPL3 drivers).
+        assert valid == 2 * (size // PAGE_4K) + 1
         # U/S: KVM_TRANSLATE does not report it, so check ours against the layout here and
         # against the CPU in test_kvm_cpl3_access_matches_translate.
         s = m.vcpus[0].fd.get_sregs()

@@ -11,6 +11,13 @@ from pathlib import Path
 from ..arch.x86.modes import Mode
 from ..errors import ConfigError
 from ..result import RunResult, StopReason
+from .virtio_opts import (
+    add_virtio_devices,
+    add_virtio_options,
+    connect_virtio,
+    render_stats,
+    virtio_specs,
+)
 
 
 def add_parser(sub) -> None:
@@ -52,6 +59,7 @@ def add_parser(sub) -> None:
         "--irqchip", action="store_true", help="create the in-kernel irqchip (LAPIC in x2APIC mode)"
     )
     add_mergeable_option(p)
+    add_virtio_options(p)
     p.set_defaults(func=cmd_run, parser=p)
 
 
@@ -150,6 +158,9 @@ def vm_config(args):
             given.append("--mergeable")
         if given:
             args.parser.error(f"{given[0]} conflicts with --config: put it in the config file")
+        if virtio_specs(args):
+            raise ConfigError("--disk, --rng and --console virtio conflict with --config: put "
+                              "the devices in the config file")  # fmt: skip
         config = VmConfig.load(args.config)
         if config.boot is None:
             raise ConfigError(f"{args.config} has no boot source ('boot')")
@@ -170,7 +181,7 @@ def vm_config(args):
                             irqchip=args.irqchip, accel=args.accel or "auto",
                             mergeable=args.mergeable)  # fmt: skip
     boot = ImageBoot(str(path.resolve()), args.load_addr, args.entry)
-    return VmConfig(machine, boot).validated()
+    return add_virtio_devices(VmConfig(machine, boot), args).validated()
 
 
 def cmd_run(args) -> int:
@@ -190,6 +201,7 @@ def cmd_run(args) -> int:
     with builder.build(config, console=out, capture_output=False) as machine:
         for vcpu in machine.vcpus:
             vcpu.trace = args.trace_exits
+        connect_virtio(machine, args)
         if args.control:
             from .ctl import run_with_control
 
@@ -197,12 +209,16 @@ def cmd_run(args) -> int:
         else:
             result = machine.run(timeout=args.timeout, handle_sigint=True)
         result.extra["accel"] = machine.accel
+        vset = getattr(machine, "virtio", None)
+        virtio = vset.stats() if vset is not None else None
     out.flush()
-    report(result, stats=args.stats, as_json=args.json, image=str(path), mode=mode)
+    report(result, stats=args.stats, as_json=args.json, image=str(path), mode=mode,
+           virtio=virtio)  # fmt: skip
     return result.process_exit_status
 
 
-def report(result: RunResult, *, stats: bool, as_json: bool, image: str, mode: Mode) -> None:
+def report(result: RunResult, *, stats: bool, as_json: bool, image: str, mode: Mode,
+           virtio: list[dict] | None = None) -> None:  # fmt: skip
     from rich.console import Console
 
     # Plain writes: guest-controlled text (disassembly like "[rax]") must not meet rich markup.
@@ -217,12 +233,16 @@ def report(result: RunResult, *, stats: bool, as_json: bool, image: str, mode: M
             err.print(table)
         if result.vcpu_stats:
             err.print(vcpu_table(result))
+        if virtio:
+            render_stats(virtio, err)
         err.print(
             f"{result.stats.total} exits in {result.duration_s * 1e3:.1f} ms; "
             f"stop: {result.stop_reason.value}, exit code {result.exit_code}"
         )
     if as_json:
         doc = {"image": image, "mode": mode.value, **result.to_dict()}
+        if virtio is not None:
+            doc["virtio"] = virtio
         sys.stdout.write(json.dumps(doc) + "\n")
         sys.stdout.flush()
 

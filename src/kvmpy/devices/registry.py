@@ -33,7 +33,7 @@ Factory = Callable[..., Any]
 
 _KINDS: dict[str, Factory] = {}
 #: Modules that register kvmpy's own device kinds.
-BUILTIN_MODULES: list[str] = []
+BUILTIN_MODULES: list[str] = ["kvmpy.vmm.virtio"]
 _loaded = False
 
 

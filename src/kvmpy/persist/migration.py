@@ -393,13 +393,16 @@ def _migrate(session, host, port, progress, goal_ms, rounds_limit) -> dict[str, 
             # The guest stopped when the vCPU left KVM_RUN, a little before this job started.
             t_stop = session.paused_at
             marks = {"job_start": time.monotonic()}
-            dirty = tracker.collect()
-            marks["dirty_log"] = time.monotonic()
-            pages, sent = sender.send_pages(dirty, rnd)
-            link.send(ROUND_END, RUN.pack(0, pages, rnd))
-            marks["pages_sent"] = time.monotonic()
-            st = state.capture(machine)
-            marks["state_captured"] = time.monotonic()
+            # Devices hold still from the last dirty pages to the state (virtio I/O threads
+            # write guest RAM on their own); they go on only if the VM stays here.
+            with state.devices_quiesced(machine, resume=lambda: not committed):
+                dirty = tracker.collect()
+                marks["dirty_log"] = time.monotonic()
+                pages, sent = sender.send_pages(dirty, rnd)
+                link.send(ROUND_END, RUN.pack(0, pages, rnd))
+                marks["pages_sent"] = time.monotonic()
+                st = state.capture(machine)
+                marks["state_captured"] = time.monotonic()
             link.send_json(STATE, st)
             link.expect(ROUND_ACK)  # the last round's, sent before the state was read
             ready = link.expect(READY_TO_RUN)

@@ -31,9 +31,12 @@ def take(
     `store`, its memory goes into that page store (store.py), shared with other snapshots."""
     t0 = time.perf_counter()
     lazy.settle(machine.memory)
-    st = state.capture(machine)
-    t_state = time.perf_counter()
-    res = format.write(path, st, machine.memory, store=store)
+    # Device I/O threads write guest RAM on their own: they hold still while the state and
+    # memory are written, so the two agree.
+    with state.devices_quiesced(machine):
+        st = state.capture(machine)
+        t_state = time.perf_counter()
+        res = format.write(path, st, machine.memory, store=store)
     total = (time.perf_counter() - t0) * 1e3
     extra = {"store": res.store} if res.store is not None else {}
     return {

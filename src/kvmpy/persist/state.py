@@ -16,6 +16,7 @@ vCPUs run).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import Any
@@ -76,6 +77,15 @@ def config_from_dict(d) -> VmConfig:
 
 
 # --- capture -------------------------------------------------------------------------------------
+
+
+def devices_quiesced(machine: Machine, resume=None):
+    """A context in which no device I/O thread touches guest RAM (the machine's virtio
+    devices, if any: kvmpy.vmm.virtio.VirtioSet.quiesced)."""
+    vset = getattr(machine, "virtio", None)
+    if vset is None:
+        return contextlib.nullcontext()
+    return vset.quiesced(resume=resume)
 
 
 def capture(machine: Machine) -> dict[str, Any]:

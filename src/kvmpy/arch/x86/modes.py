@@ -43,6 +43,8 @@ from .paging import (
     CR4_PSE,
     EFER_LMA,
     EFER_LME,
+    PTE_PCD,
+    PTE_PWT,
     PTE_RW,
     PTE_US,
     MapRange,
@@ -94,6 +96,11 @@ TSS_IOMAP_OFFSET = 104
 # 65536 ports / 8 bits, all zero (= allowed), plus the 0xFF terminator byte the CPU requires.
 TSS_IOMAP_BYTES = 8192 + 1
 TSS_SIZE = TSS_IOMAP_OFFSET + TSS_IOMAP_BYTES
+
+# The MMIO hole's device windows (vmm/resources.py hands them out): virtio-mmio registers,
+# PCI ECAM and BARs. The IOAPIC and LAPIC above them stay unmapped.
+DEVICE_WINDOW_START = 3 << 30
+DEVICE_WINDOW_END = 0xFEC0_0000
 
 USER_STACK_SIZE = 64 * 1024
 REAL_STACK_SIZE = 4 * 1024
@@ -186,6 +193,7 @@ def _free_spot(
 
 def _page_table_pages(mode: Mode, ram_top: int) -> int:
     if mode in (Mode.LONG, Mode.LONG_USER):
+        ram_top = max(ram_top, DEVICE_WINDOW_END)  # the device windows are mapped too
         # PML4 + PDPTs + one PD per GiB + page tables where 2 MiB chunks are mixed (system area,
         # stack, and the RAM tail).
         return 2 + (ram_top >> 39) + -(-ram_top // (1 << 30)) + 6
@@ -395,7 +403,7 @@ def _build_protected_or_long(
     sregs.cr4 = CR4_OSFXSR | CR4_OSXMMEXCPT
 
     if mode in (Mode.PAGED32, Mode.LONG, Mode.LONG_USER):
-        ranges = _map_ranges(memory, layout, user)
+        ranges = _map_ranges(memory, layout, user, devices=long)
         alloc = TableAllocator(page_tables_start(layout), layout.end, memory.write)
         if long:
             cr3 = build_identity_map_64(ranges, alloc, memory.write_u64, use_1g)
@@ -414,11 +422,21 @@ def _build_protected_or_long(
         regs.rflags |= RFLAGS_IOPL3
 
 
-def _map_ranges(memory: GuestMemory, layout: SystemLayout, user: bool) -> list[MapRange]:
+def _map_ranges(
+    memory: GuestMemory, layout: SystemLayout, user: bool, devices: bool = False
+) -> list[MapRange]:
     """All RAM identity-mapped read/write; in long-user mode the system area is supervisor-only
-    so a CPL3 bug cannot overwrite the IDT or page tables, and faults instead."""
+    so a CPL3 bug cannot overwrite the IDT or page tables, and faults instead.
+
+    With `devices` (64-bit modes), the device windows of the MMIO hole too: uncached (PCD|PWT,
+    so every access reaches the device in order) and, in long-user mode, user-accessible, so
+    a CPL3 driver reaches virtio-mmio registers and PCI BARs without a ring-0 detour."""
     rw_user = PTE_RW | PTE_US
     ranges: list[MapRange] = []
+    if devices:
+        flags = PTE_RW | PTE_PCD | PTE_PWT | (PTE_US if user else 0)
+        if not any(r.gpa < DEVICE_WINDOW_END and r.end > DEVICE_WINDOW_START for r in memory):
+            ranges.append(MapRange(DEVICE_WINDOW_START, DEVICE_WINDOW_END, flags))
     for region in memory:
         if user and region.gpa <= layout.base < region.end:
             if region.gpa < layout.base:
