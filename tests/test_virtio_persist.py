@@ -12,6 +12,7 @@ from kvmpy.benchmarks.virtio import _HEAD, _JOB, VBENCH_MAGIC
 from kvmpy.machine import Machine, MachineConfig
 from kvmpy.persist import snapshot
 from kvmpy.sdk.examples import find_example
+
 from .test_persist import run_and_take
 
 pytestmark = pytest.mark.kvm
