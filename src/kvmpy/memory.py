@@ -291,6 +291,36 @@ class GuestMemory:
                 return r.gpa + (hva - r.hva)
         raise GuestMemoryError(f"host address {hva:#x} is not guest RAM")
 
+    # --- giving memory back ---------------------------------------------------------------------
+
+    def discard(self, gpa: int, length: int) -> bool:
+        """Give whole pages of this machine's own RAM back to the host (a balloon, free page
+        reporting): MADV_DONTNEED on anonymous memory, a punched hole in a memfd. The guest
+        reads zeros there afterwards. Does nothing and returns False for a range that is not
+        page-aligned, not inside one region, or in a region that is not this machine's own
+        (a file or memory shared with another process, read-only memory): a guest-supplied
+        range can never make the VMM release memory outside its RAM."""
+        if length <= 0 or gpa % PAGE_SIZE or length % PAGE_SIZE:
+            return False
+        try:
+            r = self.region_at(gpa, length)
+        except GuestMemoryError:
+            return False
+        if r.readonly or not (r.anonymous or r.owns_fd):
+            return False
+        off = gpa - r.gpa
+        try:
+            if r.anonymous:
+                _sys.madvise(r.hva + off, length, _sys.MADV_DONTNEED)
+            else:
+                _sys.punch_hole(r.fd, r.fd_offset + off, length)
+        except OSError as e:
+            log.debug("discarding %#x+%#x failed: %s", gpa, length, e)
+            return False
+        if self.on_write is not None:  # a live migration must resend them (as zero pages)
+            self.on_write(gpa, length)
+        return True
+
     # --- access --------------------------------------------------------------------------------
 
     def view(self, gpa: int, length: int) -> memoryview:

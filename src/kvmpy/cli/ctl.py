@@ -51,6 +51,17 @@ def add_parser(sub) -> None:
     m.add_argument("--downtime-ms", type=float, metavar="MS", help="downtime goal (default 30)")
     m.add_argument("--max-rounds", type=int, metavar="N", help="pre-copy round limit (default 30)")
     ops.add_parser("stop", parents=[common], help="stop the VM (as Ctrl-C would)")
+    b = ops.add_parser(
+        "balloon",
+        parents=[common],
+        help="ask the guest for memory back through its virtio balloon, or show it",
+        description="Set the VM's balloon (kvmpy run ... --balloon) to SIZE: the guest gives "
+        "that much of its memory back to the host (0: the balloon gives it all back to the "
+        "guest). Without SIZE, show the balloon, the guest's memory statistics and what its "
+        "RAM occupies on the host. The guest inflates or deflates on its own time: run it "
+        "again to see where it got.",
+    )
+    b.add_argument("size", metavar="SIZE", nargs="?", help="e.g. 256M, 1G, 0")
     p.set_defaults(func=cmd_ctl)
 
 
@@ -68,6 +79,10 @@ def cmd_ctl(args) -> int:
             op_args["downtime_ms"] = args.downtime_ms
         if args.max_rounds is not None:
             op_args["max_rounds"] = args.max_rounds
+    elif args.op == "balloon" and args.size is not None:
+        from ..memory import parse_size
+
+        op_args["size"] = parse_size(args.size)
     if args.op == "migrate":
         with _MigrationProgress() as shown:
             result = request(args.socket, "migrate", op_args, progress=shown.update)
@@ -115,6 +130,19 @@ def _show(op: str, r: dict) -> None:
                 f"{r['pages_written']} of {r['pages_total']} pages, "
                 f"{r['disk_bytes'] / (1 << 20):.1f} MiB on disk"
             )
+    elif op == "balloon":
+        ram = r.get("ram") or {}
+        print(
+            f"balloon: target {_mib(r['target_bytes'])}, the guest holds {_mib(r['actual_bytes'])}"
+            f" in it ({_mib(r['ballooned_bytes'])} given back); free page reporting gave back "
+            f"{_mib(r['reported_bytes'])}; guest RAM resident: {_mib(ram.get('rss_bytes', 0))}"
+            + ("" if r.get("driver") else " (no driver running in the guest)")
+        )
+        gs = r.get("guest_stats") or {}
+        if gs:
+            print("guest: " + ", ".join(
+                f"{k.replace('_', ' ')} {_mib(v) if k.endswith('memory') or k == 'disk_caches' else v}"
+                for k, v in gs.items()))  # fmt: skip
     elif op == "migrate":
         print(
             f"migrated to {r['destination']} in {r['total_s']:.3f} s: {r['rounds']} rounds "

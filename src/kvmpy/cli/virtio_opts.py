@@ -16,6 +16,9 @@ def add_virtio_options(p) -> None:
                    help="a virtio-blk disk on a raw image (repeatable); ro: read-only; id: "
                    "what GET_ID returns; irq-cpu=N: the vCPU that takes its interrupts")  # fmt: skip
     g.add_argument("--rng", action="store_true", help="a virtio entropy device (host getrandom)")
+    g.add_argument("--balloon", action="store_true",
+                   help="a virtio balloon: the guest can give memory back (kvmpy ctl SOCK "
+                   "balloon SIZE; free page reporting); docs/memory.md")  # fmt: skip
     g.add_argument("--console", choices=["serial", "virtio"], default="serial",
                    help="virtio: a virtio console (hvc0) on stdin/stdout; serial (default): "
                    "kvmpy's port console only")  # fmt: skip
@@ -34,6 +37,8 @@ def virtio_specs(args) -> list:
         specs.append(DeviceSpec("rng"))
     if args.console == "virtio":
         specs.append(DeviceSpec("console"))
+    if getattr(args, "balloon", False):
+        specs.append(DeviceSpec("balloon"))
     return specs
 
 
@@ -82,6 +87,8 @@ def add_virtio_devices(config, args):
             config = config.with_device("virtio-blk", ident, **args_)
         elif spec.kind == "rng":
             config = config.with_device("virtio-rng", None, **args_)
+        elif spec.kind == "balloon":
+            config = config.with_device("virtio-balloon", "balloon0", **args_)
         else:
             config = config.with_device("virtio-console", None, **args_)
     return config
@@ -119,7 +126,18 @@ def render_stats(stats: list[dict], console) -> None:
     for s in stats:
         detail = ", ".join(
             f"{k} {s[k]}"
-            for k in ("bytes_read", "bytes_written", "bytes", "bytes_out", "bytes_in", "io_errors")
+            for k in (
+                "bytes_read",
+                "bytes_written",
+                "bytes",
+                "bytes_out",
+                "bytes_in",
+                "io_errors",
+                "ballooned_pages",
+                "reported_bytes",
+                "refused_pfns",
+                "refused_ranges",
+            )
             if s.get(k)
         )
         if s.get("needs_reset"):

@@ -78,3 +78,31 @@ def set_params(machine, params: FillParams) -> None:
     if image is None or SYMBOL not in (image.symbols or {}):
         raise BadImage("the loaded image is not the ksm-fill example (no ksmfill_params)")
     machine.memory.write(image.symbols[SYMBOL], params.check().pack())
+
+
+# --- the virtio-balloon example (guest/examples/virtio-balloon.c) ---------------------------------
+
+BALLOON_SYMBOL = "balloon_params"
+BALLOON_MAGIC = 0x316E6F6F6C6C6142  # "Balloon1"
+
+
+@dataclass(frozen=True)
+class BalloonParams:
+    work_pages: int = 4096  # pages the guest uses, then frees
+    report: int = 1  # report the freed pages (free page reporting)
+    report_delay: int = 0  # TSC cycles between freeing and reporting
+    hold: int = 1  # then serve the balloon forever
+    ram_bytes: int = 0  # "total memory" in its statistics
+
+    def pack(self) -> bytes:
+        return struct.pack("<6Q", BALLOON_MAGIC, *astuple(self))
+
+
+def balloon_image(dst, params: BalloonParams):
+    """A copy of the virtio-balloon example with `params` built in."""
+    from ..loader import patch_symbol
+    from ..sdk.examples import find_example
+
+    example = find_example("virtio-balloon")
+    assert example is not None
+    return patch_symbol(example.build(), dst, BALLOON_SYMBOL, params.pack())

@@ -91,6 +91,7 @@ class Plan:
     scenarios: tuple[Scenario, ...]
     poll_s: float = 0.1
     store: dict[str, Any] = field(default_factory=dict)
+    balloon: dict[str, Any] = field(default_factory=dict)
 
 
 def plan(kind: str = "default", runs: int | None = None) -> Plan:
@@ -101,7 +102,8 @@ def plan(kind: str = "default", runs: int | None = None) -> Plan:
         return Plan("quick", Sizes(512, 128, 128, 128, "32M"), (
             Scenario("tuned", 3, TUNED, r, 20.0),
         ), poll_s=0.1, store={"vms": 3, "successive": 3, "memory": "16M",
-                              "work_bytes": 4 << 20, "dirty_pages": 1, "interval_s": 0.2})  # fmt: skip
+                              "work_bytes": 4 << 20, "dirty_pages": 1, "interval_s": 0.2},
+            balloon={"pages": 2048, "memory": "32M", "settle_s": 0.5})  # fmt: skip
     r = runs or 3
     scenarios = [
         Scenario("tuned", 8, TUNED, r, 30.0),
@@ -116,7 +118,8 @@ def plan(kind: str = "default", runs: int | None = None) -> Plan:
                 r, 90.0))  # fmt: skip
     store = {"vms": 8, "successive": 10, "memory": "64M", "work_bytes": 32 << 20,
              "dirty_pages": 4, "interval_s": 0.25}  # fmt: skip
-    return Plan(kind, Sizes(), tuple(scenarios), store=store)
+    balloon = {"pages": 16384, "memory": "128M", "settle_s": 1.0}
+    return Plan(kind, Sizes(), tuple(scenarios), store=store, balloon=balloon)
 
 
 # --- saving and restoring the host's settings ------------------------------------------------------
@@ -571,7 +574,7 @@ def run_lab(
                            "goal": {"fraction": GOAL_FRACTION, "seconds": GOAL_SECONDS}}  # fmt: skip
     if recovered:
         doc["recovered_settings"] = recovered
-    total = sum(s.runs for s in p.scenarios) + 1
+    total = sum(s.runs for s in p.scenarios) + 2
     done = 0
     with host_settings_kept(ksm) as saved:
         doc["host"] = host_info(saved)
@@ -590,6 +593,10 @@ def run_lab(
         if progress:
             progress(done, total, "snapshot store")
         doc["store"] = store_study(p, image, work)
+        done += 1
+        if progress:
+            progress(done, total, "giving memory back: balloon, free page reporting")
+        doc["balloon"] = balloon_study(p.balloon, work)
         done += 1
     doc["host"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     doc["host"]["ksm_settings_after"] = ksm.save()
@@ -705,3 +712,122 @@ def _successive(cfg: dict, work: Path) -> dict[str, Any]:
         "snapshot_ms_median": statistics.median(s["snapshot_ms"] for s in steps),
         "plain_snapshot_ms_median": statistics.median(s["plain_snapshot_ms"] for s in steps),
     }  # fmt: skip
+
+
+# --- giving memory back: the balloon and free page reporting -------------------------------------
+
+
+def balloon_study(cfg: dict, work: Path) -> dict[str, Any]:
+    """Two VMs running the virtio-balloon example: each uses `pages` pages and frees them; one
+    reports them to the host (free page reporting), the other gives them back when the host
+    inflates its balloon (`kvmpy ctl SOCK balloon SIZE`), and later deflates it. The guest
+    RAM's resident size is sampled all along (`kvmpy ctl SOCK stats`, 50 ms apart)."""
+    from ..machine import Machine, MachineConfig
+
+    with Machine(MachineConfig(memory="2M", accel="kvm")) as m:
+        khz = m.vcpus[0].fd.get_tsc_khz()
+    out = {"pages": cfg["pages"], "memory": cfg["memory"], "variants": []}
+    for variant in ("free page reporting", "balloon"):
+        out["variants"].append(_balloon_vm(cfg, work, variant, khz))
+    return out
+
+
+def _balloon_vm(cfg: dict, work: Path, variant: str, khz: int) -> dict[str, Any]:
+    from ..memory import parse_size
+    from ..persist.control import request
+    from .guest import BalloonParams, balloon_image
+
+    reporting = variant == "free page reporting"
+    settle = cfg["settle_s"]
+    tag = "report" if reporting else "balloon"
+    params = BalloonParams(work_pages=cfg["pages"], report=int(reporting),
+                           report_delay=int(khz * 1000 * settle), hold=1,
+                           ram_bytes=parse_size(cfg["memory"]))  # fmt: skip
+    image = balloon_image(work / f"{tag}.elf", params)
+    sock = work / f"{tag}.sock"
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
+    with open(work / f"{tag}.err", "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvmpy", "run", str(image), "--balloon", "--irqchip",
+             "--mem", cfg["memory"], "--control", str(sock)],
+            stdout=subprocess.PIPE, stderr=err, start_new_session=True, env=env,
+        )  # fmt: skip
+    events: list[tuple[float, str]] = []
+    t0 = time.monotonic()
+
+    def read() -> None:
+        for line in proc.stdout:
+            events.append((round(time.monotonic() - t0, 3), line.decode(errors="replace").strip()))
+
+    threading.Thread(target=read, daemon=True).start()
+    samples: list[tuple[float, int]] = []
+
+    def sample() -> None:
+        try:
+            st = request(sock, "stats", timeout=10)
+        except KvmpyError:
+            return
+        samples.append((round(time.monotonic() - t0, 3), st["ram"]["rss_bytes"]))
+
+    def until(pred, limit: float) -> None:
+        deadline = time.monotonic() + limit
+        while not pred():
+            if proc.poll() is not None:
+                raise LabError(
+                    f"the balloon VM stopped: {(work / f'{tag}.err').read_text()[-300:]}"
+                )
+            if time.monotonic() > deadline:
+                raise LabError(f"the balloon VM ({variant}) did not get there in {limit:.0f} s")
+            if sock.exists():
+                sample()
+            time.sleep(0.05)
+
+    def saw(word: str):
+        return lambda: any(word in text for _, text in events)
+
+    actions = []
+    try:
+        until(saw("freed"), 120)
+        if reporting:
+            until(saw("reported"), 60)
+        else:
+            hold = time.monotonic() + settle
+            until(lambda: time.monotonic() > hold, 60)
+            size = cfg["pages"] * PAGE_SIZE
+            actions.append((round(time.monotonic() - t0, 3), f"balloon {size >> 20}M"))
+            request(sock, "balloon", {"size": size}, timeout=10)
+            until(lambda: request(sock, "balloon", timeout=10)["actual_bytes"] >= size, 60)
+            hold = time.monotonic() + settle
+            until(lambda: time.monotonic() > hold, 60)
+            actions.append((round(time.monotonic() - t0, 3), "balloon 0"))
+            request(sock, "balloon", {"size": 0}, timeout=10)
+            until(lambda: request(sock, "balloon", timeout=10)["actual_bytes"] == 0, 60)
+        hold = time.monotonic() + settle
+        until(lambda: time.monotonic() > hold, 60)
+        final = request(sock, "balloon", timeout=10)
+    finally:
+        with contextlib.suppress(KvmpyError):
+            request(sock, "stop", timeout=10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    # The moment memory went back: the report, or the host's request.
+    t_back = (next(t for t, text in events if "reported" in text) if reporting
+              else actions[0][0])  # fmt: skip
+    before = [r for t, r in samples if t <= t_back]
+    return {
+        "variant": variant,
+        "samples": samples,
+        "events": events,
+        "actions": actions,
+        "rss_peak_bytes": max(r for _, r in samples),
+        "rss_freed_bytes": before[-1] if before else None,
+        "rss_end_bytes": samples[-1][1],
+        "reported_bytes": final["reported_bytes"],
+        "discarded_bytes": final["discarded_bytes"],
+        "guest_stats": final["guest_stats"],
+    }

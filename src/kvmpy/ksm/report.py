@@ -104,6 +104,31 @@ def plots(doc: dict, out: Path) -> list[Path]:
         files.append(save_figure(fig, out / "cow.png", error=LabError))
         plt.close(fig)
 
+    bl = doc.get("balloon")
+    if bl and bl.get("variants"):
+        fig, axes = plt.subplots(1, len(bl["variants"]), figsize=(10, 4), sharey=True)
+        for ax, v in zip(axes, bl["variants"], strict=True):
+            t = [s[0] for s in v["samples"]]
+            ax.plot(t, [s[1] / MIB for s in v["samples"]], "-", color="#1f77b4")
+            for when, text in v["events"]:
+                for word in ("touched", "freed", "reported", "balloon at"):
+                    if word in text:
+                        ax.axvline(when, color="grey", ls=":", lw=1)
+                        ax.annotate(word, (when, 0.98), xycoords=("data", "axes fraction"),
+                                    rotation=90, fontsize=7, va="top")  # fmt: skip
+            for when, text in v["actions"]:
+                ax.axvline(when, color="#d62728", ls="--", lw=1)
+                ax.annotate(f"host: {text}", (when, 0.5), xycoords=("data", "axes fraction"),
+                            rotation=90, fontsize=7, va="center", color="#d62728")  # fmt: skip
+            ax.set_title(v["variant"])
+            ax.set_xlabel("seconds since the VM started")
+            ax.grid(True, alpha=0.3)
+        axes[0].set_ylabel("guest RAM resident on the host (MiB)")
+        fig.suptitle("Giving memory back: RSS as the guest uses, frees and returns memory")
+        fig.tight_layout()
+        files.append(save_figure(fig, out / "balloon.png", error=LabError))
+        plt.close(fig)
+
     store = doc.get("store")
     if store and store.get("series"):
         fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -233,6 +258,8 @@ def render(doc: dict, images: list[str]) -> str:
 
     if doc.get("store"):
         add(render_store(doc["store"]))
+    if doc.get("balloon"):
+        add(render_balloon(doc["balloon"]))
     for img in images:
         add(f"![{img}]({img})\n")
     return "\n".join(lines)
@@ -283,5 +310,34 @@ def render_store(st: dict[str, Any]) -> str:
                    f"**{100 * saved:.0f}% saved** ({last['logical_bytes'] / max(last['store_bytes'], 1):.1f}x). "
                    f"Separate snapshot directories would take {last['plain_bytes'] / MIB:.1f} MiB. "
                    f"Median snapshot time {series['snapshot_ms_median']:.0f} ms.")  # fmt: skip
+    out.append("")
+    return "\n".join(out)
+
+
+def render_balloon(bl: dict[str, Any]) -> str:
+    out = ["## Giving memory back: the balloon and free page reporting\n"]
+    out.append(f"Two VMs ({bl['memory']} each, `--balloon --irqchip`) run the `virtio-balloon` "
+               f"example: each uses {bl['pages']} pages ({bl['pages'] * 4096 / MIB:.0f} MiB), "
+               "frees them, and waits in `hlt` for the host. What their RAM occupies on the host "
+               "(RSS of the guest RAM mapping, from `kvmpy ctl SOCK stats`) was sampled every "
+               "50 ms; balloon.png shows it over time.\n")  # fmt: skip
+    for v in bl["variants"]:
+        peak, at_free, end = (v[k] / MIB for k in ("rss_peak_bytes", "rss_freed_bytes",
+                                                     "rss_end_bytes"))  # fmt: skip
+        if v["variant"] == "balloon":
+            how = ("freeing alone gave nothing back; the host then asked for the memory "
+                   f"(`kvmpy ctl SOCK balloon {bl['pages'] * 4096 >> 20}M`), the guest inflated "
+                   "its balloon with the freed pages and the device discarded them; deflating "
+                   "later (`balloon 0`) gives the guest its pages back without touching the host's "
+                   "memory until the guest uses them")  # fmt: skip
+        else:
+            how = (
+                "the guest reported the freed pages on its own, 2 MiB at a time, and the "
+                f"device discarded them ({v['reported_bytes'] / MIB:.0f} MiB reported)"
+            )
+        out.append(
+            f"* **{v['variant']}**: RSS {peak:.1f} MiB at its peak, {at_free:.1f} MiB "
+            f"when the guest had freed its memory, {end:.1f} MiB at the end: {how}."
+        )
     out.append("")
     return "\n".join(out)
