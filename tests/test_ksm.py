@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -356,3 +357,36 @@ def test_two_vms_share_their_identical_pages_and_ctl_stats_show_it(hashchain, tm
             p.wait()
         assert ksm.restore(saved) == []
     assert ksm.save() == saved
+
+
+@pytest.mark.kvm
+@pytest.mark.timeout(180)
+def test_a_mergeable_vm_migrates(tmp_path, gcc_available):
+    """Live migration reads anonymous RAM through pagemap, and the destination, built from
+    the same VmConfig, has mergeable RAM too."""
+    import contextlib
+
+    from kvmpy.machine import Machine, MachineConfig
+    from kvmpy.persist.guest import HashchainParams, write_image
+
+    from .test_persist import receiver, running, split_json
+
+    image = write_image(tmp_path / "hc.elf", HashchainParams(
+        work_bytes=2 << 20, lines=300, rounds_per_line=200_000, memsum_every=25))  # fmt: skip
+    with Machine(MachineConfig(mode="long-user", memory="16M", mergeable=True)) as m:
+        m.load_file(image)
+        reference = m.run(timeout=120).output
+    sock = tmp_path / "vm.sock"
+    with contextlib.ExitStack() as stack:
+        dst, port = stack.enter_context(receiver("--json"))
+        src = stack.enter_context(running(image, sock, "--json", "--mergeable", "--mem", "16M"))
+        time.sleep(0.3)
+        mig = subprocess.run([*KVMPY, "ctl", sock, "migrate", f"127.0.0.1:{port}"],
+                             capture_output=True, timeout=120)  # fmt: skip
+        assert mig.returncode == 0, mig.stderr.decode()
+        src_out, _ = src.communicate(timeout=120)
+        dst_out, dst_err = dst.communicate(timeout=120)
+    before, _ = split_json(src_out)
+    after, doc = split_json(dst_out)
+    assert doc["stop_reason"] == "exit", dst_err
+    assert before + after == reference and 0 < len(before) < len(reference)

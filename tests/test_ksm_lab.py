@@ -71,7 +71,8 @@ def test_quick_lab_measures_merging_and_restores_the_host(tmp_path, env):
                        capture_output=True, text=True, timeout=170)  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert ksm.save() == before
-    for name in ("report.md", "merge.png", "cpu.png", "cow.png", "results.json"):
+    for name in ("report.md", "merge.png", "cpu.png", "cow.png", "store.png", "balloon.png",
+                 "results.json"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
     doc = json.loads((out / "results.json").read_text())
     assert doc["host"]["ksm_settings_before"] == before == doc["host"]["ksm_settings_after"]
@@ -91,7 +92,16 @@ def test_quick_lab_measures_merging_and_restores_the_host(tmp_path, env):
     assert speed["write_merged_us"]["median"] > 10 * speed["write_again_us"]["median"]
     report = (out / "report.md").read_text()
     assert "**Goal**" in report and "after the lab: identical" in report
-    assert not labvms(out / ".work")
+    assert not labvms(out / ".work") and not (out / ".work").exists()
+    # Deduplicated snapshots: identical guests share their identical pages in the store.
+    ident, succ = doc["store"]["series"]
+    last = ident["steps"][-1]
+    assert last["unique_pages"] < last["logical_bytes"] // 4096
+    assert last["store_bytes"] < last["plain_bytes"]
+    assert len(succ["steps"]) == 3 and succ["steps"][1]["pages_new"] < succ["steps"][1]["pages"]
+    # Giving memory back: both ways end with the freed memory off the host.
+    for v in doc["balloon"]["variants"]:
+        assert v["rss_freed_bytes"] > 6 << 20 and v["rss_end_bytes"] < 2 << 20, v["variant"]
 
 
 @pytest.mark.timeout(180)
