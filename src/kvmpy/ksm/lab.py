@@ -819,7 +819,10 @@ def _balloon_vm(cfg: dict, work: Path, variant: str, khz: int) -> dict[str, Any]
     t_back = (next(t for t, text in events if "reported" in text) if reporting
               else actions[0][0])  # fmt: skip
     before = [r for t, r in samples if t <= t_back]
+    freed = before[-1] if before else None
+    back = next((t for t, r in samples if t > t_back and freed and r < freed / 10), None)
     return {
+        "give_back_s": round(back - t_back, 3) if back is not None else None,
         "variant": variant,
         "samples": samples,
         "events": events,

@@ -298,6 +298,13 @@ def _cow_text(s: dict) -> str:
             "per page per merge.")  # fmt: skip
 
 
+def _median_new(series: dict) -> str:
+    import statistics
+
+    later = [s["pages_new"] for s in series["steps"][1:]]
+    return f"{statistics.median(later):.0f}" if later else "n/a"
+
+
 def render_store(st: dict[str, Any]) -> str:
     out = ["## Deduplicated snapshots\n"]
     for series in st.get("series", []):
@@ -309,7 +316,9 @@ def render_store(st: dict[str, Any]) -> str:
                    f"{last['store_bytes'] / MIB:.1f} MiB on disk: "
                    f"**{100 * saved:.0f}% saved** ({last['logical_bytes'] / max(last['store_bytes'], 1):.1f}x). "
                    f"Separate snapshot directories would take {last['plain_bytes'] / MIB:.1f} MiB. "
-                   f"Median snapshot time {series['snapshot_ms_median']:.0f} ms.")  # fmt: skip
+                   f"Each snapshot after the first added a median of {_median_new(series)} new "
+                   f"pages. Median snapshot time {series['snapshot_ms_median']:.0f} ms into the "
+                   f"store, {series['plain_snapshot_ms_median']:.0f} ms as a plain snapshot.")  # fmt: skip
     out.append("")
     return "\n".join(out)
 
@@ -335,9 +344,17 @@ def render_balloon(bl: dict[str, Any]) -> str:
                 "the guest reported the freed pages on its own, 2 MiB at a time, and the "
                 f"device discarded them ({v['reported_bytes'] / MIB:.0f} MiB reported)"
             )
+        took = v.get("give_back_s")
         out.append(
-            f"* **{v['variant']}**: RSS {peak:.1f} MiB at its peak, {at_free:.1f} MiB "
-            f"when the guest had freed its memory, {end:.1f} MiB at the end: {how}."
+            f"* **{v['variant']}**: RSS {peak:.1f} MiB at its peak, still {at_free:.1f} MiB "
+            f"after the guest had freed its memory, {end:.1f} MiB at the end"
+            + (
+                f" ({took:.2f} s after the {'report' if v['variant'] != 'balloon' else 'request'}"
+                ", at the 50 ms sampling)"
+                if took is not None
+                else ""
+            )
+            + f": {how}."
         )
     out.append("")
     return "\n".join(out)
