@@ -49,8 +49,12 @@ PAGE_SIZE = 4096
 COUNTERS = struct.Struct("<8Q")
 FAULTS, COPIED, ZEROED, CHUNKS, FIRST_NS, STATE, POPULATED, READY = range(8)
 ERROR_AT = 256
+#: A byte the VMM sets once it has asked its vCPUs to stop after a failure.
+STOPPING_AT = 200
 STATUS_SIZE = PAGE_SIZE
 STATE_FAILED = 2
+#: After a failure, how long the handler keeps faults blocked waiting for the VMM's stop.
+FAIL_HOLD_S = 5.0
 SETUP = struct.Struct("<III")  # JSON length, index length, data descriptors
 EXTENT = struct.Struct("<QII")  # as memfile.EXTENT
 STORE_RECORD = struct.Struct("<QII32s")  # logical page, pack, slot in the pack, SHA-256
@@ -130,6 +134,7 @@ def main() -> None:
     handler = _Handler(Userfaultfd(uffd), sock, data_fds, status, json.loads(rest[:json_len]),
                        rest[json_len:])  # fmt: skip
     handler.counters[READY] = ready
+    handler.vmm_pid = parent
     os._exit(handler.run())
 
 
@@ -149,6 +154,7 @@ class _Handler:
         self.sock = sock
         self.fds = data_fds
         self.status = status
+        self.vmm_pid = os.getppid()
         self.regions = [tuple(r) for r in header["regions"]]  # (hva, size, logical base)
         self.chunk_pages = header["chunk_pages"]
         self.store = header.get("store")  # the page store's path, for messages
@@ -175,11 +181,26 @@ class _Handler:
             return 0
         except Exception as e:  # the VMM reports it; there is no one else to tell
             msg = str(e) if isinstance(e, SnapshotError) else f"lazy restore failed: {e!r}"
-            self.counters[STATE] = STATE_FAILED
-            self._publish()
             data = msg.encode()[: STATUS_SIZE - ERROR_AT - 1] + b"\0"
             self.status[ERROR_AT : ERROR_AT + len(data)] = data
+            self.counters[STATE] = STATE_FAILED
+            self._publish()
+            self._hold_until_stopped()
             return 1
+
+    def _hold_until_stopped(self) -> None:
+        """Exiting releases the userfaultfd, and a fault still waiting would then get a zero
+        page and the guest run on with it (seen here: a memsum line computed over zeros). So
+        the unserved faults stay blocked until the VMM has asked its vCPUs to stop: it is
+        told with SIGCHLD (which it handles) and says so in the status page; its kicks are
+        then pending, and a vCPU leaves KVM_RUN before it runs the guest again."""
+        try:
+            os.kill(self.vmm_pid, signal.SIGCHLD)
+        except OSError:
+            return
+        deadline = time.monotonic() + FAIL_HOLD_S
+        while not self.status[STOPPING_AT] and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def _publish(self) -> None:
         COUNTERS.pack_into(self.status, 0, *self.counters)

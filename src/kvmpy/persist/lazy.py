@@ -65,6 +65,7 @@ class LazyLoader:
         self.memory = memory
         self.closed = False
         self.on_error = on_error
+        self._reported = False
         self._expect_exit = False
         self._old_sigchld = None
         self.process = process or H.HandlerProcess.start()
@@ -105,6 +106,12 @@ class LazyLoader:
         pid = self.process.pid
         if self._expect_exit or self.closed or pid <= 0:
             return
+        # A failed check: the handler keeps the faults blocked until the vCPUs are told to
+        # stop (handler.py, _hold_until_stopped), then exits.
+        error = self.error
+        if error is not None and not self._reported:
+            self._report(error)
+            self._status[H.STOPPING_AT] = 1
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
@@ -113,8 +120,13 @@ class LazyLoader:
             self.process.pid = 0  # reaped
             self.closed = True
             _active.pop(self.memory, None)
+            self._report(self.error or "the lazy-restore handler process died")
+
+    def _report(self, message: str) -> None:
+        if not self._reported:
+            self._reported = True
             if self.on_error is not None:
-                self.on_error(self.error or "the lazy-restore handler process died")
+                self.on_error(message)
 
     @property
     def error(self) -> str | None:
