@@ -314,6 +314,12 @@ class Fleet:
 # --- one run -------------------------------------------------------------------------------------
 
 
+def _with_advisor_off(ksm: Ksm, settings: dict) -> dict:
+    """The scenario's settings, with the kernel's advisor off where there is one (it would
+    set pages_to_scan itself, and the kernel refuses ours while it is on)."""
+    return {"advisor_mode": "none", **settings} if ksm.has("advisor_mode") else dict(settings)
+
+
 #: pages_shared when the lab started: what other processes had merged.
 _baseline_shared: list[int] = []
 
@@ -325,7 +331,7 @@ def _retire_stale(ksm: Ksm, settings: dict) -> None:
     pages_shared is back where it was when the lab started (at most 20 s)."""
     if not _baseline_shared or ksm.counters().get("pages_shared", 0) <= _baseline_shared[0]:
         return
-    ksm.set(**settings, run=1)
+    ksm.set(**_with_advisor_off(ksm, settings), run=1)
     deadline = time.monotonic() + 20
     while (ksm.counters().get("pages_shared", 0) > _baseline_shared[0]
            and time.monotonic() < deadline):  # fmt: skip
@@ -388,7 +394,7 @@ def measure_run(
         cpu0 = ksmd_cpu_seconds()
         before = ksm.counters()
         t0 = time.monotonic()
-        ksm.set(**scenario.settings, run=1)
+        ksm.set(**_with_advisor_off(ksm, scenario.settings), run=1)
         target = sizes.identical * scenario.vms
         samples = [_sample(fleet, ksm, t0, cpu0, smaps=True)]
         last_total, last_change = 0, 0.0
