@@ -390,3 +390,17 @@ def test_a_mergeable_vm_migrates(tmp_path, gcc_available):
     after, doc = split_json(dst_out)
     assert doc["stop_reason"] == "exit", dst_err
     assert before + after == reference and 0 < len(before) < len(reference)
+
+
+def test_lab_plans_and_vm_count(tmp_path, capsys):
+    from kvmpy.ksm.lab import plan
+
+    assert [s.vms for s in plan("default").scenarios] == [8, 8]
+    full = plan("full")
+    assert {s.vms for s in full.scenarios} == {2, 4, 8, 16}
+    assert [s.vms for s in plan("default", vms=4).scenarios] == [4, 4]
+    assert plan("quick", runs=2).scenarios[0].runs == 2
+    for bad in ("1", "17"):
+        assert main(["lab", "ksm", "--vms", bad, "--out", str(tmp_path / "x")]) == 1
+        assert "the lab runs 2 to 16 VMs" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything was made

@@ -108,17 +108,21 @@ def _add_ksm(labs) -> None:
         "--quick", action="store_true", help="3 small VMs, one run: under a minute (for CI)"
     )
     p.add_argument("--runs", type=positive_int, help="runs per scenario (default 3; quick 1)")
+    p.add_argument(
+        "--vms", type=positive_int, metavar="N", help="VMs in the main scenarios (2-16; default 8)"
+    )
     p.set_defaults(func=cmd_lab_ksm)
 
 
 def cmd_lab_ksm(args) -> int:
-    from ..ksm.lab import run_lab
+    from ..ksm.lab import plan, run_lab
 
-    out = _out_dir(args.out)
     kind = "full" if args.full else "quick" if args.quick else "default"
+    plan(kind, args.runs, args.vms)  # a bad --vms is refused before anything starts
+    out = _out_dir(args.out)
     progress = _progress() if sys.stderr.isatty() else None
     try:
-        doc, files = run_lab(out, kind, args.runs, progress)
+        doc, files = run_lab(out, kind, args.runs, progress, vms=args.vms)
     except KeyboardInterrupt:
         print("kvmpy: interrupted; the host's KSM settings are back as they were", file=sys.stderr)
         return 130

@@ -94,9 +94,27 @@ class Plan:
     balloon: dict[str, Any] = field(default_factory=dict)
 
 
-def plan(kind: str = "default", runs: int | None = None) -> Plan:
+MIN_VMS, MAX_VMS = 2, 16
+
+
+def plan(kind: str = "default", runs: int | None = None, vms: int | None = None) -> Plan:
     """`quick` (CI, under a minute), `default` (the goal: 8 VMs, tuned, and the kernel's
-    defaults), `full` (also 2-16 VMs and a pages_to_scan sweep)."""
+    defaults), `full` (also 2-16 VMs and a pages_to_scan sweep). `vms` changes the VM count
+    of the main scenarios."""
+    if vms is not None and not MIN_VMS <= vms <= MAX_VMS:
+        raise LabError(f"the lab runs {MIN_VMS} to {MAX_VMS} VMs (got {vms})")
+    p = _plan(kind, runs)
+    if vms is None:
+        return p
+    main = ("tuned", "kernel defaults")
+    scenarios = tuple(
+        Scenario(sc.name, vms, sc.settings, sc.runs, sc.timeout_s) if sc.name in main else sc
+        for sc in p.scenarios
+    )
+    return Plan(p.name, p.sizes, scenarios, p.poll_s, p.store, p.balloon)
+
+
+def _plan(kind: str, runs: int | None) -> Plan:
     if kind == "quick":
         r = runs or 1
         return Plan("quick", Sizes(512, 128, 128, 128, "32M"), (
@@ -579,12 +597,12 @@ def host_info(saved: dict) -> dict[str, Any]:
 
 def run_lab(
     out: Path, kind: str = "default", runs: int | None = None,
-    progress: Progress | None = None, ksm: Ksm | None = None,
+    progress: Progress | None = None, ksm: Ksm | None = None, vms: int | None = None,
 ) -> tuple[dict, list[Path]]:  # fmt: skip
     """Run the lab and write report.md, the plots and results.json into `out`."""
     from .guest import image_path
 
-    p = plan(kind, runs)
+    p = plan(kind, runs, vms)
     ksm = ksm or Ksm()
     if os.geteuid() != 0:
         raise LabError("the KSM lab changes the host's KSM settings and reads /proc/kpageflags: "

@@ -270,6 +270,9 @@ def _goal(doc: dict) -> str:
         c, s = sc["scenario"], sc["summary"]
         if c["name"] != "tuned" or not s["t85_s"]:
             continue
+        if c["vms"] != 8:
+            return (f"(The goal is stated for 8 VMs; this run had {c['vms']}: "
+                    f"{s['t85_s']['median']:.2f} s to 85%.)")  # fmt: skip
         worst = s["t85_s"]["max"]
         met = s["reached_85_in_every_run"] and worst <= GOAL_SECONDS
         cpu = s["ksmd_cpu_s_to_85"]
