@@ -626,3 +626,23 @@ def test_lazy_restore_from_pages_spread_over_many_packs(hashchain, tmp_path):
                        timeout=120)  # fmt: skip
     assert p.returncode == 0, p.stderr.decode()
     assert before + p.stdout == reference
+
+
+def test_a_damaged_pack_fails_only_the_snapshots_that_need_it(tmp_path, capsys):
+    from kvmpy.cli import main
+
+    s = tmp_path / "store"
+    a, b = memory({0: 1, 1: 2}), memory({0: 3, 1: 4})
+    take(tmp_path / "a", a, s)
+    (pack_a,) = (s / "packs").glob("*.idx")
+    take(tmp_path / "b", b, s)
+    _flip(pack_a, 40)
+    with pytest.raises(SnapshotError, match="index of pack .* is corrupted"):
+        read_back(tmp_path / "a")
+    assert read_back(tmp_path / "b") == b.read(0, 4 * MIB)  # untouched by the damage
+    take(tmp_path / "c", a, s)  # a's pages are stored again, in a pack of their own
+    assert read_back(tmp_path / "c") == a.read(0, 4 * MIB)
+    assert main(["store", "du", str(s)]) == 0
+    assert "DAMAGED: " in capsys.readouterr().out
+    assert main(["store", "gc", str(s)]) == 1
+    assert "gc removes nothing from a damaged store" in capsys.readouterr().err

@@ -51,6 +51,8 @@ def cmd_store(args) -> int:
             f"{u['needed_pages']} of them needed ({ratio} deduplication), in "
             f"{_mib(u['disk_bytes'])} on disk: {_mib(max(u['saved_bytes'], 0))} saved"
         )
+        for d in u["damaged_packs"]:
+            print(f"DAMAGED: {d['why']}")
         if u["garbage_pages"] or u["dead_snapshots"] or u["uncommitted_packs"]:
             print(
                 f"reclaimable by 'kvmpy store gc': {u['garbage_pages']} pages, "

@@ -217,6 +217,9 @@ class PageStore:
     def __init__(self, path: Path):
         self.path = path
         self._index: dict[bytes, tuple[str, int]] | None = None
+        #: Packs whose index could not be used, and why: their pages are not in `index()`,
+        #: so a damaged pack fails only the snapshots that need it (and gc).
+        self.damaged: dict[str, str] = {}
 
     # --- opening ---------------------------------------------------------------------------
 
@@ -319,8 +322,14 @@ class PageStore:
         """digest -> (pack, slot) of every committed page (the first copy of a duplicate)."""
         if self._index is None:
             index: dict[bytes, tuple[str, int]] = {}
+            self.damaged = {}
             for pack in self.packs():
-                for slot, d in enumerate(self.read_pack_index(pack)):
+                try:
+                    digests = self.read_pack_index(pack)
+                except SnapshotError as e:
+                    self.damaged[pack] = str(e)
+                    continue
+                for slot, d in enumerate(digests):
                     index.setdefault(d, (pack, slot))
             self._index = index
         return self._index
@@ -447,7 +456,11 @@ class PageStore:
             loc.pack.append(packs[pack])
             loc.slot.append(slot)
         if missing:
-            raise _bad(self.path, f"{missing} pages of the snapshot are missing from it")
+            why = ""
+            if self.damaged:
+                pack, reason = next(iter(self.damaged.items()))
+                why = f" ({reason.split(': ', 1)[-1]})"
+            raise _bad(self.path, f"{missing} pages of the snapshot are missing from it{why}")
         try:
             for pack in loc.pack_ids:
                 loc.fds.append(
@@ -534,7 +547,13 @@ class PageStore:
                 "pages": len(recs) if recs is not None else ref.get("pages"),
                 "unique_pages": len({d for _, d in recs if counts[d] == 1}) if recs else 0,
             })  # fmt: skip
-        stored = sum(len(self.read_pack_index(pack)) for pack in self.packs())
+        stored = 0
+        damaged = []
+        for pack in self.packs():
+            try:
+                stored += len(self.read_pack_index(pack))
+            except SnapshotError as e:
+                damaged.append({"pack": pack, "why": str(e)})
         disk, pack_bytes, map_bytes, uncommitted = 0, 0, 0, 0
         committed = set(self.packs())
         for f in self.path.rglob("*"):
@@ -565,6 +584,7 @@ class PageStore:
             "map_bytes": map_bytes,
             "saved_bytes": logical * PAGE_SIZE - disk,
             "dedup_ratio": round(logical / needed, 3) if needed else None,
+            "damaged_packs": damaged,
         }
 
     def gc(self, dry_run: bool = False) -> dict[str, Any]:
@@ -593,7 +613,10 @@ class PageStore:
         seen: set[bytes] = set()
         plan = []
         for pack in self.packs():
-            digests = self.read_pack_index(pack)
+            try:
+                digests = self.read_pack_index(pack)
+            except SnapshotError as e:
+                raise SnapshotError(f"{e}; gc removes nothing from a damaged store") from None
             keep = [i for i, d in enumerate(digests) if d in needed and d not in seen]
             seen.update(digests[i] for i in keep)
             plan.append((pack, digests, keep))
