@@ -31,6 +31,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -221,7 +222,10 @@ class Fleet:
         self.info: list[dict] = [{} for _ in range(n)]
         self.steps: list[dict[int, dict]] = [{} for _ in range(n)]
         self.exits: list[dict | None] = [None] * n
-        self.sockets = [workdir / f"vm{i}.sock" for i in range(n)] if control else None
+        # Unix socket paths are limited to 108 bytes: in a short temporary directory, not in
+        # --out, which may be anywhere.
+        self._sockdir = Path(tempfile.mkdtemp(prefix="kvmpy-lab-")) if control else None
+        self.sockets = [self._sockdir / f"vm{i}.sock" for i in range(n)] if control else None
         self.stderr = [workdir / f"vm{i}.err" for i in range(n)]
         env = dict(os.environ)
         src = str(Path(__file__).resolve().parents[2])
@@ -321,6 +325,8 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if self._sockdir is not None:
+            shutil.rmtree(self._sockdir, ignore_errors=True)
 
     def __enter__(self) -> Fleet:
         return self
@@ -787,7 +793,8 @@ def _balloon_vm(cfg: dict, work: Path, variant: str, khz: int) -> dict[str, Any]
                            report_delay=int(khz * 1000 * settle), hold=1,
                            ram_bytes=parse_size(cfg["memory"]))  # fmt: skip
     image = balloon_image(work / f"{tag}.elf", params)
-    sock = work / f"{tag}.sock"
+    sockdir = Path(tempfile.mkdtemp(prefix="kvmpy-lab-"))
+    sock = sockdir / f"{tag}.sock"
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
@@ -858,6 +865,7 @@ def _balloon_vm(cfg: dict, work: Path, variant: str, khz: int) -> dict[str, Any]
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        shutil.rmtree(sockdir, ignore_errors=True)
     # The moment memory went back: the report, or the host's request.
     t_back = (next(t for t, text in events if "reported" in text) if reporting
               else actions[0][0])  # fmt: skip

@@ -14,7 +14,7 @@ MIB = 1 << 20
 
 def write(out: Path, doc: dict) -> list[Path]:
     files = plots(doc, out)
-    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(doc, separators=(",", ":")) + "\n")
     (out / "report.md").write_text(render(doc, [f.name for f in files]))
     return [out / "report.md", *files, out / "results.json"]
 
@@ -39,7 +39,10 @@ def plots(doc: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     files = []
-    scenarios = doc.get("scenarios", [])
+    # The curves of the main scenarios; a --full run's sweeps get their own plot.
+    every = doc.get("scenarios", [])
+    scenarios = [sc for sc in every if sc["scenario"]["name"] in ("tuned", "kernel defaults")]
+    scenarios = scenarios or every
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
     # Merged fraction over time: the median run of each scenario, each VM thin, the total bold.
@@ -80,6 +83,10 @@ def plots(doc: dict, out: Path) -> list[Path]:
     fig.tight_layout()
     files.append(save_figure(fig, out / "cpu.png", error=LabError))
     plt.close(fig)
+
+    sweep = _sweep_plot(plt, every, out)
+    if sweep is not None:
+        files.append(sweep)
 
     # What merging costs the guests, per page touched.
     if scenarios:
@@ -147,6 +154,54 @@ def plots(doc: dict, out: Path) -> list[Path]:
         files.append(save_figure(fig, out / "store.png", error=LabError))
         plt.close(fig)
     return files
+
+
+def _sweep_plot(plt, scenarios: list[dict], out: Path) -> Path | None:
+    """--full: time to 85% against the number of VMs, and against pages_to_scan (with
+    ksmd's CPU share), medians with min-max bars."""
+    by_vms = sorted((sc["scenario"]["vms"], sc["summary"]) for sc in scenarios
+                    if sc["scenario"]["settings"] == scenarios[0]["scenario"]["settings"]
+                    and sc["summary"]["t85_s"])  # fmt: skip
+    by_pages = sorted((sc["scenario"]["settings"]["pages_to_scan"], sc["summary"])
+                      for sc in scenarios if sc["scenario"]["vms"] == 8
+                      and sc["scenario"]["settings"]["sleep_millisecs"] == 10
+                      and sc["summary"]["t85_s"])  # fmt: skip
+    if len(by_vms) < 3 and len(by_pages) < 3:
+        return None
+
+    def bars(points, key):
+        x = [p for p, _ in points]
+        med = [s[key]["median"] for _, s in points]
+        err = [[s[key]["median"] - s[key]["min"] for _, s in points],
+               [s[key]["max"] - s[key]["median"] for _, s in points]]  # fmt: skip
+        return x, med, err
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    x, med, err = bars(by_vms, "t85_s")
+    a.errorbar(x, med, yerr=err, fmt="o-", capsize=3, label="85% merged")
+    x2, med2, err2 = bars(by_vms, "ksmd_cpu_s_to_85")
+    a.errorbar(x2, med2, yerr=err2, fmt="s--", capsize=3, label="ksmd CPU time to 85%")
+    a.set_xlabel("VMs (each 6,144 pages, 4,096 identical)")
+    a.set_ylabel("seconds")
+    a.set_title("tuned settings, more VMs")
+    a.grid(True, alpha=0.3)
+    a.legend(fontsize=8)
+    x, med, err = bars(by_pages, "t85_s")
+    b.errorbar(x, med, yerr=err, fmt="o-", capsize=3, label="85% merged (s)")
+    b.axhline(GOAL_SECONDS, color="grey", ls=":", lw=1)
+    b.set_xscale("log", base=2)
+    b.set_xlabel("pages_to_scan (sleep 10 ms), 8 VMs")
+    b.set_ylabel("seconds to 85%")
+    b2 = b.twinx()
+    x3, med3, _ = bars(by_pages, "ksmd_cpu_percent")
+    b2.plot(x3, med3, "s--", color="#d62728", label="ksmd CPU while merging (%)")
+    b2.set_ylabel("ksmd CPU, % of one CPU", color="#d62728")
+    b.set_title("8 VMs, faster scanning")
+    b.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path = save_figure(fig, out / "sweep.png", error=LabError)
+    plt.close(fig)
+    return path
 
 
 def _s(st: dict | None, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
