@@ -91,7 +91,9 @@ def test_quick_lab_measures_merging_and_restores_the_host(tmp_path, env):
     # to the same page once it is private again.
     assert speed["write_merged_us"]["median"] > 10 * speed["write_again_us"]["median"]
     report = (out / "report.md").read_text()
-    assert "**Goal**" in report and "after the lab: identical" in report
+    # Three VMs, not the goal's eight: the report says so rather than claim the goal.
+    assert "The goal is stated for 8 VMs; this run had 3" in report and "**Goal**" not in report
+    assert "after the lab: identical" in report
     assert not labvms(out / ".work") and not (out / ".work").exists()
     # Deduplicated snapshots: identical guests share their identical pages in the store.
     ident, succ = doc["store"]["series"]
