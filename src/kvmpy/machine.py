@@ -178,7 +178,9 @@ class Machine:
         self.vm = vm = self.hv.create_vm()
         ram = ram_layout(c.memory)  # type: ignore[arg-type]
         for i, (gpa, size) in enumerate(ram):
-            self.memory.add_region(gpa, size, name=f"ram{i}")
+            region = self.memory.add_region(gpa, size, name=f"ram{i}", anonymous=c.mergeable)
+            if c.mergeable:
+                self.memory.set_mergeable(region)
         self.memory.attach(vm)
         self.resources = Resources(ram)
         if c.irqchip:

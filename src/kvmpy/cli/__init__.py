@@ -37,6 +37,8 @@ COMMANDS = [
     "migrate-receive",
     "serve",
     "vm",
+    "ksm",
+    "store",
 ]
 
 

@@ -16,6 +16,9 @@ def add_virtio_options(p) -> None:
                    help="a virtio-blk disk on a raw image (repeatable); ro: read-only; id: "
                    "what GET_ID returns; irq-cpu=N: the vCPU that takes its interrupts")  # fmt: skip
     g.add_argument("--rng", action="store_true", help="a virtio entropy device (host getrandom)")
+    g.add_argument("--balloon", action="store_true",
+                   help="a virtio balloon: the guest can give memory back (kvmpy ctl SOCK "
+                   "balloon SIZE; free page reporting); docs/memory.md")  # fmt: skip
     g.add_argument("--console", choices=["serial", "virtio"], default="serial",
                    help="virtio: a virtio console (hvc0) on stdin/stdout; serial (default): "
                    "kvmpy's port console only")  # fmt: skip
@@ -45,6 +48,8 @@ def virtio_specs(args) -> list:
     specs += [DeviceSpec.parse_net(n) for n in getattr(args, "net", [])]
     if getattr(args, "vsock", None):
         specs.append(DeviceSpec.parse_vsock(args.vsock))
+    if getattr(args, "balloon", False):
+        specs.append(DeviceSpec("balloon"))
     return specs
 
 
@@ -105,6 +110,8 @@ def add_virtio_devices(config, args):
             config = config.with_device("virtio-vsock", spec.id or "vsock0",
                                         cid=spec.options["cid"],
                                         uds=os.path.abspath(spec.path), **args_)  # fmt: skip
+        elif spec.kind == "balloon":
+            config = config.with_device("virtio-balloon", "balloon0", **args_)
         else:
             config = config.with_device("virtio-console", None, **args_)
     return config
@@ -142,7 +149,8 @@ def render_stats(stats: list[dict], console) -> None:
     for s in stats:
         keys = ("bytes_read", "bytes_written", "bytes", "bytes_out", "bytes_in", "io_errors",
                 "rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped",
-                "connections", "resets_sent", "bad_packets")  # fmt: skip
+                "connections", "resets_sent", "bad_packets", "ballooned_pages", "reported_bytes",
+                "refused_pfns", "refused_ranges")  # fmt: skip
         detail = ", ".join(f"{k} {s[k]}" for k in keys if s.get(k))
         if s["type"] == "net":
             detail = f"{s['backend']} {s['mac']}" + (f"; {detail}" if detail else "")

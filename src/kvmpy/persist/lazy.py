@@ -94,13 +94,16 @@ class LazyLoader:
             for hva, size, _ in regions:
                 uffd.register(hva, size)
             self._old_sigchld = signal.signal(signal.SIGCHLD, self._child_changed)
-            self.process.setup(
-                uffd.fd,
-                snap.memory_fd,
-                status_fd,
-                {"regions": regions, "chunk_pages": memfile.CHUNK_PAGES, "background": background},
-                snap.index,
-            )
+            header = {"regions": regions, "chunk_pages": memfile.CHUNK_PAGES,
+                      "background": background}  # fmt: skip
+            if snap.located is not None:  # memory in a page store: its packs, page by page
+                from .store import lazy_records
+
+                header["store"] = str(snap.store)
+                data_fds, index = snap.located.fds, lazy_records(snap.located)
+            else:
+                data_fds, index = [snap.memory_fd], snap.index
+            self.process.setup(uffd.fd, status_fd, data_fds, header, index)
         except BaseException:
             self._expect_exit = True
             self.process.close()

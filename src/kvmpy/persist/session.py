@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..hv.signals import helper_thread_signals
+from ..ksm.usage import vm_memory
 from ..machine import Machine
 from ..result import RunResult, Stop
 from ..stats import ExitStats
@@ -172,4 +173,7 @@ class VmSession:
         }
         if len(per) > 1:
             d["vcpu_exits"] = [s.to_dict() for s in per]
+        d["mergeable"] = m.config.mergeable
+        # What guest RAM occupies and shares (KSM) in this process: one VM per VMM process.
+        d["ram"] = vm_memory(m.memory.regions)
         return d

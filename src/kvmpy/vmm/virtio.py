@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..devices.pci.host import CONFIG_ADDRESS, PciHost
+from ..devices.virtio.balloon import VirtioBalloon
 from ..devices.virtio.block import VirtioBlock
 from ..devices.virtio.console import VirtioConsole
 from ..devices.virtio.device import VirtioDevice
@@ -154,7 +155,7 @@ def _cpu(opts: dict[str, str], text: str, flag: str) -> int | None:
 
 
 def build_device(spec: DeviceSpec, index: int, console: Callable[[bytes], None] | None,
-                 console_input: int | None = None) -> VirtioDevice:  # fmt: skip
+                 console_input: int | None = None, machine=None) -> VirtioDevice:  # fmt: skip
     name = spec.options.get("name")
     if spec.kind == "block":
         name = name or spec.id or f"vd{chr(ord('a') + index)}"
@@ -179,7 +180,17 @@ def build_device(spec: DeviceSpec, index: int, console: Callable[[bytes], None] 
         from ..devices.virtio.vsock import VirtioVsock
 
         return VirtioVsock(int(spec.options["cid"]), spec.path, name=name or f"vsock{index}")
-    raise ConfigError(f"unknown virtio device kind {spec.kind!r} (block, rng, console, net, vsock)")
+    if spec.kind == "balloon":
+        if machine is None:
+            raise ConfigError("a virtio balloon needs the machine whose memory it gives back")
+        mem = machine.memory
+        end = max((r.end for r in mem.regions), default=0)
+        return VirtioBalloon(name or f"balloon{index}", discard=mem.discard,
+                             ram_pages=mem.size // 4096, pfn_limit=end // 4096,
+                             stats_interval=float(spec.options.get("stats_interval", 0)))  # fmt: skip
+    raise ConfigError(
+        f"unknown virtio device kind {spec.kind!r} (block, rng, console, net, vsock, balloon)"
+    )
 
 
 class _VmFdBackend:
@@ -381,7 +392,7 @@ def add_device(machine, spec: DeviceSpec, transport: str = "mmio", *,
     vset = virtio_set(machine, transport, **set_options)
     i = len(vset.devices)
     sink = console if console is not None else machine.console_write
-    dev = build_device(spec, i, sink, console_input)
+    dev = build_device(spec, i, sink, console_input, machine=machine)
     try:
         dev.poll_us = max(0, int(spec.options.get("poll_us", 0)))
         loop = vset.shared_loop or EventLoop(f"virtio-{dev.name}")
@@ -509,6 +520,15 @@ def _spec_args(kind: str, id: str, *, path: str = "", readonly: bool = False, se
     return DeviceSpec(kind, str(path), readonly, serial, irq_cpu, options)
 
 
+def balloon(machine) -> VirtioBalloon | None:
+    """The machine's virtio balloon, if it has one."""
+    vset = getattr(machine, "virtio", None)
+    for d in vset.devices if vset is not None else ():
+        if isinstance(d, VirtioBalloon):
+            return d
+    return None
+
+
 def _register_kinds() -> None:
     """virtio-blk, virtio-rng and virtio-console as registry kinds, where the platform's
     device registry exists: `machine.add_device("virtio-blk", "vda", path="disk.img",
@@ -557,6 +577,18 @@ def _register_kinds() -> None:
         spec = DeviceSpec("vsock", path=uds, id=id,
                           irq_cpu=_spec_args("vsock", id, irq_cpu=irq_cpu).irq_cpu,
                           options={"cid": check_cid(cid), "name": id})  # fmt: skip
+        return add_device(machine, spec, transport_of(transport))
+
+    @device_kind("virtio-balloon")
+    def virtio_balloon(machine, id, *, transport: str = "mmio", stats_interval: float = 0,
+                       irq_cpu: int | None = None):  # fmt: skip
+        if balloon(machine) is not None:
+            raise ConfigError("a machine has at most one virtio balloon")
+        if (isinstance(stats_interval, bool) or not isinstance(stats_interval, int | float)
+                or not 0 <= stats_interval <= 3600):  # fmt: skip
+            raise ConfigError(f"device {id}: stats_interval must be 0 to 3600 seconds")
+        spec = _spec_args("balloon", id, irq_cpu=irq_cpu)
+        spec.options["stats_interval"] = stats_interval
         return add_device(machine, spec, transport_of(transport))
 
     @device_kind("virtio-console")

@@ -35,6 +35,7 @@ import time
 from ...errors import GuestMemoryError
 from ...memory import GuestMemory
 from ..pci.host import PciHost
+from . import balloon as BL
 from . import block as B
 from . import mmio as M
 from . import net as N
@@ -51,7 +52,7 @@ RAM0_END = 0x20000
 RAM1_START = 0x30000
 RAM1_END = 0x40000
 APERTURE = 0xE100_0000
-DEVICES = ("console", "block", "rng", "net", "vsock")
+DEVICES = ("console", "block", "rng", "net", "vsock", "balloon")
 DISK_SIZE = 64 * 1024
 MAX_OPS = 64
 #: CPU seconds one input may take (CPU, not wall time: on a shared machine a stall of the
@@ -81,6 +82,26 @@ class AuditedMemory(GuestMemory):
         ):
             raise FuzzFailure(f"access outside guest RAM: {gpa:#x}+{length:#x}")
         return v
+
+
+def audited_discard(memory: GuestMemory):
+    """The balloon's discard callback: what a guest makes the device release must be whole
+    pages of its RAM; anything else reaching a real discard is a failure."""
+
+    def discard(gpa: int, length: int) -> bool:
+        ok = memory.discard(gpa, length)
+        if ok and not (
+            gpa % 4096 == 0
+            and length % 4096 == 0
+            and (
+                (gpa >= 0 and gpa + length <= RAM0_END)
+                or (gpa >= RAM1_START and gpa + length <= RAM1_END)
+            )
+        ):
+            raise FuzzFailure(f"memory released outside guest RAM: {gpa:#x}+{length:#x}")
+        return ok
+
+    return discard
 
 
 class Reader:
@@ -153,6 +174,10 @@ class Harness:
             return B.VirtioBlock(self.disk, readonly=bool(r.u8() & 1 == 0 and r.u8() & 1))
         if self.kind == "console":
             return VirtioConsole(sink=lambda b: None)
+        if self.kind == "balloon":
+            return BL.VirtioBalloon(discard=audited_discard(self.memory),
+                                    ram_pages=(RAM0_END + RAM1_END - RAM1_START) // 4096,
+                                    pfn_limit=RAM1_END // 4096)  # fmt: skip
         return VirtioRng(max_request=1 + r.u16())
 
     def one(self, data: bytes) -> None:
@@ -299,6 +324,13 @@ class Harness:
                     pass
         elif op in (11, 22) and self.kind == "console":
             dev.feed(r.take(r.u8()))
+        elif op in (11, 22) and self.kind == "balloon":
+            self._balloon_op(r, dev, regs, queues)
+        elif op == 23 and self.kind == "balloon":
+            if r.u8() & 1:
+                dev.set_target(r.u32())
+            else:
+                dev.request_stats()
         return queues
 
     def _device_op(self, r: Reader, dev, regs, queues):
@@ -372,6 +404,33 @@ class Harness:
         elif op == 7 and self.kind == "vsock":  # a snapshot and restore of the device
             dev.restore_state(dev.state())
         return queues
+
+    def _balloon_op(self, r: Reader, dev, regs, queues) -> None:
+        """A buffer of frame numbers (mostly of RAM, sometimes of the hole or anywhere) on a
+        random queue, or a free-page report, then a notify."""
+        if not queues:
+            return
+        mem = self.memory
+        q = queues[r.u8() % len(queues)]
+        n = r.u8() % 64
+        pfns = []
+        for _ in range(n):
+            k = r.u8() % 4
+            if k < 2:
+                pfns.append(r.u16() % (RAM0_END // 4096))
+            elif k == 2:
+                pfns.append((RAM0_END // 4096) + r.u8() % ((RAM1_END - RAM0_END) // 4096 + 4))
+            else:
+                pfns.append(r.u32())
+        at = r.addr() % (RAM0_END - 4 * 64) & ~3
+        mem.write(at, struct.pack(f"<{n}I", *pfns))
+        if len(q.free) < 2:
+            return
+        if r.u8() & 1:
+            q.add([(at, 4 * n)], [])
+        else:
+            q.add([], [(r.addr() & ~0xFFF, (1 + r.u8() % 8) * 4096)])  # a free-page report
+        regs.notify(q.index)
 
     def _pci_write(self, r: Reader, host, regs, size: int, value: int) -> None:
         where = r.u8() % 4
