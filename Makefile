@@ -22,6 +22,15 @@ deps:
 	  else \
 	    echo "kvmpy needs gcc, binutils and e2fsprogs: install them (e.g. apt install gcc binutils e2fsprogs)"; exit 1; \
 	  fi; }
+	@# The API dashboard's test drives Debian's Chromium (never a downloaded browser).
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium (for the dashboard test)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "the dashboard test needs chromium (apt install chromium); it is skipped without it"; \
+	  fi; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -93,7 +93,9 @@ def test_ctl_migrate_checks_the_address_before_connecting(tmp_path):
 
 
 def _hello() -> dict:
-    cfg = state.config_to_dict(MachineConfig(mode="long-user", memory="2M").validated())
+    from kvmpy.vmm.config import VmConfig
+
+    cfg = VmConfig(MachineConfig(mode="long-user", memory="2M")).validated().to_dict()
     return {"protocol": M.PROTOCOL, "version": M.VERSION, "state_version": state.STATE_VERSION,
             "config": cfg, "memory": 2 << 20, "page_size": 4096}  # fmt: skip
 

@@ -196,7 +196,7 @@ def test_manifest_edits_are_caught(memory, tmp_path):
         format.open_snapshot(path)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "1", None])
 def test_other_versions_are_refused(memory, tmp_path, version):
     path = tmp_path / "snap"
     format.write(path, STATE, memory)
@@ -205,8 +205,20 @@ def test_other_versions_are_refused(memory, tmp_path, version):
     doc["checksum"] = format._manifest_checksum(doc)
     (path / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(
-        SnapshotError, match=f"format version {version}; this kvmpy reads version 1"
+        SnapshotError, match=f"format version {version}; this kvmpy reads versions 1 and 2 only"
     ):
+        format.open_snapshot(path)
+
+
+def test_version_2_is_a_page_store_snapshot(memory, tmp_path):
+    """Version 2 (memory in a page store, tests/test_store.py) with a version 1 memory entry."""
+    path = tmp_path / "snap"
+    format.write(path, STATE, memory)
+    doc = json.loads((path / "manifest.json").read_text())
+    doc["version"] = 2
+    doc["checksum"] = format._manifest_checksum(doc)
+    (path / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(SnapshotError, match="memory entry is malformed"):
         format.open_snapshot(path)
 
 

@@ -275,3 +275,32 @@ def _symbols(elf: ELFFile) -> dict[str, int]:
         if sym.name and sym["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT", "STT_NOTYPE"):
             out[sym.name] = sym["st_value"]
     return out
+
+
+def patch_symbol(src: str | Path, dst: str | Path, symbol: str, data: bytes) -> Path:
+    """A copy of the ELF `src` at `dst` whose initialized bytes at `symbol` are `data`: how
+    an example's built-in parameters are set for a guest another process runs."""
+    raw = bytearray(Path(src).read_bytes())
+    try:
+        elf = ELFFile(io.BytesIO(bytes(raw)))
+        symtab = elf.get_section_by_name(".symtab")
+        syms = symtab.get_symbol_by_name(symbol) if symtab else None
+        if not syms:
+            raise BadImage(f"{src} has no {symbol} symbol")
+        addr = syms[0]["st_value"]
+        for seg in elf.iter_segments():
+            if (
+                seg["p_type"] == "PT_LOAD"
+                and seg["p_vaddr"] <= addr
+                and addr + len(data) <= seg["p_vaddr"] + seg["p_filesz"]
+            ):
+                offset = seg["p_offset"] + addr - seg["p_vaddr"]
+                break
+        else:
+            raise BadImage(f"{symbol} in {src} has no file bytes")
+    except ELFError as e:
+        raise BadImage(f"{src} is not a usable ELF file: {e}") from None
+    raw[offset : offset + len(data)] = data
+    out = Path(dst)
+    out.write_bytes(bytes(raw))
+    return out

@@ -189,7 +189,9 @@ class Machine:
         self.vm = vm = self.hv.create_vm()
         ram = ram_layout(c.memory)  # type: ignore[arg-type]
         for i, (gpa, size) in enumerate(ram):
-            self.memory.add_region(gpa, size, name=f"ram{i}")
+            region = self.memory.add_region(gpa, size, name=f"ram{i}", anonymous=c.mergeable)
+            if c.mergeable:
+                self.memory.set_mergeable(region)
         self.memory.attach(vm)
         self.resources = Resources(ram)
         if c.irqchip:
@@ -437,14 +439,17 @@ class Machine:
 
     # --- running -------------------------------------------------------------------------------
 
-    def run(self, timeout: float | None = None, *, handle_sigint: bool = False) -> RunResult:
+    def run(
+        self, timeout: float | None = None, *, handle_sigint: bool = False, paused: bool = False
+    ) -> RunResult:
         """Run until the guest stops: every vCPU in its own thread, the calling thread waiting.
         `timeout` (seconds: finite, positive, at most 30 days) and `handle_sigint` (SIGINT and
         SIGTERM stop the VM, stop reason `interrupted`) use signals and so work from the main
         thread only. Nothing the guest or a Python handler does makes this raise: it ends as a
         stop reason.
 
-        Calling it again after a stop continues the guest where it stopped."""
+        Calling it again after a stop continues the guest where it stopped. With `paused` the
+        vCPUs start held (as after `pause()`) and enter the guest at the first `resume()`."""
         if self.boot is None:
             raise ConfigError("load an image before running the machine")
         if timeout is not None:
@@ -477,7 +482,7 @@ class Machine:
         if self.started_at is None:
             self.started_at = time.monotonic()
         try:
-            vset.start()
+            vset.start(paused=paused)
             stop = vset.wait()
         finally:
             if timeout:
@@ -556,6 +561,12 @@ class Machine:
     @property
     def paused(self) -> bool:
         return self._vcpuset is not None and self._vcpuset.paused
+
+    def vcpu_cpu_times(self) -> list[float]:
+        """Host CPU seconds used by each vCPU thread so far (zeros before the run)."""
+        if self._vcpuset is None:
+            return [0.0] * len(self.vcpus)
+        return self._vcpuset.cpu_times()
 
     @property
     def paused_at(self) -> float:

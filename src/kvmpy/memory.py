@@ -4,11 +4,18 @@ memfd (rather than anonymous memory) is the backing so that a region can be hand
 process (inter-VM shared memory), written to a snapshot file page by page, or served lazily by
 userfaultfd, all without copying. Every access from the VMM is bounds-checked: a guest-supplied
 address that is not RAM raises `GuestMemoryError`, which hypercalls turn into -EFAULT.
+
+The exception is *mergeable* RAM (`MachineConfig(mergeable=True)`, `kvmpy run --mergeable`):
+the kernel's same-page merging (KSM) only merges private anonymous pages and silently ignores
+MADV_MERGEABLE on a shared memfd mapping (tried here: 0 pages merged), so such a region is a
+private anonymous mapping with no file behind it (`MemoryRegion.fd == -1`). It cannot be
+shared with another process; everything else (snapshots, lazy restore, migration) works on it.
 """
 
 from __future__ import annotations
 
 import bisect
+import errno
 import fcntl
 import logging
 import os
@@ -92,6 +99,7 @@ class MemoryRegion:
 
     gpa: int
     size: int
+    #: The backing memfd, or -1 for a private anonymous region (mergeable RAM).
     fd: int
     hva: int
     name: str
@@ -102,8 +110,16 @@ class MemoryRegion:
     flags: int = 0
     view: memoryview = field(init=False, repr=False)
 
+    #: MADV_MERGEABLE: offered to KSM.
+    mergeable: bool = False
+
     def __post_init__(self) -> None:
         self.view = _sys.view(self.hva, self.size)
+
+    @property
+    def anonymous(self) -> bool:
+        """Private anonymous memory, no file behind it (only such memory can be merged)."""
+        return self.fd < 0
 
     @property
     def end(self) -> int:
@@ -136,8 +152,10 @@ class GuestMemory:
         fd: int | None = None,
         fd_offset: int = 0,
         readonly: bool = False,
+        anonymous: bool = False,
     ) -> MemoryRegion:
-        """Map `size` bytes at `gpa`: a new memfd, or `fd` (e.g. received from another VMM)."""
+        """Map `size` bytes at `gpa`: a new memfd, `fd` (e.g. received from another VMM), or,
+        with `anonymous`, private anonymous memory (what KSM can merge; see the module doc)."""
         if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
             raise ConfigError(
                 f"memory region {name!r} must be a positive multiple of 4 KiB at a 4 KiB-aligned "
@@ -155,8 +173,12 @@ class GuestMemory:
                     f"memory region {name!r} [{gpa:#x}, {gpa + size:#x}) overlaps {r.name!r} "
                     f"[{r.gpa:#x}, {r.end:#x})"
                 )
-        owns = fd is None
-        if fd is None:
+        if anonymous and fd is not None:
+            raise ConfigError(f"memory region {name!r} cannot be both anonymous and a file's")
+        owns = fd is None and not anonymous
+        if anonymous:
+            fd, fd_offset = -1, 0
+        elif fd is None:
             fd = os.memfd_create(f"kvmpy-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
                 os.ftruncate(fd, size)
@@ -169,8 +191,12 @@ class GuestMemory:
         else:
             _check_backing(fd, fd_offset, size, name)
         prot = _sys.PROT_READ | _sys.PROT_WRITE
+        if anonymous:
+            flags = _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS | _sys.MAP_NORESERVE
+        else:
+            flags = _sys.MAP_SHARED | _sys.MAP_NORESERVE
         try:
-            hva = _sys.mmap(size, prot, _sys.MAP_SHARED | _sys.MAP_NORESERVE, fd, fd_offset)
+            hva = _sys.mmap(size, prot, flags, fd, fd_offset)
         except OSError as e:
             if owns:
                 os.close(fd)
@@ -185,6 +211,28 @@ class GuestMemory:
         if self._vm is not None:
             self._register(region)
         return region
+
+    def set_mergeable(self, region: MemoryRegion) -> None:
+        """Offer `region` to KSM (MADV_MERGEABLE). Only an anonymous region can be merged; a
+        kernel without KSM is refused in one sentence."""
+        if not region.anonymous:
+            raise ConfigError(
+                f"memory region {region.name!r} is a shared file mapping, which KSM cannot merge"
+            )
+        try:
+            _sys.madvise(region.hva, region.size, _sys.MADV_MERGEABLE)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise ConfigError(
+                    "mergeable guest memory needs a kernel with same-page merging (CONFIG_KSM); "
+                    "this one refuses MADV_MERGEABLE"
+                ) from None
+            raise ConfigError(f"cannot make guest memory mergeable: {e.strerror}") from None
+        region.mergeable = True
+
+    @property
+    def mergeable(self) -> bool:
+        return any(r.mergeable for r in self.regions)
 
     def attach(self, vm: VmBackend) -> None:
         """Map every region (and every later one) into the backend VM `vm` (KVM: memslots)."""
@@ -244,6 +292,36 @@ class GuestMemory:
             if r.hva <= hva < r.hva + r.size:
                 return r.gpa + (hva - r.hva)
         raise GuestMemoryError(f"host address {hva:#x} is not guest RAM")
+
+    # --- giving memory back ---------------------------------------------------------------------
+
+    def discard(self, gpa: int, length: int) -> bool:
+        """Give whole pages of this machine's own RAM back to the host (a balloon, free page
+        reporting): MADV_DONTNEED on anonymous memory, a punched hole in a memfd. The guest
+        reads zeros there afterwards. Does nothing and returns False for a range that is not
+        page-aligned, not inside one region, or in a region that is not this machine's own
+        (a file or memory shared with another process, read-only memory): a guest-supplied
+        range can never make the VMM release memory outside its RAM."""
+        if length <= 0 or gpa % PAGE_SIZE or length % PAGE_SIZE:
+            return False
+        try:
+            r = self.region_at(gpa, length)
+        except GuestMemoryError:
+            return False
+        if r.readonly or not (r.anonymous or r.owns_fd):
+            return False
+        off = gpa - r.gpa
+        try:
+            if r.anonymous:
+                _sys.madvise(r.hva + off, length, _sys.MADV_DONTNEED)
+            else:
+                _sys.punch_hole(r.fd, r.fd_offset + off, length)
+        except OSError as e:
+            log.debug("discarding %#x+%#x failed: %s", gpa, length, e)
+            return False
+        if self.on_write is not None:  # a live migration must resend them (as zero pages)
+            self.on_write(gpa, length)
+        return True
 
     # --- access --------------------------------------------------------------------------------
 

@@ -38,6 +38,10 @@ COMMANDS = [
     "migrate-receive",
     "kernel",
     "initramfs",
+    "serve",
+    "vm",
+    "ksm",
+    "store",
 ]
 
 

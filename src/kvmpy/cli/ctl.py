@@ -39,6 +39,12 @@ def add_parser(sub) -> None:
         "holds a snapshot). The VM pauses while it is written and then goes on.",
     )
     s.add_argument("dir", metavar="DIR")
+    s.add_argument(
+        "--store",
+        metavar="STORE",
+        help="write memory into this page store (created if absent), where pages that other "
+        "snapshots hold already are not stored again ('kvmpy store du|gc STORE')",
+    )
     m = ops.add_parser(
         "migrate",
         parents=[common],
@@ -56,6 +62,17 @@ def add_parser(sub) -> None:
     m.add_argument("--downtime-ms", type=float, metavar="MS", help="downtime goal (default 30)")
     m.add_argument("--max-rounds", type=int, metavar="N", help="pre-copy round limit (default 30)")
     ops.add_parser("stop", parents=[common], help="stop the VM (as Ctrl-C would)")
+    b = ops.add_parser(
+        "balloon",
+        parents=[common],
+        help="ask the guest for memory back through its virtio balloon, or show it",
+        description="Set the VM's balloon (kvmpy run ... --balloon) to SIZE: the guest gives "
+        "that much of its memory back to the host (0: the balloon gives it all back to the "
+        "guest). Without SIZE, show the balloon, the guest's memory statistics and what its "
+        "RAM occupies on the host. The guest inflates or deflates on its own time: run it "
+        "again to see where it got.",
+    )
+    b.add_argument("size", metavar="SIZE", nargs="?", help="e.g. 256M, 1G, 0")
     p.set_defaults(func=cmd_ctl)
 
 
@@ -83,12 +100,18 @@ def cmd_ctl(args) -> int:
             op_args["auth_key"] = key.hex()
     if args.op == "snapshot":
         op_args["path"] = os.path.abspath(args.dir)  # the VMM's working directory may differ
+        if args.store is not None:
+            op_args["store"] = os.path.abspath(args.store)
     elif args.op == "migrate":
         op_args["address"] = args.address
         if args.downtime_ms is not None:
             op_args["downtime_ms"] = args.downtime_ms
         if args.max_rounds is not None:
             op_args["max_rounds"] = args.max_rounds
+    elif args.op == "balloon" and args.size is not None:
+        from ..memory import parse_size
+
+        op_args["size"] = parse_size(args.size)
     if args.op == "migrate":
         with _MigrationProgress() as shown:
             result = request(
@@ -112,18 +135,55 @@ def _show(op: str, r: dict) -> None:
             f"{r['state']}: {r['mode']}, {r['memory'] >> 20} MiB, up {r['uptime_s']:.1f} s, "
             f"{exits} exits, {r['output_bytes']} bytes of output"
         )
+        ram = r.get("ram") or {}
+        if ram.get("vmas"):
+            line = f"guest RAM: {_mib(ram.get('rss_bytes', 0))} resident"
+            if r.get("mergeable"):
+                ksm = ram.get("ksm") or {}
+                line += (
+                    f", mergeable: {_mib(ram.get('ksm_bytes', 0))} merged "
+                    f"({ksm.get('merging_pages', 0)} pages), "
+                    f"{_mib(ram.get('pss_bytes', 0))} proportional share (PSS)"
+                )
+            print(line)
     elif op == "snapshot":
+        st = r.get("store")
+        if st:
+            print(
+                f"snapshot written to {r['path']} in {r['snapshot_ms']:.1f} ms: "
+                f"{r['pages_written']} of {r['pages_total']} pages, {st['pages_new']} of them "
+                f"new to the page store {st['path']} ({_mib(st['new_bytes'])}), "
+                f"{st['pages_deduplicated']} there already"
+            )
+        else:
+            print(
+                f"snapshot written to {r['path']} in {r['snapshot_ms']:.1f} ms: "
+                f"{r['pages_written']} of {r['pages_total']} pages, "
+                f"{r['disk_bytes'] / (1 << 20):.1f} MiB on disk"
+            )
+    elif op == "balloon":
+        ram = r.get("ram") or {}
         print(
-            f"snapshot written to {r['path']} in {r['snapshot_ms']:.1f} ms: "
-            f"{r['pages_written']} of {r['pages_total']} pages, "
-            f"{r['disk_bytes'] / (1 << 20):.1f} MiB on disk"
+            f"balloon: target {_mib(r['target_bytes'])}, the guest holds {_mib(r['actual_bytes'])}"
+            f" in it ({_mib(r['ballooned_bytes'])} given back); free page reporting gave back "
+            f"{_mib(r['reported_bytes'])}; guest RAM resident: {_mib(ram.get('rss_bytes', 0))}"
+            + ("" if r.get("driver") else " (no driver running in the guest)")
         )
+        gs = r.get("guest_stats") or {}
+        if gs:
+            print("guest: " + ", ".join(
+                f"{k.replace('_', ' ')} {_mib(v) if k.endswith('memory') or k == 'disk_caches' else v}"
+                for k, v in gs.items()))  # fmt: skip
     elif op == "migrate":
         print(
             f"migrated to {r['destination']} in {r['total_s']:.3f} s: {r['rounds']} rounds "
             f"(pages {', '.join(map(str, r['pages_per_round']))}), downtime "
             f"{r['downtime_ms']:.1f} ms"
         )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 class _MigrationProgress:

@@ -9,7 +9,7 @@ from ..benchmarks import positive_int
 
 # Labs under `kvmpy lab`, in the order its help lists them; each has an `_add_<name>(labs)`
 # below that adds its subcommand.
-LABS = ["ipc"]
+LABS = ["ipc", "ksm"]
 
 
 def add_parser(sub) -> None:
@@ -43,22 +43,29 @@ def _add_ipc(labs) -> None:
     p.set_defaults(func=cmd_lab_ipc)
 
 
-def cmd_lab_ipc(args) -> int:
-    from ..errors import ConfigError, UsageError
-    from ..ipc.study import main_study
+def _out_dir(text: str) -> Path:
+    """--out, checked before minutes of measuring, not after."""
+    from ..errors import ConfigError
 
-    if args.runs < 5:
-        raise UsageError("the study takes the median of at least 5 runs (--runs 5 or more)")
-    out = Path(args.out)
+    out = Path(text)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
-    # Checked before minutes of measuring, not after.
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".kvmpy-write-test").touch()
         (out / ".kvmpy-write-test").unlink()
     except OSError as e:
         raise ConfigError(f"cannot write to --out {out}: {e.strerror}") from None
+    return out
+
+
+def cmd_lab_ipc(args) -> int:
+    from ..errors import UsageError
+    from ..ipc.study import main_study
+
+    if args.runs < 5:
+        raise UsageError("the study takes the median of at least 5 runs (--runs 5 or more)")
+    out = _out_dir(args.out)
     progress = _progress() if sys.stderr.isatty() else None
     try:
         doc, files = main_study(out, args.full, args.runs, progress)
@@ -79,6 +86,50 @@ def cmd_lab_ipc(args) -> int:
         print(f"kvmpy: error: {len(failed)} configuration(s) failed: {', '.join(failed)}",
               file=sys.stderr)  # fmt: skip
         return 1
+    return 0
+
+
+def _add_ksm(labs) -> None:
+    p = labs.add_parser(
+        "ksm",
+        help="same-page merging: how fast, how much, at what cost",
+        description="Start N VMs (one process each) whose guests fill memory with identical, "
+        "partly identical and distinct pages, let the host's KSM merge them and measure it: "
+        "merged pages over time per VM, time to 85%% of the duplicate pages, ksmd's CPU time, "
+        "memory saved, the copy-on-write cost a guest pays for writing a merged page, and "
+        "the space a deduplicated snapshot store saves. Writes report.md, merge.png, cpu.png, "
+        "cow.png, store.png and results.json. Needs root: it changes the host's KSM settings "
+        "for the runs and puts them back afterwards, also after an error or Ctrl-C. The "
+        "default run (8 VMs, tuned and kernel-default settings) takes a few minutes; --full "
+        "adds 2, 4 and 16 VMs and a pages_to_scan sweep.",
+    )
+    p.add_argument("--out", default="ksm-study", metavar="DIR", help="output directory")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="also 2-16 VMs and a settings sweep")
+    size.add_argument(
+        "--quick", action="store_true", help="3 small VMs, one run: under a minute (for CI)"
+    )
+    p.add_argument("--runs", type=positive_int, help="runs per scenario (default 3; quick 1)")
+    p.add_argument(
+        "--vms", type=positive_int, metavar="N", help="VMs in the main scenarios (2-16; default 8)"
+    )
+    p.set_defaults(func=cmd_lab_ksm)
+
+
+def cmd_lab_ksm(args) -> int:
+    from ..ksm.lab import plan, run_lab
+
+    kind = "full" if args.full else "quick" if args.quick else "default"
+    plan(kind, args.runs, args.vms)  # a bad --vms is refused before anything starts
+    out = _out_dir(args.out)
+    progress = _progress() if sys.stderr.isatty() else None
+    try:
+        doc, files = run_lab(out, kind, args.runs, progress, vms=args.vms)
+    except KeyboardInterrupt:
+        print("kvmpy: interrupted; the host's KSM settings are back as they were", file=sys.stderr)
+        return 130
+    for f in files:
+        print(f)
     return 0
 
 

@@ -38,7 +38,7 @@ def cmd_restore(args) -> int:
 
 def _restore(args, handler) -> int:
     # Everything the run needs is imported before restore() starts its clock.
-    from ..persist import control, session  # noqa: F401
+    from ..persist import control, session, store  # noqa: F401
     from ..persist.errors import SnapshotError
     from ..persist.snapshot import restore
     from .boot import console_mode_of, run_machine_with_console

@@ -63,8 +63,35 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--irqchip", action="store_true", help="create the in-kernel irqchip (LAPIC in x2APIC mode)"
     )
+    add_mergeable_option(p)
     add_virtio_options(p)
     p.set_defaults(func=cmd_run, parser=p)
+
+
+def add_mergeable_option(p) -> None:
+    p.add_argument(
+        "--mergeable",
+        action="store_true",
+        help="offer guest RAM to the host's same-page merging (MADV_MERGEABLE; 'kvmpy ksm on' "
+        "starts KSM itself)",
+    )
+
+
+def warn_if_ksm_idle() -> None:
+    """One line on stderr when a mergeable VM starts on a host whose KSM does not run: the
+    flag alone merges nothing, and kvmpy never starts KSM on its own."""
+    from ..ksm import KsmError
+    from ..ksm.sysfs import Ksm
+
+    try:
+        running = Ksm().read_int("run") == 1
+    except KsmError:
+        running = False
+    if not running:
+        sys.stderr.write(
+            "kvmpy: note: guest RAM is mergeable, but the host's KSM is not running (kvmpy ksm "
+            "on starts it)\n"
+        )
 
 
 def add_result_options(p) -> None:
@@ -139,11 +166,13 @@ def vm_config(args):
                                 ("--entry", args.entry)) if v is not None]  # fmt: skip
         if args.irqchip:
             given.append("--irqchip")
+        if args.mergeable:
+            given.append("--mergeable")
         if given:
             args.parser.error(f"{given[0]} conflicts with --config: put it in the config file")
         if virtio_specs(args):
-            raise ConfigError("--disk, --rng and --console virtio conflict with --config: put "
-                              "the devices in the config file")  # fmt: skip
+            raise ConfigError("--disk, --rng, --console virtio, --net and --vsock conflict "
+                              "with --config: put the devices in the config file")  # fmt: skip
         config = VmConfig.load(args.config)
         if config.boot is None:
             raise ConfigError(f"{args.config} has no boot source ('boot')")
@@ -161,7 +190,8 @@ def vm_config(args):
     image = load_file(path, args.load_addr, args.entry)
     mode = mode or image.mode_hint or (Mode.PROTECTED if image.bits == 32 else Mode.LONG)
     machine = MachineConfig(mode=mode, memory=args.mem or "64M", vcpus=vcpus,
-                            irqchip=args.irqchip, accel=args.accel or "auto")  # fmt: skip
+                            irqchip=args.irqchip, accel=args.accel or "auto",
+                            mergeable=args.mergeable)  # fmt: skip
     boot = ImageBoot(str(path.resolve()), args.load_addr, args.entry)
     return add_virtio_devices(VmConfig(machine, boot), args).validated()
 
@@ -173,6 +203,8 @@ def cmd_run(args) -> int:
     if args.dump_config:
         write_stdout(config.to_json() + "\n")
         return 0
+    if config.machine.mergeable:
+        warn_if_ksm_idle()
     from ..vmm.config import LinuxBoot
 
     if isinstance(config.boot, LinuxBoot):

@@ -1,5 +1,5 @@
-"""The virtio options of `kvmpy run` (and `kvmpy boot`): --disk, --rng, --console,
---transport."""
+"""The virtio options of `kvmpy run` (and `kvmpy boot`): --disk, --rng, --console, --net,
+--vsock, --transport."""
 
 from __future__ import annotations
 
@@ -18,10 +18,21 @@ def add_virtio_options(p, *, console: bool = True) -> None:
                    help="a virtio-blk disk on a raw image (repeatable); ro: read-only; id: "
                    "what GET_ID returns; irq-cpu=N: the vCPU that takes its interrupts")  # fmt: skip
     g.add_argument("--rng", action="store_true", help="a virtio entropy device (host getrandom)")
+    g.add_argument("--balloon", action="store_true",
+                   help="a virtio balloon: the guest can give memory back (kvmpy ctl SOCK "
+                   "balloon SIZE; free page reporting); docs/memory.md")  # fmt: skip
     if console:
         g.add_argument("--console", choices=["serial", "virtio"], default="serial",
                        help="virtio: a virtio console (hvc0) on stdin/stdout; serial (default): "
                        "kvmpy's port console only")  # fmt: skip
+    g.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
+                   help="a virtio-net NIC on a host TAP device (repeatable); tap=auto creates "
+                   "one (root) and removes it at exit; mac: the guest's address (default: a "
+                   "random locally administered one, recorded in the VM config)")  # fmt: skip
+    g.add_argument("--vsock", metavar="CID,uds=PATH",
+                   help="a virtio-vsock device with guest CID CID; guest connections to host "
+                   "port P reach the Unix socket PATH_P, host clients connect to PATH and send "
+                   "'CONNECT <port>\\n' (Firecracker's convention)")  # fmt: skip
     g.add_argument("--transport", choices=["mmio", "pci"], default="mmio",
                    help="virtio-mmio (default) or virtio-pci with MSI-X")  # fmt: skip
 
@@ -37,6 +48,11 @@ def virtio_specs(args) -> list:
         specs.append(DeviceSpec("rng"))
     if args.console == "virtio":
         specs.append(DeviceSpec("console"))
+    specs += [DeviceSpec.parse_net(n) for n in getattr(args, "net", [])]
+    if getattr(args, "vsock", None):
+        specs.append(DeviceSpec.parse_vsock(args.vsock))
+    if getattr(args, "balloon", False):
+        specs.append(DeviceSpec("balloon"))
     return specs
 
 
@@ -85,6 +101,20 @@ def add_virtio_devices(config, args):
             config = config.with_device("virtio-blk", ident, **args_)
         elif spec.kind == "rng":
             config = config.with_device("virtio-rng", None, **args_)
+        elif spec.kind == "net":
+            from ..devices.virtio.net import format_mac, random_mac
+
+            # The MAC goes into the config, so a restored guest keeps its address.
+            mac = spec.options.get("mac") or format_mac(random_mac())
+            n = sum(d.kind == "virtio-net" for d in config.devices)
+            config = config.with_device("virtio-net", spec.id or f"net{n}",
+                                        tap=spec.options["tap"], mac=mac, **args_)  # fmt: skip
+        elif spec.kind == "vsock":
+            config = config.with_device("virtio-vsock", spec.id or "vsock0",
+                                        cid=spec.options["cid"],
+                                        uds=os.path.abspath(spec.path), **args_)  # fmt: skip
+        elif spec.kind == "balloon":
+            config = config.with_device("virtio-balloon", "balloon0", **args_)
         else:
             config = config.with_device("virtio-console", None, **args_)
     return config
@@ -120,11 +150,15 @@ def render_stats(stats: list[dict], console) -> None:
                 "errors", "detail"):  # fmt: skip
         t.add_column(col)
     for s in stats:
-        detail = ", ".join(
-            f"{k} {s[k]}"
-            for k in ("bytes_read", "bytes_written", "bytes", "bytes_out", "bytes_in", "io_errors")
-            if s.get(k)
-        )
+        keys = ("bytes_read", "bytes_written", "bytes", "bytes_out", "bytes_in", "io_errors",
+                "rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped",
+                "connections", "resets_sent", "bad_packets", "ballooned_pages", "reported_bytes",
+                "refused_pfns", "refused_ranges")  # fmt: skip
+        detail = ", ".join(f"{k} {s[k]}" for k in keys if s.get(k))
+        if s["type"] == "net":
+            detail = f"{s['backend']} {s['mac']}" + (f"; {detail}" if detail else "")
+        elif s["type"] == "vsock":
+            detail = f"cid {s['cid']} {s['uds']}" + (f"; {detail}" if detail else "")
         if s.get("needs_reset"):
             detail = f"NEEDS_RESET: {s['needs_reset']}" + (f"; {detail}" if detail else "")
         t.add_row(s["type"], s["transport"], str(s["requests"]), str(s["notifies"]),

@@ -24,6 +24,8 @@ libc.munmap.restype = ctypes.c_int
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 libc.madvise.restype = ctypes.c_int
 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.fallocate.restype = ctypes.c_int
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 libc.ioctl.restype = ctypes.c_int
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 
@@ -74,6 +76,16 @@ def madvise(addr: int, length: int, advice: int) -> None:
     if libc.madvise(addr, length, advice) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"madvise({advice}) failed: {os.strerror(err)}")
+
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free [offset, offset+length) of a file (shmem: its pages go back to the host)."""
+    if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fallocate(PUNCH_HOLE) failed: {os.strerror(err)}")
 
 
 def view(addr: int, length: int) -> memoryview:

@@ -6,9 +6,11 @@ later front end (a REST API) call them as they are:
     pause(session)                      -> {"state": "paused"}
     resume(session)                     -> {"state": "running"}
     stats(session)                      -> state, uptime, output bytes, exit statistics
-    snapshot(session, path)             -> what was written (sizes, pages, timings)
+    snapshot(session, path, store=None) -> what was written (sizes, pages, timings)
     migrate(session, address, progress) -> rounds, pages per round, downtime, total time
     stop(session)                       -> {"state": "stopping"}
+    ctrl_alt_del(session)               -> Ctrl-Alt-Del on the machine's i8042, if it has one
+    balloon(session, size=None)         -> target, balloon size, guest statistics, RSS
 
 Wire protocol (one request per line, UTF-8 JSON objects; a connection may send several):
 
@@ -65,12 +67,15 @@ def stats(session: VmSession) -> dict[str, Any]:
     return session.status()
 
 
-def snapshot(session: VmSession, path: str) -> dict[str, Any]:
-    """Write a snapshot to the directory `path` (replaced atomically if it holds one). The VM
-    goes on afterwards, or stays paused if it was."""
+def snapshot(session: VmSession, path: str, store: str | None = None) -> dict[str, Any]:
+    """Write a snapshot to the directory `path` (replaced atomically if it holds one); with
+    `store`, its memory goes into that page store, shared with other snapshots. The VM goes on
+    afterwards, or stays paused if it was."""
     if not isinstance(path, str) or not path:
         raise ControlError("snapshot needs a directory path")
-    return session.call_paused(lambda: snapshot_mod.take(session.machine, path))
+    if store is not None and (not isinstance(store, str) or not store):
+        raise ControlError("snapshot: store must be a directory path")
+    return session.call_paused(lambda: snapshot_mod.take(session.machine, path, store=store))
 
 
 def migrate(
@@ -101,10 +106,57 @@ def migrate(
     )  # fmt: skip
 
 
+def balloon(session: VmSession, size: int | None = None) -> dict[str, Any]:
+    """Set the balloon's target to `size` bytes (the memory the guest should give back; 0
+    gives everything back), or with no size only report. Returns the balloon's state, the
+    guest's latest memory statistics (asked for, up to 1 s) and what guest RAM occupies."""
+    from ..ksm.usage import vm_memory
+    from ..vmm.virtio import balloon as find_balloon
+
+    session.check_live()
+    dev = find_balloon(session.machine)
+    if dev is None:
+        raise ControlError("this VM has no balloon device (start it with --balloon)")
+    ram = session.machine.memory.size
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= ram:
+            raise ControlError(
+                f"balloon: the size must be between 0 and the guest's RAM ({ram} bytes)"
+            )
+        dev.set_target(size // 4096)
+    stats = dev.fresh_stats(1.0) if dev.running else dict(dev.last_stats)
+    return {
+        "target_bytes": dev.num_pages * 4096,
+        "actual_bytes": dev.actual * 4096,
+        "ballooned_bytes": dev.ballooned.count * 4096,
+        "reported_bytes": dev.reported_bytes,
+        "discarded_bytes": dev.discarded_bytes,
+        "refused_pfns": dev.refused_pfns,
+        "driver": dev.running,
+        "guest_stats": stats,
+        "ram": vm_memory(session.machine.memory.regions),
+    }
+
+
 def stop(session: VmSession) -> dict[str, Any]:
     session.check_live()
     session.machine.request_stop(StopReason.INTERRUPTED, "stopped by the control channel")
     return {"state": "stopping"}
+
+
+def ctrl_alt_del(session: VmSession) -> dict[str, Any]:
+    """Press Ctrl-Alt-Del on the machine's keyboard controller (Firecracker's SendCtrlAltDel:
+    Linux reboots, or with reboot=k ... stops). A machine without one is told so."""
+    session.check_live()
+    for device in session.machine.devices.values():
+        press = getattr(device, "ctrl_alt_del", None)
+        if callable(press):
+            press()
+            return {"sent": "ctrl-alt-del"}
+    raise ControlError(
+        "this machine has no i8042 keyboard controller to send Ctrl-Alt-Del to (Linux machines "
+        "have one; SDK guests do not)"
+    )
 
 
 # Each op: (function, {argument: type}, required arguments).
@@ -112,13 +164,15 @@ OPS: dict[str, tuple[Callable[..., dict], dict[str, type | tuple[type, ...]], se
     "pause": (pause, {}, set()),
     "resume": (resume, {}, set()),
     "stats": (stats, {}, set()),
-    "snapshot": (snapshot, {"path": str}, {"path"}),
+    "snapshot": (snapshot, {"path": str, "store": str}, {"path"}),
     "migrate": (
         migrate,
         {"address": str, "downtime_ms": (int, float), "max_rounds": int, "auth_key": str},
         {"address"},
     ),
     "stop": (stop, {}, set()),
+    "ctrl_alt_del": (ctrl_alt_del, {}, set()),
+    "balloon": (balloon, {"size": int}, set()),
 }
 
 

@@ -6,6 +6,10 @@
     DIR/memory.index    the extents of the memory file, each with its CRC-32 (memfile.py)
     DIR/memory          guest RAM, sparse: only non-zero pages are written
 
+or, for a snapshot whose memory went into a page store (store.py; format version 2), only
+manifest.json and state.json, the manifest naming the store, the snapshot's page map there and
+that map's SHA-256.
+
 A snapshot is written into a temporary directory next to DIR, every file and the directory are
 fsync'ed, and only then does it take DIR's place: by an atomic exchange of the two directories
 (renameat2 RENAME_EXCHANGE) when DIR exists, so that at every instant DIR is either the
@@ -21,6 +25,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,9 @@ from .errors import SnapshotError
 FORMAT = "kvmpy-snapshot"
 #: Bumped whenever a reader of the old layout would misread the new one.
 VERSION = 1
+#: A snapshot whose memory is in a page store: an older kvmpy refuses it by its version.
+STORE_VERSION = 2
+VERSIONS = (VERSION, STORE_VERSION)
 
 MANIFEST = "manifest.json"
 STATE = "state.json"
@@ -68,10 +76,17 @@ class WriteResult:
     disk_bytes: int  # what all files occupy on disk
     extents: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: For a snapshot into a page store: what went where.
+    store: dict[str, Any] | None = None
 
 
-def write(path: str | os.PathLike, state: dict[str, Any], memory) -> WriteResult:
-    """Write a snapshot of `state` and guest `memory` to the directory `path`, atomically."""
+def write(
+    path: str | os.PathLike, state: dict[str, Any], memory, store: str | os.PathLike | None = None
+) -> WriteResult:
+    """Write a snapshot of `state` and guest `memory` to the directory `path`, atomically;
+    with `store`, the memory goes into that page store (created if absent) instead."""
+    if store is not None:
+        return _write_to_store(Path(path), state, memory, Path(store))
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if path.exists() and not (path / MANIFEST).is_file():
@@ -81,6 +96,7 @@ def write(path: str | os.PathLike, state: dict[str, Any], memory) -> WriteResult
         )
     if not parent.is_dir():
         raise SnapshotError(f"cannot write the snapshot: {parent} is not a directory")
+    _sweep_stale(path)
     tmp = parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -137,6 +153,114 @@ def write(path: str | os.PathLike, state: dict[str, Any], memory) -> WriteResult
         extents=len(extents),
         timings_ms={k: round(v, 3) for k, v in timings.items()},
     )
+
+
+def _write_to_store(path: Path, state: dict[str, Any], memory, store_path: Path) -> WriteResult:
+    from .store import PageStore
+
+    _check_target(path)
+    _sweep_stale(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    store = PageStore.open(store_path, create=True)
+    tmp = parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    # Under the store's shared lock from the first page to the installed snapshot: gc (which
+    # takes it alone) must not see the registration before the directory that holds it.
+    with store.lock():
+        try:
+            snap = uuid.uuid4().hex
+            records, new_pages, new_bytes = store.write_pages(memory)
+            timings["memory_write_ms"] = (time.perf_counter() - t0) * 1e3
+            map_info = store.add_ref(snap, path.absolute(), records, memory.size // PAGE_SIZE)
+            os.mkdir(tmp, 0o700)
+            state_bytes = json.dumps(state, separators=(",", ":")).encode()
+            _write_file(tmp / STATE, state_bytes)
+            manifest = {
+                "format": FORMAT,
+                "version": STORE_VERSION,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "state": {"file": STATE, "size": len(state_bytes), "sha256": _sha256(state_bytes)},
+                "memory": {
+                    "store": str(store.path),
+                    "snapshot": snap,
+                    "map": map_info,
+                    "size": memory.size,
+                    "page_size": PAGE_SIZE,
+                    "pages_written": len(records),
+                },
+                "summary": _summary(state),
+            }
+            manifest["checksum"] = _manifest_checksum(manifest)
+            _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode() + b"\n")
+            _fsync_dir(tmp)
+            _install(tmp, path)
+            _fsync_dir(parent)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            what = "the previous snapshot there is untouched" if (path / MANIFEST).is_file() else ""
+            raise SnapshotError(
+                f"cannot write the snapshot to {path} (page store {store.path}): "
+                f"{e.strerror or e}" + (f"; {what}" if what else "")
+            ) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+    return WriteResult(
+        path=path,
+        pages_written=len(records),
+        memory_bytes=memory.size,
+        disk_bytes=disk_usage(path) + new_bytes + map_info["size"],
+        extents=0,
+        timings_ms={k: round(v, 3) for k, v in timings.items()},
+        store={
+            "path": str(store.path),
+            "snapshot": snap,
+            "pages_new": new_pages,
+            "pages_deduplicated": len(records) - new_pages,
+            "new_bytes": new_bytes,
+        },  # fmt: skip
+    )
+
+
+def _sweep_stale(path: Path) -> None:
+    """Remove what writes of a snapshot to `path` killed before they finished left beside it
+    (`.NAME.tmp-PID-NS` directories of processes that no longer exist)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        entries = list(parent.glob(f".{path.name}.tmp-*"))
+    except OSError:
+        return
+    for d in entries:
+        try:
+            pid = int(d.name[len(path.name) + 6 :].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_target(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists() and not (path / MANIFEST).is_file():
+        raise SnapshotError(
+            f"{path} exists and is not a kvmpy snapshot; refusing to replace it (choose another "
+            "directory)"
+        )
+    if not parent.is_dir():
+        raise SnapshotError(f"cannot write the snapshot: {parent} is not a directory")
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -219,6 +343,10 @@ class Snapshot:
     memory_fd: int
     memory_size: int
     index: bytes  # memory.index as read and checked (the lazy handler parses it again)
+    #: A snapshot whose memory is in a page store: the store and where its pages are there
+    #: (memory_fd is then -1, extents and index empty).
+    store: Path | None = None
+    located: Any = None
 
     @property
     def pages_written(self) -> int:
@@ -228,6 +356,8 @@ class Snapshot:
         if self.memory_fd >= 0:
             os.close(self.memory_fd)
             self.memory_fd = -1
+        if self.located is not None:
+            self.located.close()
 
     def __enter__(self) -> Snapshot:
         return self
@@ -282,10 +412,10 @@ def open_snapshot(path: str | os.PathLike) -> Snapshot:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _bad(path, f"{MANIFEST} does not describe a {FORMAT}")
     version = manifest.get("version")
-    if version != VERSION:
+    if version not in VERSIONS:
         raise SnapshotError(
             f"{path} is a kvmpy snapshot of format version {version}; this kvmpy reads "
-            f"version {VERSION} only"
+            f"versions {VERSION} and {STORE_VERSION} only"
         )
     if manifest.get("checksum") != _manifest_checksum(manifest):
         raise _bad(path, f"{MANIFEST} is corrupted (its checksum does not match)")
@@ -297,6 +427,8 @@ def open_snapshot(path: str | os.PathLike) -> Snapshot:
     mem = manifest.get("memory")
     if not isinstance(mem, dict):
         raise _bad(path, "the manifest has no memory entry")
+    if version == STORE_VERSION:
+        return _open_store_snapshot(path, manifest, state, mem)
     size = mem.get("size")
     if (
         mem.get("file") != MEMORY
@@ -329,3 +461,60 @@ def open_snapshot(path: str | os.PathLike) -> Snapshot:
             f"expected {size})",
         )
     return Snapshot(path, manifest, state, extents, fd, size, index_raw)
+
+
+def _store_memory_entry(path: Path, mem: dict) -> tuple[str, str, int, int]:
+    size, pages, snap = mem.get("size"), mem.get("pages_written"), mem.get("snapshot")
+    if (
+        not isinstance(mem.get("store"), str)
+        or not mem["store"]
+        or not isinstance(snap, str)
+        or not isinstance(mem.get("map"), dict)
+        or mem.get("page_size") != PAGE_SIZE
+        or not isinstance(size, int)
+        or isinstance(size, bool)
+        or size <= 0
+        or size % PAGE_SIZE
+        or not isinstance(pages, int)
+        or isinstance(pages, bool)
+        or not 0 <= pages <= size // PAGE_SIZE
+    ):
+        raise _bad(path, "the manifest's memory entry is malformed")
+    return mem["store"], snap, size, pages
+
+
+def _open_store_snapshot(path: Path, manifest: dict, state: dict, mem: dict) -> Snapshot:
+    from .store import PageStore
+
+    store_path, snap, size, pages = _store_memory_entry(path, mem)
+    store = PageStore.open(store_path)
+    with store.lock():
+        records = store.read_map(snap, mem["map"], size // PAGE_SIZE)
+        if len(records) != pages:
+            raise _bad(path, "its page map disagrees with the manifest")
+        located = store.locate(records)
+    return Snapshot(path, manifest, state, [], -1, size, b"", store=store.path, located=located)
+
+
+def holds_store_snapshot(path: Path, store: Path, snap: str) -> tuple[bool, str | None]:
+    """Does the directory `path` hold snapshot `snap` of page store `store`? (gc's question:
+    a registration whose directory is gone, or now holds another snapshot, is dead.)"""
+    try:
+        with open(path / MANIFEST, "rb") as f:
+            raw = f.read(MAX_MANIFEST + 1)
+    except FileNotFoundError:
+        return False, "its directory is gone" if not path.exists() else "it holds no snapshot"
+    except OSError:
+        return True, "its directory cannot be read"  # keep it: we cannot tell
+    try:
+        manifest = json.loads(raw)
+        if manifest.get("checksum") != _manifest_checksum(manifest):
+            return True, "its manifest is corrupted"
+        mem = manifest.get("memory") or {}
+        if manifest.get("version") != STORE_VERSION or mem.get("snapshot") != snap:
+            return False, "its directory holds another snapshot now"
+        if Path(mem.get("store", "")).resolve() != store.resolve():
+            return False, "its directory holds a snapshot of another store"
+    except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
+        return True, "its manifest is corrupted"
+    return True, None

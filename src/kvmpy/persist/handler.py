@@ -11,12 +11,15 @@ copy-on-write link to the VMM, whose every write after a fork would first copy t
 in `kvmpy restore --lazy`, started before the VMM imports its heavy modules, so it is waiting
 by the time the restore begins. It imports nothing but the standard library and uffd.py.
 
-Protocol on the unix socket it is started with: one setup message carrying three descriptors
-(the userfaultfd, the snapshot's memory file, a shared status page) with a JSON header and the
-snapshot's memory index; then b"P" (populate everything, answered with b"D"); EOF ends it.
+Protocol on the unix socket it is started with: one setup message carrying the userfaultfd, a
+shared status page and the first data descriptors (the snapshot's memory file; or, for a
+snapshot in a page store, the packs that hold its pages, further ones in messages of their
+own: SCM_RIGHTS passes at most 253 at a time), with a JSON header and the memory index; then
+b"P" (populate everything, answered with b"D"); EOF ends it.
 
 On a fault it reads the whole chunk around the page (the prefetch unit), checks each extent's
-CRC-32 and copies the extents in with UFFDIO_COPY; a page no extent holds was zero in the
+CRC-32 (or, from a page store, each page's SHA-256: STORE_RECORD is logical page, pack, page
+within the pack, SHA-256) and copies the extents in with UFFDIO_COPY; a page no extent holds was zero in the
 snapshot and gets UFFDIO_ZEROPAGE. Between faults it works through the rest of the file in the
 background (unless told not to): it checks that the file holds no data its index does not list
 (a damaged hole), then checks and copies every chunk nobody has touched yet, so a corrupted page
@@ -38,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import ctypes as C
 import errno
+import hashlib
 import json
 import mmap
 import os
@@ -59,8 +63,11 @@ FAULTS, COPIED, ZEROED, CHUNKS, FIRST_NS, STATE, POPULATED, READY = range(8)
 ERROR_AT = 256
 STATUS_SIZE = PAGE_SIZE
 STATE_FAILED = 2
-SETUP = struct.Struct("<II")  # JSON length, index length
+SETUP = struct.Struct("<III")  # JSON length, index length, data descriptors
 EXTENT = struct.Struct("<QII")  # as memfile.EXTENT
+STORE_RECORD = struct.Struct("<QII32s")  # logical page, pack, slot in the pack, SHA-256
+#: Descriptors per message after the first two (SCM_RIGHTS passes at most 253).
+FDS_PER_MESSAGE = 200
 MSG = struct.Struct("<B7xQQ8x")  # uffd_msg: event, pagefault.flags, pagefault.address
 PR_SET_PDEATHSIG = 1
 SEEK_DATA, SEEK_HOLE = 3, 4
@@ -88,11 +95,20 @@ class HandlerProcess:
             child.close()
         return cls(pid, parent)
 
-    def setup(self, uffd: int, memory_fd: int, status_fd: int, header: dict, index: bytes):
+    def setup(self, uffd: int, status_fd: int, data_fds: list[int], header: dict, index: bytes):
         head = json.dumps(header).encode()
-        payload = SETUP.pack(len(head), len(index)) + head + index
-        n = socket.send_fds(self.sock, [payload[: SETUP.size]], [uffd, memory_fd, status_fd])
+        payload = SETUP.pack(len(head), len(index), len(data_fds)) + head + index
+        first = [uffd, status_fd, *data_fds[:FDS_PER_MESSAGE]]
+        n = socket.send_fds(self.sock, [payload[: SETUP.size]], first)
+        for i in range(FDS_PER_MESSAGE, len(data_fds), FDS_PER_MESSAGE):
+            socket.send_fds(self.sock, [b"F"], data_fds[i : i + FDS_PER_MESSAGE])
         self.sock.sendall(payload[n:])
+
+    def notify_stopped(self) -> None:
+        """Tell a failed handler, or the guardian of a dead one, that every vCPU has been asked
+        to stop: it may answer faults with zero pages now (`wait_stopped`)."""
+        with contextlib.suppress(OSError):
+            self.sock.sendall(STOPPED)
 
     def close(self) -> None:
         """End the process (it, and its guardian, exit when the socket closes) and reap it."""
@@ -168,18 +184,23 @@ def main() -> None:
         os._exit(0)
     sock = socket.socket(fileno=fd)
     try:
-        head, fds, _, _ = socket.recv_fds(sock, SETUP.size, 3)
+        head, fds, _, _ = socket.recv_fds(sock, SETUP.size, 2 + FDS_PER_MESSAGE)
+        if len(head) < SETUP.size or len(fds) < 2:
+            os._exit(0)  # the VMM gave up before handing us anything
+        json_len, index_len, nfds = SETUP.unpack(head)
+        while len(fds) < 2 + nfds:
+            _, more, _, _ = socket.recv_fds(sock, 1, FDS_PER_MESSAGE)
+            if not more:
+                os._exit(0)
+            fds += more
     except OSError:
         os._exit(0)
-    if len(head) < SETUP.size or len(fds) != 3:
-        os._exit(0)  # the VMM gave up before handing us anything
-    uffd, memory_fd, status_fd = fds
-    json_len, index_len = SETUP.unpack(head)
+    uffd, status_fd, data_fds = fds[0], fds[1], fds[2:]
     rest = _recv_exact(sock, json_len + index_len)
     status = mmap.mmap(status_fd, STATUS_SIZE)
     header = json.loads(rest[:json_len])
     bye = _start_guardian(uffd, sock, [tuple(r) for r in header["regions"]])
-    handler = _Handler(Userfaultfd(uffd), sock, memory_fd, status, header, rest[json_len:],
+    handler = _Handler(Userfaultfd(uffd), sock, data_fds, status, header, rest[json_len:],
                        parent)  # fmt: skip
     handler.counters[READY] = ready
     code = handler.run()
@@ -210,6 +231,7 @@ def _guard(bye: int, uffd: Userfaultfd, sock: socket.socket, regions) -> None:
     if os.read(bye, 1):  # blocks until the handler says bye, or dies (EOF)
         return
     # The handler died; nobody else reads the socket now: its EOF is the VMM closing.
+    wait_stopped(sock)
     poller = select.poll()
     ufd, cfd = uffd.fd, sock.fileno()
     poller.register(ufd, select.POLLIN)
@@ -241,6 +263,41 @@ def _guard(bye: int, uffd: Userfaultfd, sock: socket.socket, regions) -> None:
                         uffd.zeropage(page, PAGE_SIZE)
 
 
+#: How long a failed handler (or the guardian of a dead one) waits for the VMM to say its
+#: vCPUs are stopped before it answers faults with zero pages anyway.
+STOPPED_TIMEOUT_S = 5.0
+STOPPED = b"S"
+
+
+def wait_stopped(sock: socket.socket, timeout: float = STOPPED_TIMEOUT_S) -> bool:
+    """Wait until the VMM says (STOPPED on the socket) that it has asked every vCPU to stop.
+
+    The vCPUs run in their own threads and the VMM learns of the failure in its main thread
+    (SIGCHLD); its stop request leaves a kick pending on every vCPU thread, so that a vCPU
+    released from a fault by a zero page returns to the VMM before the guest runs another
+    instruction. Answering before that would let the guest run on a zero page. Returns False
+    on timeout or when the VMM is gone (the faults are answered then all the same: a vCPU
+    stuck in a fault is out of reach of every signal on some hosts)."""
+    deadline = time.monotonic() + timeout
+    sock.settimeout(timeout)
+    try:
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            data = sock.recv(16)
+            if not data:
+                return False
+            if STOPPED in data:
+                return True
+            if b"P" in data:
+                sock.sendall(b"F")
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(None)
+    return False
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -261,20 +318,30 @@ def truncated(page: int) -> str:
 
 
 class _Handler:
-    def __init__(self, uffd, sock, memory_fd, status, header: dict, index: bytes, parent: int = 0):
+    def __init__(self, uffd, sock, data_fds, status, header: dict, index: bytes, parent: int = 0):
         self.uffd = uffd
         self.sock = sock
-        self.fd = memory_fd
+        self.fds = data_fds
         self.status = status
         self.parent = parent
         self.regions = [tuple(r) for r in header["regions"]]  # (hva, size, logical base)
         self.chunk_pages = header["chunk_pages"]
         self.background = bool(header.get("background", True))
         self.size = sum(size for _, size, _ in self.regions)
-        self.extents = list(EXTENT.iter_unpack(index))
-        self.by_chunk: dict[int, list[tuple[int, int, int]]] = {}
-        for page, pages, crc in self.extents:
-            self.by_chunk.setdefault(page // self.chunk_pages, []).append((page, pages, crc))
+        self.store = header.get("store")  # the page store's path, for messages
+        # Items of a chunk start with (first page, pages): an extent (+ CRC-32), or one page of
+        # a page store (+ pack, slot, SHA-256).
+        self.by_chunk: dict[int, list[tuple]] = {}
+        self.extents: list[tuple[int, int, int]] = []
+        if self.store is None:
+            self.fd = data_fds[0]
+            self.extents = list(EXTENT.iter_unpack(index))
+            for page, pages, crc in self.extents:
+                self.by_chunk.setdefault(page // self.chunk_pages, []).append((page, pages, crc))
+        else:
+            for page, pack, slot, digest in STORE_RECORD.iter_unpack(index):
+                item = (page, 1, pack, slot, digest)
+                self.by_chunk.setdefault(page // self.chunk_pages, []).append(item)
         self.loaded: set[int] = set()
         self.counters = [0] * 8
         self.buf = (C.c_char * (self.chunk_pages * PAGE_SIZE))()
@@ -308,6 +375,7 @@ class _Handler:
     def _serve_zero(self) -> None:
         """After a failure: every fault gets a zero page (the VM is stopped; the VMM's own
         reads must not hang) until the VMM closes the socket."""
+        wait_stopped(self.sock)
         poller = select.poll()
         ufd, cfd = self.uffd.fd, self.sock.fileno()
         poller.register(ufd, select.POLLIN)
@@ -381,6 +449,8 @@ class _Handler:
             self._finish()
             return False
         if chunk is None:
+            if self.store is not None:
+                return True  # a page store has no holes to check: every page has a digest
             bad = unlisted_data(self.fd, [(p, n) for p, n, _ in self.extents], self.size,
                                 self.view)  # fmt: skip
             if bad is not None:
@@ -415,7 +485,7 @@ class _Handler:
         extents = self.by_chunk.get(chunk, ())
         page_hva = address & ~(PAGE_SIZE - 1)
         # A page no extent holds was zero in the snapshot (or never touched): a zero page.
-        if not any(p <= page < p + n for p, n, _ in extents) and self.uffd.zeropage(
+        if not any(e[0] <= page < e[0] + e[1] for e in extents) and self.uffd.zeropage(
             page_hva, PAGE_SIZE, wake=False
         ):
             self.counters[ZEROED] += 1
@@ -427,6 +497,11 @@ class _Handler:
         self.uffd.wake(start, end - start)
 
     def _load_chunk(self, chunk: int) -> None:
+        if self.store is not None:
+            self._load_store_chunk(chunk)
+            self.loaded.add(chunk)
+            self.counters[CHUNKS] += 1
+            return
         # Read and check the whole chunk before copying any of it in: a bad extent must not
         # let its chunk's good ones through either (they would wake a waiting vCPU).
         pos = 0
@@ -439,25 +514,70 @@ class _Handler:
                 raise SnapshotError(truncated(page + got // PAGE_SIZE))
             if zlib.crc32(view) != crc:
                 raise SnapshotError(corrupted(page, page + pages - 1))
-            pieces.append((page, size, self.buf_addr + pos))
+            pieces.append((page, size, pos))
             pos += size
-        for page, size, src in pieces:
-            dst, left = self._hva(page), size
-            while left:
-                n = self.uffd.copy(dst, src, left, wake=False)
-                self.counters[COPIED] += n // PAGE_SIZE
-                if n < left:  # that page exists already (the VMM wrote it): skip it
-                    n += PAGE_SIZE
-                dst, src, left = dst + n, src + n, left - n
+        for page, size, at in pieces:
+            self._copy(page, size, at)
         self.loaded.add(chunk)
         self.counters[CHUNKS] += 1
+
+    def _copy(self, page: int, size: int, at: int = 0) -> None:
+        """UFFDIO_COPY `size` checked bytes from the buffer (at offset `at`) to logical page
+        `page` on."""
+        dst, src, left = self._hva(page), self.buf_addr + at, size
+        while left:
+            n = self.uffd.copy(dst, src, left, wake=False)
+            self.counters[COPIED] += n // PAGE_SIZE
+            if n < left:  # that page exists already (the VMM wrote it): skip it
+                n += PAGE_SIZE
+            dst, src, left = dst + n, src + n, left - n
+
+    def _load_store_chunk(self, chunk: int) -> None:
+        """Pages of a page store: each run that is contiguous in the guest and in one pack is
+        one read; every page of the chunk is checked against its SHA-256 before any of it is
+        copied in (as for extents)."""
+        items = self.by_chunk.get(chunk, ())
+        runs = []
+        i = pos = 0
+        while i < len(items):
+            page, _, pack, slot, _ = items[i]
+            j = i + 1
+            while (j < len(items) and items[j][0] == items[j - 1][0] + 1
+                   and items[j][2] == pack and items[j][3] == items[j - 1][3] + 1):  # fmt: skip
+                j += 1
+            size = (j - i) * PAGE_SIZE
+            view = self.view[pos : pos + size]
+            if not 0 <= pack < len(self.fds):
+                raise SnapshotError("lazy restore: a page names a pack it was not given")
+            got = os.preadv(self.fds[pack], [view], slot * PAGE_SIZE)
+            if got != size:
+                raise SnapshotError(
+                    f"the page store {self.store} is truncated (a pack ends before guest page "
+                    f"{page + got // PAGE_SIZE})"
+                )
+            for k in range(j - i):
+                if (
+                    hashlib.sha256(view[k * PAGE_SIZE : (k + 1) * PAGE_SIZE]).digest()
+                    != items[i + k][4]
+                ):
+                    raise SnapshotError(
+                        f"the page store {self.store} is corrupted: guest page {page + k} does "
+                        "not match its checksum"
+                    )
+            runs.append((page, size, pos))
+            pos += size
+            i = j
+        for page, size, at in runs:
+            self._copy(page, size, at)
 
     def _populate_all(self) -> None:
         if self.counters[POPULATED]:
             return
-        bad = unlisted_data(self.fd, [(p, n) for p, n, _ in self.extents], self.size, self.view)
-        if bad is not None:
-            raise SnapshotError(corrupted(*bad, "hold data its index does not list"))
+        if self.store is None:
+            bad = unlisted_data(self.fd, [(p, n) for p, n, _ in self.extents], self.size,
+                                self.view)  # fmt: skip
+            if bad is not None:
+                raise SnapshotError(corrupted(*bad, "hold data its index does not list"))
         for chunk in sorted(set(self.by_chunk) - self.loaded):
             self._load_chunk(chunk)
         self._finish()

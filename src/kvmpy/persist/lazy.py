@@ -5,14 +5,16 @@ shadow paging), or the VMM itself.
 
 The guest never runs on a page that did not pass its checksum. A handler that finds one (on a
 fault, or in its background pass over the whole file) writes why on the status page and
-signals this process before it answers any fault again; the SIGCHLD handler installed here
-reads the status page and stops the vCPU (VMM_ERROR with the handler's one-line message), and
-`failure` keeps the message for the caller. The VMM keeps no copy of the userfaultfd: the
-handler's guardian (handler.py) holds one, so a killed handler's faults are neither left
-pending for ever (KVM-PVM retries them in the kernel, out of reach of any signal handler) nor
-turned into zero pages before SIGCHLD is pending on the vCPU thread; the SIGCHLD handler then
-stops the VM. (If the guardian is killed too, the registration goes, the faults become zero
-pages, and the VM is stopped when SIGCHLD is handled: the one case left.)
+signals this process; the SIGCHLD handler installed here (the main thread takes it) reads the
+status page and stops the VM (VMM_ERROR with the handler's one-line message), which leaves a
+kick pending on every vCPU thread, and only then tells the handler it may answer faults again
+(with zero pages: `HandlerProcess.notify_stopped`): a vCPU released from a fault meets its
+kick before it runs another guest instruction. `failure` keeps the message for the caller.
+The VMM keeps no copy of the userfaultfd: the handler's guardian (handler.py) holds one, so a
+killed handler's faults are not left pending for ever (KVM-PVM retries them in the kernel, out
+of reach of any signal handler); the guardian, too, waits for the VMM's word before it answers
+them. (If the guardian is killed too, the registration goes, the faults become zero pages, and
+the VM is stopped when SIGCHLD is handled: the one case left.)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import mmap
 import os
 import signal
 import threading
+import time
 import weakref
 from collections.abc import Callable
 
@@ -49,6 +52,10 @@ def settle(memory: GuestMemory) -> None:
     loader = active(memory)
     if loader is not None:
         loader.populate_all()
+
+
+#: How long a restore waits for the handler process to take its work.
+READY_TIMEOUT_S = 10.0
 
 
 class LazyLoader:
@@ -87,13 +94,16 @@ class LazyLoader:
             for hva, size, _ in regions:
                 uffd.register(hva, size)
             self._old_sigchld = signal.signal(signal.SIGCHLD, self._child_changed)
-            self.process.setup(
-                uffd.fd,
-                snap.memory_fd,
-                status_fd,
-                {"regions": regions, "chunk_pages": memfile.CHUNK_PAGES, "background": background},
-                snap.index,
-            )
+            header = {"regions": regions, "chunk_pages": memfile.CHUNK_PAGES,
+                      "background": background}  # fmt: skip
+            if snap.located is not None:  # memory in a page store: its packs, page by page
+                from .store import lazy_records
+
+                header["store"] = str(snap.store)
+                data_fds, index = snap.located.fds, lazy_records(snap.located)
+            else:
+                data_fds, index = [snap.memory_fd], snap.index
+            self.process.setup(uffd.fd, status_fd, data_fds, header, index)
         except BaseException:
             self._expect_exit = True
             self.process.close()
@@ -105,7 +115,35 @@ class LazyLoader:
             if uffd is not None:
                 uffd.close()
             os.close(status_fd)
+        self._wait_ready()
         _active[memory] = self
+
+    def _wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Until the handler has its work and its guardian: from then on the userfaultfd
+        outlives the handler. Before, a handler killed with the descriptor still in flight on
+        the socket would take the registration with it, and the guest would run on empty
+        memory with no fault to stop it."""
+        deadline = time.monotonic() + timeout
+        while not H.COUNTERS.unpack_from(self._status)[H.READY]:
+            if self.process.pid > 0:
+                try:
+                    done, _ = os.waitpid(self.process.pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = self.process.pid
+                if done:
+                    self.process.pid = 0
+                    self._give_up("the lazy-restore handler process died before it was ready")
+            if time.monotonic() > deadline:
+                self._give_up(f"the lazy-restore handler was not ready within {timeout:g} s")
+            time.sleep(0.0002)
+
+    def _give_up(self, message: str) -> None:
+        self._expect_exit = True
+        self.process.close()
+        if self._old_sigchld is not None:
+            signal.signal(signal.SIGCHLD, self._old_sigchld)
+        self._status.close()
+        raise SnapshotError(message)
         self._child_changed(signal.SIGCHLD, None)  # it may have died already
 
     def _child_changed(self, signum, frame) -> None:
@@ -132,7 +170,10 @@ class LazyLoader:
         self.closed = True
         _active.pop(self.memory, None)
         if self.on_error is not None:
-            self.on_error(error)  # stops the vCPU: from here no fault can let the guest run
+            self.on_error(error)  # stops the vCPUs: a kick is pending on each vCPU thread now
+        # Only now may the handler (or the guardian of a dead one) resolve faults with zero
+        # pages: a vCPU released by one meets its pending kick before running the guest.
+        self.process.notify_stopped()
 
     @property
     def error(self) -> str | None:

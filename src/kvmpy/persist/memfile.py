@@ -75,6 +75,9 @@ def logical_layout(memory: GuestMemory) -> list[tuple[MemoryRegion, int]]:
 def data_ranges(region: MemoryRegion) -> Iterator[tuple[int, int]]:
     """(offset, length) within `region` of the pages its backing file holds; holes are pages
     never touched. Falls back to the whole region where SEEK_DATA is unsupported."""
+    if region.anonymous:
+        yield from _mapped_ranges(region)
+        return
     start, end = region.fd_offset, region.fd_offset + region.size
     pos = start
     while pos < end:
@@ -92,6 +95,47 @@ def data_ranges(region: MemoryRegion) -> Iterator[tuple[int, int]]:
         hole = min(os.lseek(region.fd, data, SEEK_HOLE), end)
         yield data - start, hole - data
         pos = hole
+
+
+#: /proc/self/pagemap: one u64 per virtual page; bit 63 present, bit 62 swapped out.
+_PAGEMAP_IN_USE = (1 << 63) | (1 << 62)
+#: Pagemap entries read at once (8 bytes each: 4096 entries cover 16 MiB of guest RAM).
+_PAGEMAP_BATCH = 4096
+
+
+def _mapped_ranges(region: MemoryRegion) -> Iterator[tuple[int, int]]:
+    """For anonymous memory (no file to ask SEEK_DATA): the pages mapped or swapped out, from
+    /proc/self/pagemap. A page never touched has neither bit; one the guest only read maps the
+    shared zero page and is dropped later by the zero-page scan."""
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        yield 0, region.size  # no pagemap (not Linux, or restricted): scan everything
+        return
+    try:
+        pages = region.size // PAGE_SIZE
+        first = region.hva // PAGE_SIZE
+        run_start: int | None = None
+        run_end = 0
+        for batch in range(0, pages, _PAGEMAP_BATCH):
+            n = min(_PAGEMAP_BATCH, pages - batch)
+            raw = os.pread(fd, n * 8, (first + batch) * 8)
+            used = (np.frombuffer(raw, dtype=np.uint64) & np.uint64(_PAGEMAP_IN_USE)) != 0
+            edges = np.flatnonzero(
+                np.diff(np.concatenate(([False], used, [False])).astype(np.int8))
+            )
+            for a, b in zip(edges[::2], edges[1::2], strict=True):
+                a, b = batch + int(a), batch + int(b)
+                if run_start is not None and run_end == a:
+                    run_end = b
+                    continue
+                if run_start is not None:
+                    yield run_start * PAGE_SIZE, (run_end - run_start) * PAGE_SIZE
+                run_start, run_end = a, b
+        if run_start is not None:
+            yield run_start * PAGE_SIZE, (run_end - run_start) * PAGE_SIZE
+    finally:
+        os.close(fd)
 
 
 def nonzero_runs(view: memoryview) -> Iterator[tuple[int, int]]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..hv.signals import helper_thread_signals
+from ..ksm.usage import vm_memory
 from ..machine import Machine
 from ..result import RunResult, Stop
 from ..stats import ExitStats
@@ -55,7 +56,9 @@ class VmSession:
         #: Called (in the calling thread) just before the vCPUs start.
         self.before_first_run: Callable[[], None] | None = None
 
-    def run(self, timeout: float | None = None, handle_sigint: bool = False) -> RunResult:
+    def run(
+        self, timeout: float | None = None, handle_sigint: bool = False, paused: bool = False
+    ) -> RunResult:
         with self._cond:
             if self.state != "created":
                 raise ControlError("this session has run already")
@@ -65,7 +68,7 @@ class VmSession:
         if self.before_first_run is not None:
             self.before_first_run()
         try:
-            result = self.machine.run(timeout, handle_sigint=handle_sigint)
+            result = self.machine.run(timeout, handle_sigint=handle_sigint, paused=paused)
         finally:
             with self._cond:
                 self.state = "stopped"
@@ -166,7 +169,11 @@ class VmSession:
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.started_at else 0.0,
             "output_bytes": m.output_bytes,
             "exits": ExitStats.merged(per).to_dict() if per else None,
+            "vcpu_time_s": [round(t, 6) for t in m.vcpu_cpu_times()],
         }
         if len(per) > 1:
             d["vcpu_exits"] = [s.to_dict() for s in per]
+        d["mergeable"] = m.config.mergeable
+        # What guest RAM occupies and shares (KSM) in this process: one VM per VMM process.
+        d["ram"] = vm_memory(m.memory.regions)
         return d

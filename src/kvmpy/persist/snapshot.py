@@ -24,8 +24,11 @@ from .errors import SnapshotError
 from .handler import HandlerProcess
 
 
-def take(machine: Machine, path: str | os.PathLike) -> dict[str, Any]:
-    """Write a snapshot of `machine` (vCPU paused, pending I/O completed) to `path`."""
+def take(
+    machine: Machine, path: str | os.PathLike, store: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """Write a snapshot of `machine` (vCPU paused, pending I/O completed) to `path`; with
+    `store`, its memory goes into that page store (store.py), shared with other snapshots."""
     t0 = time.perf_counter()
     lazy.settle(machine.memory)
     # Device I/O threads write guest RAM on their own: they hold still while the state and
@@ -33,8 +36,9 @@ def take(machine: Machine, path: str | os.PathLike) -> dict[str, Any]:
     with state.devices_quiesced(machine):
         st = state.capture(machine)
         t_state = time.perf_counter()
-        res = format.write(path, st, machine.memory)
+        res = format.write(path, st, machine.memory, store=store)
     total = (time.perf_counter() - t0) * 1e3
+    extra = {"store": res.store} if res.store is not None else {}
     return {
         "path": str(Path(path).resolve()),
         "snapshot_ms": round(total, 3),
@@ -46,6 +50,7 @@ def take(machine: Machine, path: str | os.PathLike) -> dict[str, Any]:
         "pages_total": res.memory_bytes // PAGE_SIZE,
         "extents": res.extents,
         "output_bytes": machine.output_bytes,
+        **extra,
     }
 
 
@@ -153,6 +158,10 @@ def restore(
                                      background=lazy_background)  # fmt: skip
             handler = None  # the loader owns it now
             loaded = 0
+        elif snap.located is not None:
+            from .store import read_memory
+
+            loaded = read_memory(machine.memory, snap.located, snap.store)
         else:
             loaded = memfile.read_memory(machine.memory, snap.memory_fd, snap.extents)
         t_state = time.monotonic_ns()
@@ -172,6 +181,7 @@ def restore(
         "lazy": lazy_memory,
         "pages_total": snap.memory_size // PAGE_SIZE,
         "pages_in_snapshot": snap.pages_written,
+        **({"store": str(snap.store)} if snap.store is not None else {}),
         "pages_faulted": 0,
         "pages_loaded": loaded,
         "open_ms": round((t_mem - t0) / 1e6, 3),

@@ -67,6 +67,9 @@ class MachineConfig:
     #: KVM, and unicorn with a one-line notice where /dev/kvm is not usable. A machine's
     #: config names the backend it got.
     accel: str = "auto"
+    #: Guest RAM is private anonymous memory marked MADV_MERGEABLE, so the host's KSM may
+    #: merge identical pages (docs/memory.md). It does not start KSM: `kvmpy ksm on` does.
+    mergeable: bool = False
 
     def validated(self) -> MachineConfig:
         mode = Mode.parse(self.mode) if isinstance(self.mode, str) else self.mode
@@ -81,8 +84,12 @@ class MachineConfig:
             raise ConfigError(
                 f"unknown accelerator {self.accel!r}: choose one of {', '.join(ACCELS)}"
             )
+        if not isinstance(self.mergeable, bool):
+            raise ConfigError(f"mergeable must be true or false (got {self.mergeable!r})")
         irqchip = self.irqchip or self.vcpus > 1
-        return MachineConfig(mode, size, self.vcpus, irqchip, self.pit, self.name, self.accel)
+        return MachineConfig(
+            mode, size, self.vcpus, irqchip, self.pit, self.name, self.accel, self.mergeable
+        )
 
     def to_dict(self) -> dict[str, Any]:
         c = self.validated()
@@ -94,6 +101,7 @@ class MachineConfig:
             "pit": c.pit,
             "name": c.name,
             "accel": c.accel,
+            "mergeable": c.mergeable,
         }
 
 
@@ -242,14 +250,14 @@ class VmConfig:
 def _machine(d: Any) -> MachineConfig:
     if not isinstance(d, dict):
         raise ConfigError("'machine' must be an object")
-    fields = {"mode", "memory", "vcpus", "irqchip", "pit", "name", "accel"}
+    fields = {"mode", "memory", "vcpus", "irqchip", "pit", "name", "accel", "mergeable"}
     unknown = sorted(set(d) - fields)
     if unknown:
         raise ConfigError(
             f"'machine' has no field {unknown[0]!r} (fields: {', '.join(sorted(fields))})"
         )
     types = {"mode": str, "memory": (int, str), "vcpus": int, "irqchip": bool, "pit": bool,
-             "name": str, "accel": str}  # fmt: skip
+             "name": str, "accel": str, "mergeable": bool}  # fmt: skip
     for k, v in d.items():
         if isinstance(v, bool) and types[k] is not bool:
             raise ConfigError(f"machine.{k} has the wrong type")

@@ -57,19 +57,54 @@ class EventLoop:
     def add_reader(self, fd: int, callback: Callback) -> None:
         """Call `callback()` in the loop thread whenever `fd` is readable (level-triggered:
         the callback must drain what it can, or it is called again at once)."""
-        with self._lock:
-            self._sel.register(fd, selectors.EVENT_READ, callback)
-        self._wake()
+        self._watch(fd, 0, callback)
 
     def remove_reader(self, fd: int) -> bool:
-        """Stop watching `fd`; returns whether it was watched. Safe from inside a callback."""
+        """Stop watching `fd` for input; returns whether it was watched. Safe from inside a
+        callback."""
+        return self._unwatch(fd, 0)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        """Call `callback()` whenever `fd` is writable (level-triggered: remove the writer
+        once there is nothing left to write)."""
+        self._watch(fd, 1, callback)
+
+    def remove_writer(self, fd: int) -> bool:
+        return self._unwatch(fd, 1)
+
+    def _watch(self, fd: int, which: int, callback: Callback) -> None:
         with self._lock:
             try:
-                self._sel.unregister(fd)
-            except (KeyError, ValueError):
+                key = self._sel.get_key(fd)
+            except (KeyError, ValueError, RuntimeError):  # RuntimeError: the loop is closed
+                key = None
+            cbs = list(key.data) if key is not None else [None, None]
+            cbs[which] = callback
+            self._set(fd, key, cbs)
+        self._wake()
+
+    def _unwatch(self, fd: int, which: int) -> bool:
+        with self._lock:
+            try:
+                key = self._sel.get_key(fd)
+            except (KeyError, ValueError, RuntimeError):  # RuntimeError: the loop is closed
                 return False
+            cbs = list(key.data)
+            if cbs[which] is None:
+                return False
+            cbs[which] = None
+            self._set(fd, key, cbs)
         self._wake()
         return True
+
+    def _set(self, fd: int, key, cbs: list) -> None:
+        events = (selectors.EVENT_READ if cbs[0] else 0) | (selectors.EVENT_WRITE if cbs[1] else 0)
+        if not events:
+            self._sel.unregister(fd)
+        elif key is None:
+            self._sel.register(fd, events, tuple(cbs))
+        else:
+            self._sel.modify(fd, events, tuple(cbs))
 
     def call_soon(self, fn: Callback) -> None:
         """Run `fn()` in the loop thread, soon; from any thread."""
@@ -143,7 +178,7 @@ class EventLoop:
                 log.warning("%s: select failed: %s", self.name, e)
                 events = []
                 self._drop_closed()
-            for key, _mask in events:
+            for key, mask in events:
                 if key.data is None:
                     try:
                         while os.read(self._wake_r, 4096):
@@ -151,7 +186,14 @@ class EventLoop:
                     except BlockingIOError:
                         pass
                     continue
-                self._call(key.data, key.fd)
+                reader, writer = key.data
+                if mask & selectors.EVENT_READ and reader is not None:
+                    self._call(reader, key.fd)
+                # the reader may have removed the writer (or closed the descriptor)
+                if mask & selectors.EVENT_WRITE and writer is not None:
+                    writer = self._current(key.fd, 1)
+                    if writer is not None:
+                        self._call(writer, key.fd, 1)
                 if self._stopping:
                     return
             self._run_due()
@@ -169,13 +211,20 @@ class EventLoop:
                 return
             self._call(fn, None)
 
-    def _call(self, fn: Callback, fd: int | None) -> None:
+    def _current(self, fd: int, which: int) -> Callback | None:
+        with self._lock:
+            try:
+                return self._sel.get_key(fd).data[which]
+            except (KeyError, ValueError, RuntimeError):
+                return None
+
+    def _call(self, fn: Callback, fd: int | None, which: int = 0) -> None:
         try:
             fn()
         except BaseException as e:  # a device bug must not take the loop down with it
             log.error("%s: callback %r failed: %s", self.name, fn, e, exc_info=True)
             if fd is not None:
-                self.remove_reader(fd)
+                self._unwatch(fd, which)
             if self.on_error is not None:
                 try:
                     self.on_error(e)

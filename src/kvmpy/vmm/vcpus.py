@@ -88,11 +88,15 @@ class VcpuSet:
 
     # --- life cycle --------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, paused: bool = False) -> None:
+        """Start the vCPU threads; with `paused` they wait outside the guest until `resume()`
+        (a VM restored or configured paused never runs a single guest instruction before)."""
         with self._cond:
             if self.started:
                 raise VcpuError("the vCPUs have been started already")
             self.started = True
+            if paused:
+                self._held = True
         for s in self._slots:
             s.state = "running"
             s.thread = threading.Thread(
@@ -232,6 +236,21 @@ class VcpuSet:
         """Re-check blocked vCPUs (the SMP layer started or released one)."""
         with self._cond:
             self._cond.notify_all()
+
+    def cpu_times(self) -> list[float]:
+        """Host CPU seconds each vCPU thread has used (guest time included), or 0.0 for one
+        not started or gone: its thread's CPU-time clock, read without disturbing it."""
+        out = []
+        for s in self._slots:
+            t = s.thread
+            try:
+                alive = t is not None and t.ident is not None and t.is_alive()
+                out.append(
+                    time.clock_gettime(time.pthread_getcpuclockid(t.ident)) if alive else 0.0
+                )
+            except OSError:  # the thread ended between the check and the read
+                out.append(0.0)
+        return out
 
     def states(self) -> list[str]:
         return [s.state for s in self._slots]

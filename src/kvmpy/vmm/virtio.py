@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..devices.pci.host import CONFIG_ADDRESS, PciHost
+from ..devices.virtio.balloon import VirtioBalloon
 from ..devices.virtio.block import VirtioBlock
 from ..devices.virtio.console import VirtioConsole
 from ..devices.virtio.device import VirtioDevice
@@ -52,7 +53,7 @@ PCI_INTX_PIN = 16
 class DeviceSpec:
     """One virtio device of a machine: JSON-able, so VmConfig can carry it."""
 
-    kind: str  # "block", "rng", "console"
+    kind: str  # "block", "rng", "console", "net", "vsock"
     path: str = ""
     readonly: bool = False
     id: str = ""
@@ -81,6 +82,47 @@ class DeviceSpec:
                 raise ConfigError(f"--disk {text!r}: unknown option {p!r} (ro, id=NAME, irq-cpu=N)")
         return cls("block", path=path, readonly=ro, id=ident, irq_cpu=cpu)
 
+    @classmethod
+    def parse_net(cls, text: str) -> DeviceSpec:
+        """tap=NAME[,mac=MAC][,irq-cpu=N] (kvmpy run --net); NAME `auto`: a new TAP."""
+        from ..devices.virtio.net import parse_mac
+
+        opts = _options(text, "--net", ("tap", "mac", "irq-cpu", "id"))
+        if "tap" not in opts:
+            raise ConfigError(f"--net {text!r}: say which TAP: tap=NAME (or tap=auto)")
+        if opts["tap"] != "auto":
+            from ..devices.virtio.tap import check_ifname
+
+            check_ifname(opts["tap"])
+        mac = opts.get("mac")
+        if mac is not None:
+            try:
+                parse_mac(mac)
+            except ValueError as e:
+                raise ConfigError(f"--net {text!r}: {e}") from None
+        options = {"tap": opts["tap"], "mac": mac}
+        return cls("net", id=opts.get("id", ""), irq_cpu=_cpu(opts, text, "--net"),
+                   options=options)  # fmt: skip
+
+    @classmethod
+    def parse_vsock(cls, text: str) -> DeviceSpec:
+        """CID,uds=PATH[,irq-cpu=N] (kvmpy run --vsock)."""
+        from ..devices.virtio.vsock import check_cid
+
+        head, _, rest = text.partition(",")
+        try:
+            cid = int(head)
+        except ValueError:
+            raise ConfigError(
+                f"--vsock {text!r}: starts with the guest's CID (a number >= 3)"
+            ) from None
+        check_cid(cid)
+        opts = _options(rest, "--vsock", ("uds", "irq-cpu", "id")) if rest else {}
+        if not opts.get("uds"):
+            raise ConfigError(f"--vsock {text!r}: say where the host side is: uds=PATH")
+        return cls("vsock", path=opts["uds"], id=opts.get("id", ""),
+                   irq_cpu=_cpu(opts, text, "--vsock"), options={"cid": cid})  # fmt: skip
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "path": self.path, "readonly": self.readonly, "id": self.id,
                 "irq_cpu": self.irq_cpu, "options": dict(self.options)}  # fmt: skip
@@ -91,8 +133,29 @@ class DeviceSpec:
                    d.get("irq_cpu"), dict(d.get("options", {})))  # fmt: skip
 
 
+def _options(text: str, flag: str, known: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for p in text.split(","):
+        k, eq, v = p.partition("=")
+        if not eq or k not in known or not v:
+            raise ConfigError(
+                f"{flag} {text!r}: unknown option {p!r} ({', '.join(k + '=...' for k in known)})"
+            )
+        out[k] = v
+    return out
+
+
+def _cpu(opts: dict[str, str], text: str, flag: str) -> int | None:
+    if "irq-cpu" not in opts:
+        return None
+    try:
+        return int(opts["irq-cpu"])
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: irq-cpu must be a number") from None
+
+
 def build_device(spec: DeviceSpec, index: int, console: Callable[[bytes], None] | None,
-                 console_input: int | None = None) -> VirtioDevice:  # fmt: skip
+                 console_input: int | None = None, machine=None) -> VirtioDevice:  # fmt: skip
     name = spec.options.get("name")
     if spec.kind == "block":
         name = name or spec.id or f"vd{chr(ord('a') + index)}"
@@ -101,7 +164,33 @@ def build_device(spec: DeviceSpec, index: int, console: Callable[[bytes], None] 
         return VirtioRng(name or f"rng{index}", rate=int(spec.options.get("rate", 0)))
     if spec.kind == "console":
         return VirtioConsole(name or f"hvc{index}", sink=console, input_fd=console_input)
-    raise ConfigError(f"unknown virtio device kind {spec.kind!r} (block, rng, console)")
+    if spec.kind == "net":
+        from ..devices.virtio.net import VirtioNet, parse_mac
+        from ..devices.virtio.tap import TapBackend
+
+        backend = spec.options.get("backend") or TapBackend.open(spec.options["tap"])
+        mac = spec.options.get("mac")
+        try:
+            return VirtioNet(backend, name=name or spec.id or f"net{index}",
+                             mac=parse_mac(mac) if mac else None)  # fmt: skip
+        except BaseException:
+            backend.close()
+            raise
+    if spec.kind == "vsock":
+        from ..devices.virtio.vsock import VirtioVsock
+
+        return VirtioVsock(int(spec.options["cid"]), spec.path, name=name or f"vsock{index}")
+    if spec.kind == "balloon":
+        if machine is None:
+            raise ConfigError("a virtio balloon needs the machine whose memory it gives back")
+        mem = machine.memory
+        end = max((r.end for r in mem.regions), default=0)
+        return VirtioBalloon(name or f"balloon{index}", discard=mem.discard,
+                             ram_pages=mem.size // 4096, pfn_limit=end // 4096,
+                             stats_interval=float(spec.options.get("stats_interval", 0)))  # fmt: skip
+    raise ConfigError(
+        f"unknown virtio device kind {spec.kind!r} (block, rng, console, net, vsock, balloon)"
+    )
 
 
 class _VmFdBackend:
@@ -314,7 +403,7 @@ def add_device(machine, spec: DeviceSpec, transport: str = "mmio", *,
     vset = virtio_set(machine, transport, **set_options)
     i = len(vset.devices)
     sink = console if console is not None else machine.console_write
-    dev = build_device(spec, i, sink, console_input)
+    dev = build_device(spec, i, sink, console_input, machine=machine)
     try:
         dev.poll_us = max(0, int(spec.options.get("poll_us", 0)))
         loop = vset.shared_loop or EventLoop(f"virtio-{dev.name}")
@@ -443,6 +532,15 @@ def _spec_args(kind: str, id: str, *, path: str = "", readonly: bool = False, se
     return DeviceSpec(kind, str(path), readonly, serial, irq_cpu, options)
 
 
+def balloon(machine) -> VirtioBalloon | None:
+    """The machine's virtio balloon, if it has one."""
+    vset = getattr(machine, "virtio", None)
+    for d in vset.devices if vset is not None else ():
+        if isinstance(d, VirtioBalloon):
+            return d
+    return None
+
+
 def _register_kinds() -> None:
     """virtio-blk, virtio-rng and virtio-console as registry kinds, where the platform's
     device registry exists: `machine.add_device("virtio-blk", "vda", path="disk.img",
@@ -469,6 +567,41 @@ def _register_kinds() -> None:
                    irq_cpu: int | None = None):  # fmt: skip
         return add_device(machine, _spec_args("rng", id, rate=rate, irq_cpu=irq_cpu),
                           transport_of(transport))  # fmt: skip
+
+    @device_kind("virtio-net")
+    def virtio_net(machine, id, *, tap: str, mac: str | None = None, transport: str = "mmio",
+                   irq_cpu: int | None = None):  # fmt: skip
+        if not isinstance(tap, str) or not (mac is None or isinstance(mac, str)):
+            raise ConfigError(f"device {id}: tap and mac are strings")
+        text = f"tap={tap}" + (f",mac={mac}" if mac else "")
+        spec = DeviceSpec.parse_net(text)
+        spec = DeviceSpec("net", id=id, irq_cpu=_spec_args("net", id, irq_cpu=irq_cpu).irq_cpu,
+                          options={**spec.options, "name": id})  # fmt: skip
+        return add_device(machine, spec, transport_of(transport))
+
+    @device_kind("virtio-vsock")
+    def virtio_vsock(machine, id, *, cid: int, uds: str, transport: str = "mmio",
+                     irq_cpu: int | None = None):  # fmt: skip
+        from ..devices.virtio.vsock import check_cid
+
+        if not isinstance(uds, str) or not uds:
+            raise ConfigError(f"device {id}: uds must be a path")
+        spec = DeviceSpec("vsock", path=uds, id=id,
+                          irq_cpu=_spec_args("vsock", id, irq_cpu=irq_cpu).irq_cpu,
+                          options={"cid": check_cid(cid), "name": id})  # fmt: skip
+        return add_device(machine, spec, transport_of(transport))
+
+    @device_kind("virtio-balloon")
+    def virtio_balloon(machine, id, *, transport: str = "mmio", stats_interval: float = 0,
+                       irq_cpu: int | None = None):  # fmt: skip
+        if balloon(machine) is not None:
+            raise ConfigError("a machine has at most one virtio balloon")
+        if (isinstance(stats_interval, bool) or not isinstance(stats_interval, int | float)
+                or not 0 <= stats_interval <= 3600):  # fmt: skip
+            raise ConfigError(f"device {id}: stats_interval must be 0 to 3600 seconds")
+        spec = _spec_args("balloon", id, irq_cpu=irq_cpu)
+        spec.options["stats_interval"] = stats_interval
+        return add_device(machine, spec, transport_of(transport))
 
     @device_kind("virtio-console")
     def virtio_console(machine, id, *, transport: str = "mmio", irq_cpu: int | None = None):

@@ -379,6 +379,13 @@ class VirtioDevice:
             self.restore_device_state(state.get("device", {}))
             if self.status & STATUS_DRIVER_OK and self.transport is not None:
                 self.transport.activated()
+        # Requests the snapshot caught in the available ring were notified to the old device,
+        # not to this one: the driver will not notify them again (it may be waiting for them
+        # with a full queue). Serve what is there, as the source does after a quiesced pause.
+        if self.running:
+            for q in self.queues:
+                if q.ready:
+                    self.notify(q.index)
 
     def device_state(self) -> dict:
         return {}

@@ -221,6 +221,58 @@ class Virtqueue:
         self.popped += 1
         return self._walk(head)
 
+    def pop_readable(self) -> tuple[int, memoryview | Chain] | None:
+        """pop() for a transmit queue: a chain of one device-readable descriptor (what a
+        driver posts for a frame or packet) comes back as (head, view of the buffer) without
+        building a Chain; any other chain as (head, Chain), checked by the same walk. None
+        if the queue is empty. (virtio-net's transmit path: ~1.5 µs less per frame than
+        pop() on this host, a fifth of the device's whole cost per 64-byte frame.)"""
+        if not self.ready or not self.pending():
+            return None
+        assert self._avail is not None and self._desc is not None and self.memory is not None
+        head = self._avail[2 + self.last_avail % self.size]
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        self.popped += 1
+        if head < self.size:
+            addr, length, flags, _ = _DESC.unpack_from(self._desc, head * 16)
+            if not flags and length:
+                try:
+                    return head, self.memory.view(addr, length)
+                except GuestMemoryError:
+                    raise QueueError(
+                        f"queue {self.index}: buffer {addr:#x}+{length:#x} is outside guest RAM"
+                    ) from None
+        return head, self._walk(head)
+
+    def push_heads(self, heads: list[int]) -> None:
+        """Return chains the device only read (0 bytes written), publishing the used index
+        once for all of them (2.7.8: the index may move by several entries at a time)."""
+        if not self.ready or not heads:
+            return
+        assert self._used is not None and self._used16 is not None
+        used, size, idx = self._used, self.size, self.used_idx
+        pack = _USED_ELEM.pack_into
+        on_write = self.memory.on_write if self.memory is not None else None
+        for head in heads:
+            slot = idx % size
+            pack(used, 4 + 8 * slot, head, 0)
+            idx = (idx + 1) & 0xFFFF
+            if on_write is not None:
+                on_write(self.used_addr + 4 + 8 * slot, 8)
+        self.used_idx = idx
+        self._used16[1] = idx  # after the elements (x86 keeps stores in order)
+        self.pushed += len(heads)
+        if on_write is not None:
+            on_write(self.used_addr, 4)
+
+    def unpop(self, n: int = 1) -> None:
+        """Give back the last `n` popped chains (not used): they are taken again by the next
+        pops, as the guest left them (virtio-net keeps a receive buffer too small for one
+        frame for the next)."""
+        n = min(n, self.popped)
+        self.last_avail = (self.last_avail - n) & 0xFFFF
+        self.popped -= n
+
     def _walk(self, head: int) -> Chain:
         size = self.size
         if head >= size:

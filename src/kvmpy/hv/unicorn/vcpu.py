@@ -82,6 +82,7 @@ from ...kvm import structs as S
 from ...kvm.constants import ExitReason
 from ...result import Stop, StopReason
 from ...stats import EXACT_FIRST, SAMPLE_EVERY, ExitStats
+from ...stats import EXCEPTION as EXCEPTION_REASON
 from . import delivery, lib
 from . import env as E
 from .env import CpuState
@@ -376,7 +377,17 @@ class UnicornVcpu:
             self._string_linear = -1
         ctx, stats = self.ctx, self.stats
         entry = self.ops.pio_bus.entries.get(port)
-        ps = stats.port(port, entry.device.name if entry else "")
+        # kvmpy's exception stubs report through FAULT_PORT: that is an exception, counted as
+        # such (as the KVM backend does), not an I/O exit to an unassigned port.
+        if entry is None and port == FAULT_PORT and out:
+            stop = self._fault_stub(linear, insn)
+            if stop is not None:
+                if new_exit:
+                    ctx.exits += 1
+                    stats.counts[EXCEPTION_REASON] += 1
+                self._stop_in_hook(stop, port, insn, last)
+                return 0
+        ps = stats.port(port, entry.device.name if entry else "(unassigned)")
         if new_exit:
             ctx.exits += 1
             stats.counts[IO] += 1
@@ -494,8 +505,13 @@ class UnicornVcpu:
         if insn is not None and insn.string and insn.rep:
             count = self._read_reg(X.UC_X86_REG_RCX) & insn.count_mask
         extra = f" {d} port={port:#x} size={size} count={count}"
-        if port == HC_PORT and out and size == 4:
-            extra += f" hypercall={self.ops.hypercalls.name(value)}"
+        if port == HC_PORT and out:
+            nr = value & ((1 << (8 * size)) - 1)
+            args = ", ".join(
+                f"{self._read_reg(r):#x}"
+                for r in (X.UC_X86_REG_RDI, X.UC_X86_REG_RSI, X.UC_X86_REG_RCX, X.UC_X86_REG_RBX)
+            )
+            extra += f" hypercall={self.ops.hypercalls.name(nr)}({args})"
         print(f"[exit {self.stats.total}] io rip={rip:#x}{extra}", file=sys.stderr)
 
     # --- stopping from inside a hook -----------------------------------------------------------

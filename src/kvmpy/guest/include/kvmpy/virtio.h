@@ -46,6 +46,7 @@
 #define KV_VIRTIO_ID_BLOCK 2
 #define KV_VIRTIO_ID_CONSOLE 3
 #define KV_VIRTIO_ID_ENTROPY 4
+#define KV_VIRTIO_ID_VSOCK 19
 
 #define KV_VIRTIO_F_INDIRECT_DESC (1ULL << 28)
 #define KV_VIRTIO_F_EVENT_IDX (1ULL << 29)
@@ -571,6 +572,28 @@ static inline int kv_vq_wait_irq(struct kv_vq *q, uint32_t *len)
 	}
 }
 
+/* Nothing to do until the device uses a buffer of `q`: with interrupts (kvmpy installed the
+ * handler), arm `q`'s, look once more, and sleep; otherwise spin a little. Interrupts are
+ * off again afterwards: a busy queue is polled, not interrupted. */
+static inline void kv_vq_idle(struct kv_vq *q)
+{
+	if (!kvmpy_virtio_irq_ready) {
+		kv_cpu_relax();
+		return;
+	}
+	uint64_t seen = kvmpy_virtio_irqs;
+	kv_vq_interrupts(q, 1);
+	kv_mb();
+	if (kv_vq_used_idx(q) == q->last_used) {
+		if (kvmpy_virtio_irq_ready == 1)
+			kv_virtio_wait_irq(seen);
+		else
+			while (kvmpy_virtio_irqs == seen)
+				kv_cpu_relax();
+	}
+	kv_vq_interrupts(q, 0);
+}
+
 /* --- block ---------------------------------------------------------------------------- */
 
 #define KV_BLK_T_IN 0
@@ -623,6 +646,492 @@ static inline int kv_blk_io(struct kv_vq *q, uint32_t type, uint64_t sector, voi
 	kv_vq_kick(q);
 	kv_vq_wait(q, 0);
 	return status;
+}
+
+
+/* --- copies ---------------------------------------------------------------------------- */
+
+/* rep movsb: fast on every x86 since Ivy Bridge (ERMS), and one instruction at CPL3. */
+static inline void kv_copy(void *dst, const void *src, uint64_t n)
+{
+	__asm__ volatile("rep movsb" : "+D"(dst), "+S"(src), "+c"(n) : : "memory");
+}
+
+/* --- net ------------------------------------------------------------------------------ */
+
+#define KV_NET_F_MAC (1ULL << 5)
+#define KV_NET_F_MRG_RXBUF (1ULL << 15)
+#define KV_NET_F_STATUS (1ULL << 16)
+#define KV_NET_S_LINK_UP 1
+#define KV_NET_HDR_LEN 12 /* struct virtio_net_hdr_v1: flags .. num_buffers */
+#define KV_NET_MAX_FRAME 1514
+#define KV_NET_BUF (KV_NET_HDR_LEN + KV_NET_MAX_FRAME + 2) /* one frame, header included */
+
+/*
+ * A NIC with one receive and one transmit queue, polled. Frames are copied: into a transmit
+ * slot (one per descriptor, KV_NET_BUF bytes each) on send, out of a receive buffer on
+ * receive, so callers own their buffers. No offloads, no mergeable buffers: every receive
+ * buffer holds a whole frame.
+ */
+struct kv_net {
+	struct kv_virtio_dev dev;
+	struct kv_vq rx, tx;
+	uint8_t mac[6];
+	unsigned char *rx_bufs, *tx_bufs; /* qsize slots of KV_NET_BUF bytes each */
+	uint64_t sent, received;
+};
+
+/* Bytes of memory kv_net_init needs in `mem` (page-aligned) for queues of `qsize`. */
+#define kv_net_bytes_const(qsize) \
+	(2 * kv_vq_bytes_const(qsize) + 2ULL * (qsize) * ((KV_NET_BUF + 63) & ~63ULL))
+
+static inline unsigned char *kv_net_slot(unsigned char *base, uint16_t i)
+{
+	return base + (uint64_t)i * ((KV_NET_BUF + 63) & ~63ULL);
+}
+
+/* Find the n-th virtio-net device, bring it up with `qsize`-entry queues in `mem`
+ * (kv_net_bytes_const(qsize), page-aligned), and post every receive buffer. `msix`: on PCI,
+ * MSI-X vectors 0 (receive) and 1 (transmit) to KV_VIRTIO_VECTOR on APIC 0 (for
+ * kv_vq_wait_irq; interrupts stay off until a queue asks). 0, or -1. */
+static inline int kv_net_init(struct kv_net *n, int index, void *mem, uint16_t qsize, int msix)
+{
+	if (kv_virtio_find(&n->dev, KV_VIRTIO_ID_NET, index) < 0)
+		return -1;
+	if (kv_virtio_init(&n->dev, KV_VIRTIO_F_EVENT_IDX | KV_NET_F_MAC | KV_NET_F_STATUS) < 0)
+		return -1;
+	unsigned char *m = mem;
+	uint64_t ring = kv_vq_bytes(qsize);
+	int pci = msix && n->dev.transport == KV_VIRTIO_TRANSPORT_PCI;
+	if (kv_vq_setup(&n->dev, &n->rx, 0, m, qsize, pci ? 0 : -1) < 0 ||
+	    kv_vq_setup(&n->dev, &n->tx, 1, m + ring, qsize, pci ? 1 : -1) < 0)
+		return -1;
+	if (pci) {
+		kv_virtio_msix(&n->dev, 0, 0);
+		kv_virtio_msix(&n->dev, 1, 0);
+	}
+	n->rx_bufs = m + 2 * ring;
+	n->tx_bufs = kv_net_slot(n->rx_bufs, n->rx.size);
+	kv_vq_interrupts(&n->rx, 0);
+	kv_vq_interrupts(&n->tx, 0);
+	uintptr_t cfg = kv_virtio_config(&n->dev);
+	for (int i = 0; i < 6; i++)
+		n->mac[i] = kv_mmio_r8(cfg + i);
+	for (uint16_t i = 0; i < n->rx.size; i++) {
+		struct kv_buf b = {kv_net_slot(n->rx_bufs, i), KV_NET_BUF};
+		kv_vq_add(&n->rx, &b, 0, 1);
+	}
+	n->sent = n->received = 0;
+	kv_virtio_ready(&n->dev);
+	kv_vq_kick(&n->rx);
+	return 0;
+}
+
+static inline int kv_net_link_up(struct kv_net *n)
+{
+	return kv_mmio_r16(kv_virtio_config(&n->dev) + 6) & KV_NET_S_LINK_UP;
+}
+
+/* Take back transmit slots the device has finished with. */
+static inline void kv_net_reclaim(struct kv_net *n)
+{
+	while (kv_vq_poll(&n->tx, 0) >= 0)
+		;
+}
+
+/* Queue one frame (at most KV_NET_MAX_FRAME bytes) for transmission without notifying;
+ * -1 if every slot is in flight (kv_net_kick, then try again). */
+static inline int kv_net_queue(struct kv_net *n, const void *frame, uint32_t len)
+{
+	if (len > KV_NET_MAX_FRAME)
+		return -1;
+	if (!n->tx.num_free)
+		kv_net_reclaim(n);
+	if (!n->tx.num_free)
+		return -1;
+	unsigned char *slot = kv_net_slot(n->tx_bufs, n->tx.free_head);
+	__builtin_memset(slot, 0, KV_NET_HDR_LEN);
+	kv_copy(slot + KV_NET_HDR_LEN, frame, len);
+	struct kv_buf b = {slot, KV_NET_HDR_LEN + len};
+	if (kv_vq_add(&n->tx, &b, 1, 0) < 0)
+		return -1;
+	n->sent++;
+	return 0;
+}
+
+static inline void kv_net_kick(struct kv_net *n) { kv_vq_kick(&n->tx); }
+
+/* Send one frame, waiting for a free slot if needed. */
+static inline void kv_net_send(struct kv_net *n, const void *frame, uint32_t len)
+{
+	while (kv_net_queue(n, frame, len) < 0) {
+		kv_net_kick(n);
+		kv_cpu_relax();
+	}
+	kv_net_kick(n);
+}
+
+/* A received frame copied into `buf` (at most `cap` bytes): its length, or -1 if none is
+ * waiting. The receive buffer goes straight back to the device. */
+static inline int kv_net_recv(struct kv_net *n, void *buf, uint32_t cap)
+{
+	uint32_t len;
+	int head = kv_vq_poll(&n->rx, &len);
+	if (head < 0)
+		return -1;
+	unsigned char *slot = (unsigned char *)(uintptr_t)n->rx.desc[head].addr;
+	int got = -1;
+	if (len >= KV_NET_HDR_LEN && len <= KV_NET_BUF) {
+		got = (int)(len - KV_NET_HDR_LEN);
+		if ((uint32_t)got > cap)
+			got = (int)cap;
+		kv_copy(buf, slot + KV_NET_HDR_LEN, (uint64_t)got);
+		n->received++;
+	}
+	struct kv_buf b = {slot, KV_NET_BUF};
+	kv_vq_add(&n->rx, &b, 0, 1);
+	kv_vq_kick(&n->rx);
+	return got < 0 ? 0 : got;
+}
+
+/* --- vsock ---------------------------------------------------------------------------- */
+
+#define KV_VSOCK_HOST_CID 2
+#define KV_VSOCK_HDR_LEN 44
+#define KV_VSOCK_OP_REQUEST 1
+#define KV_VSOCK_OP_RESPONSE 2
+#define KV_VSOCK_OP_RST 3
+#define KV_VSOCK_OP_SHUTDOWN 4
+#define KV_VSOCK_OP_RW 5
+#define KV_VSOCK_OP_CREDIT_UPDATE 6
+#define KV_VSOCK_OP_CREDIT_REQUEST 7
+/* Receive buffers (a guest may define bigger ones before the #include: fewer packets for a
+ * stream), transmit slots, and what we advertise as buf_alloc (bytes we accept unconsumed
+ * per connection). */
+#ifndef KV_VSOCK_RX_BUF
+#define KV_VSOCK_RX_BUF (KV_VSOCK_HDR_LEN + 4096)
+#endif
+#define KV_VSOCK_TX_BUF (KV_VSOCK_HDR_LEN + 65536)
+#define KV_VSOCK_QSIZE 64
+#ifndef KV_VSOCK_BUF_ALLOC
+#define KV_VSOCK_BUF_ALLOC (256 * 1024)
+#endif
+
+struct kv_vsock_hdr {
+	uint64_t src_cid, dst_cid;
+	uint32_t src_port, dst_port, len;
+	uint16_t type, op;
+	uint32_t flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+
+enum { KV_VSOCK_CLOSED, KV_VSOCK_CONNECTING, KV_VSOCK_LISTENING, KV_VSOCK_CONNECTED };
+
+/* One stream connection. */
+struct kv_vsock_conn {
+	uint32_t local_port, peer_port;
+	int state;
+	uint32_t peer_shutdown;                 /* SHUTDOWN flags the host sent */
+	uint32_t peer_buf_alloc, peer_fwd_cnt;  /* the host's credit */
+	uint32_t tx_cnt;                        /* bytes we sent */
+	uint32_t fwd_cnt, fwd_told;             /* bytes we consumed, and what the host knows */
+};
+
+/*
+ * The device, polled: received packets wait in a small queue (their receive buffers held)
+ * until kv_vsock_recv consumes their data; control packets are handled as they come.
+ * One connection at a time is served (packets for other ports are answered with RST).
+ */
+struct kv_vsock {
+	struct kv_virtio_dev dev;
+	struct kv_vq rx, tx, ev;
+	uint64_t cid;
+	unsigned char *rx_bufs, *tx_bufs, *ev_bufs;
+	/* received data packets not yet consumed, in order: their buffers (a used chain's
+	 * descriptor is free again at once, and reposting another buffer may reuse it) */
+	unsigned char *held[KV_VSOCK_QSIZE];
+	uint16_t held_first, held_count;
+	uint32_t held_off; /* bytes of the first held packet already consumed */
+	uint64_t resets; /* TRANSPORT_RESET events seen */
+};
+
+#define kv_vsock_bytes_const \
+	(3 * kv_vq_bytes_const(KV_VSOCK_QSIZE) + KV_VSOCK_QSIZE * (KV_VSOCK_RX_BUF + KV_VSOCK_TX_BUF) + 4096)
+
+/* `msix`: on PCI, MSI-X vectors 0, 1, 2 for the receive, transmit and event queues. */
+static inline int kv_vsock_init(struct kv_vsock *v, void *mem, int msix)
+{
+	if (kv_virtio_find(&v->dev, KV_VIRTIO_ID_VSOCK, 0) < 0)
+		return -1;
+	if (kv_virtio_init(&v->dev, KV_VIRTIO_F_EVENT_IDX) < 0)
+		return -1;
+	unsigned char *m = mem;
+	uint64_t ring = kv_vq_bytes(KV_VSOCK_QSIZE);
+	int pci = msix && v->dev.transport == KV_VIRTIO_TRANSPORT_PCI;
+	if (kv_vq_setup(&v->dev, &v->rx, 0, m, KV_VSOCK_QSIZE, pci ? 0 : -1) < 0 ||
+	    kv_vq_setup(&v->dev, &v->tx, 1, m + ring, KV_VSOCK_QSIZE, pci ? 1 : -1) < 0 ||
+	    kv_vq_setup(&v->dev, &v->ev, 2, m + 2 * ring, 0, pci ? 2 : -1) < 0)
+		return -1;
+	for (uint32_t k = 0; pci && k < 3; k++)
+		kv_virtio_msix(&v->dev, k, 0);
+	if (v->rx.size != KV_VSOCK_QSIZE || v->tx.size != KV_VSOCK_QSIZE)
+		return -1;
+	v->ev_bufs = m + 3 * ring;
+	v->rx_bufs = v->ev_bufs + 4096;
+	v->tx_bufs = v->rx_bufs + KV_VSOCK_QSIZE * KV_VSOCK_RX_BUF;
+	kv_vq_interrupts(&v->rx, 0);
+	kv_vq_interrupts(&v->tx, 0);
+	kv_vq_interrupts(&v->ev, 0);
+	v->cid = kv_virtio_cfg64(&v->dev, 0);
+	v->held_first = v->held_count = 0;
+	v->held_off = 0;
+	v->resets = 0;
+	for (uint16_t i = 0; i < KV_VSOCK_QSIZE; i++) {
+		struct kv_buf b = {v->rx_bufs + (uint64_t)i * KV_VSOCK_RX_BUF, KV_VSOCK_RX_BUF};
+		kv_vq_add(&v->rx, &b, 0, 1);
+	}
+	for (uint16_t i = 0; i < v->ev.size && i < 16; i++) {
+		struct kv_buf b = {v->ev_bufs + 8 * i, 8};
+		kv_vq_add(&v->ev, &b, 0, 1);
+	}
+	kv_virtio_ready(&v->dev);
+	kv_vq_kick(&v->rx);
+	kv_vq_kick(&v->ev);
+	return 0;
+}
+
+/* Queue one packet (header and `len` payload bytes), waiting for a free slot; notify unless
+ * `batch` (the caller kicks after the last of a batch). */
+static inline void kv_vsock_queue(struct kv_vsock *v, struct kv_vsock_conn *c, uint16_t op,
+				  uint32_t flags, const void *data, uint32_t len, int batch)
+{
+	while (!v->tx.num_free) {
+		while (kv_vq_poll(&v->tx, 0) >= 0)
+			;
+		if (!v->tx.num_free)
+			kv_vq_idle(&v->tx);
+	}
+	unsigned char *slot = v->tx_bufs + (uint64_t)v->tx.free_head * KV_VSOCK_TX_BUF;
+	struct kv_vsock_hdr *h = (struct kv_vsock_hdr *)slot;
+	h->src_cid = v->cid;
+	h->dst_cid = KV_VSOCK_HOST_CID;
+	h->src_port = c->local_port;
+	h->dst_port = c->peer_port;
+	h->len = len;
+	h->type = 1; /* stream */
+	h->op = op;
+	h->flags = flags;
+	h->buf_alloc = KV_VSOCK_BUF_ALLOC;
+	h->fwd_cnt = c->fwd_cnt;
+	c->fwd_told = c->fwd_cnt;
+	if (len)
+		kv_copy(slot + KV_VSOCK_HDR_LEN, data, len);
+	struct kv_buf b = {slot, KV_VSOCK_HDR_LEN + len};
+	kv_vq_add(&v->tx, &b, 1, 0);
+	if (!batch)
+		kv_vq_kick(&v->tx);
+}
+
+static inline void kv_vsock_xmit(struct kv_vsock *v, struct kv_vsock_conn *c, uint16_t op,
+				 uint32_t flags, const void *data, uint32_t len)
+{
+	kv_vsock_queue(v, c, op, flags, data, len, 0);
+}
+
+static inline void kv_vsock_repost(struct kv_vsock *v, unsigned char *buf)
+{
+	struct kv_buf b = {buf, KV_VSOCK_RX_BUF};
+	kv_vq_add(&v->rx, &b, 0, 1);
+	kv_vq_kick(&v->rx);
+}
+
+/* Handle what the device sent since the last call, for connection `c`. A REQUEST for a
+ * listening `c` makes it connected (RESPONSE sent); data packets are held for
+ * kv_vsock_recv. Returns the number of packets handled. */
+static inline int kv_vsock_poll(struct kv_vsock *v, struct kv_vsock_conn *c)
+{
+	int handled = 0;
+	uint32_t len;
+	int head;
+	while (kv_vq_poll(&v->ev, &len) >= 0) {
+		/* TRANSPORT_RESET (the VM was restored): every connection is gone. */
+		v->resets++;
+		v->cid = kv_virtio_cfg64(&v->dev, 0);
+		if (c->state != KV_VSOCK_LISTENING)
+			c->state = KV_VSOCK_CLOSED;
+		while (v->held_count) { /* data of connections that no longer exist */
+			kv_vsock_repost(v, v->held[v->held_first]);
+			v->held_first = (uint16_t)((v->held_first + 1) % KV_VSOCK_QSIZE);
+			v->held_count--;
+		}
+		v->held_off = 0;
+		struct kv_buf b = {v->ev_bufs, 8};
+		kv_vq_add(&v->ev, &b, 0, 1);
+		kv_vq_kick(&v->ev);
+	}
+	while (v->held_count < KV_VSOCK_QSIZE && (head = kv_vq_poll(&v->rx, &len)) >= 0) {
+		handled++;
+		unsigned char *rb = (unsigned char *)(uintptr_t)v->rx.desc[head].addr;
+		struct kv_vsock_hdr *h = (struct kv_vsock_hdr *)rb;
+		int mine = len >= KV_VSOCK_HDR_LEN && h->src_cid == KV_VSOCK_HOST_CID &&
+			   h->dst_port == c->local_port &&
+			   (c->state == KV_VSOCK_LISTENING || h->src_port == c->peer_port);
+		if (!mine) {
+			if (len >= KV_VSOCK_HDR_LEN && h->op != KV_VSOCK_OP_RST) {
+				struct kv_vsock_conn other = {h->dst_port, h->src_port};
+				kv_vsock_repost(v, rb);
+				kv_vsock_xmit(v, &other, KV_VSOCK_OP_RST, 0, 0, 0);
+			} else {
+				kv_vsock_repost(v, rb);
+			}
+			continue;
+		}
+		c->peer_buf_alloc = h->buf_alloc;
+		c->peer_fwd_cnt = h->fwd_cnt;
+		uint16_t op = h->op;
+		if (op == KV_VSOCK_OP_RW && c->state == KV_VSOCK_CONNECTED && h->len &&
+		    h->len <= len - KV_VSOCK_HDR_LEN) {
+			v->held[(v->held_first + v->held_count) % KV_VSOCK_QSIZE] = rb;
+			v->held_count++;
+			continue;
+		}
+		if (op == KV_VSOCK_OP_REQUEST && c->state == KV_VSOCK_LISTENING) {
+			c->peer_port = h->src_port;
+			c->state = KV_VSOCK_CONNECTED;
+			c->tx_cnt = c->fwd_cnt = c->fwd_told = 0;
+			c->peer_shutdown = 0;
+			kv_vsock_repost(v, rb);
+			kv_vsock_xmit(v, c, KV_VSOCK_OP_RESPONSE, 0, 0, 0);
+			continue;
+		}
+		if (op == KV_VSOCK_OP_RESPONSE && c->state == KV_VSOCK_CONNECTING)
+			c->state = KV_VSOCK_CONNECTED;
+		else if (op == KV_VSOCK_OP_RST)
+			c->state = KV_VSOCK_CLOSED;
+		else if (op == KV_VSOCK_OP_SHUTDOWN)
+			c->peer_shutdown |= h->flags & 3;
+		kv_vsock_repost(v, rb);
+		if (op == KV_VSOCK_OP_CREDIT_REQUEST)
+			kv_vsock_xmit(v, c, KV_VSOCK_OP_CREDIT_UPDATE, 0, 0, 0);
+	}
+	return handled;
+}
+
+/* Connect to host port `port` from local port `local`. 0 when connected, -1 if reset. */
+static inline int kv_vsock_connect(struct kv_vsock *v, struct kv_vsock_conn *c, uint32_t local,
+				   uint32_t port)
+{
+	__builtin_memset(c, 0, sizeof(*c));
+	c->local_port = local;
+	c->peer_port = port;
+	c->state = KV_VSOCK_CONNECTING;
+	kv_vsock_xmit(v, c, KV_VSOCK_OP_REQUEST, 0, 0, 0);
+	while (c->state == KV_VSOCK_CONNECTING)
+		if (!kv_vsock_poll(v, c))
+			kv_cpu_relax();
+	return c->state == KV_VSOCK_CONNECTED ? 0 : -1;
+}
+
+/* Wait for the host to connect to our port `port` (a host client's "CONNECT port"). */
+static inline void kv_vsock_accept(struct kv_vsock *v, struct kv_vsock_conn *c, uint32_t port)
+{
+	__builtin_memset(c, 0, sizeof(*c));
+	c->local_port = port;
+	c->state = KV_VSOCK_LISTENING;
+	while (c->state == KV_VSOCK_LISTENING)
+		if (!kv_vsock_poll(v, c))
+			kv_cpu_relax();
+}
+
+/* Send `len` bytes, in packets of at most 64 KiB within the host's credit, notifying once
+ * per KV_VSOCK_BATCH packets (each notify may wake the device's thread: tens of µs on a
+ * nested host). 0, or -1 if the connection was reset. */
+#define KV_VSOCK_BATCH 8
+static inline int kv_vsock_send(struct kv_vsock *v, struct kv_vsock_conn *c, const void *data,
+				uint64_t len)
+{
+	const unsigned char *p = data;
+	int queued = 0;
+	while (len) {
+		if (c->state != KV_VSOCK_CONNECTED)
+			return -1;
+		uint32_t credit = c->peer_buf_alloc - (c->tx_cnt - c->peer_fwd_cnt);
+		if ((int32_t)credit <= 0) {
+			if (queued) {
+				kv_vq_kick(&v->tx);
+				queued = 0;
+			}
+			/* no credit: sleep until the host's update arrives (a spinning vCPU takes
+			 * the CPU the device's thread needs to forward the data and send it) */
+			if (!kv_vsock_poll(v, c))
+				kv_vq_idle(&v->rx);
+			continue;
+		}
+		uint32_t n = len < credit ? (uint32_t)len : credit;
+		if (n > KV_VSOCK_TX_BUF - KV_VSOCK_HDR_LEN)
+			n = KV_VSOCK_TX_BUF - KV_VSOCK_HDR_LEN;
+		if (!v->tx.num_free && queued) {
+			kv_vq_kick(&v->tx);
+			queued = 0;
+		}
+		kv_vsock_queue(v, c, KV_VSOCK_OP_RW, 0, p, n, 1);
+		c->tx_cnt += n;
+		p += n;
+		len -= n;
+		if (++queued >= KV_VSOCK_BATCH) {
+			kv_vq_kick(&v->tx);
+			queued = 0;
+		}
+		kv_vsock_poll(v, c);
+	}
+	if (queued)
+		kv_vq_kick(&v->tx);
+	return 0;
+}
+
+/* Up to `cap` received bytes into `buf` (NULL: consume without copying): how many, 0 at the
+ * end of the stream (the host shut down or reset), or -1 if nothing has arrived yet. */
+static inline long kv_vsock_recv(struct kv_vsock *v, struct kv_vsock_conn *c, void *buf,
+				 uint64_t cap)
+{
+	kv_vsock_poll(v, c);
+	if (!v->held_count) {
+		if (c->state != KV_VSOCK_CONNECTED || (c->peer_shutdown & 2))
+			return 0;
+		return -1;
+	}
+	unsigned char *rb = v->held[v->held_first];
+	struct kv_vsock_hdr *h = (struct kv_vsock_hdr *)rb;
+	uint32_t left = h->len - v->held_off;
+	uint32_t n = cap < left ? (uint32_t)cap : left;
+	if (buf)
+		kv_copy(buf, (unsigned char *)h + KV_VSOCK_HDR_LEN + v->held_off, n);
+	v->held_off += n;
+	if (v->held_off == h->len) {
+		v->held_first = (uint16_t)((v->held_first + 1) % KV_VSOCK_QSIZE);
+		v->held_count--;
+		v->held_off = 0;
+		kv_vsock_repost(v, rb);
+	}
+	c->fwd_cnt += n;
+	/* Tell the host about the room we made before it runs out of credit. */
+	if (c->fwd_cnt - c->fwd_told >= KV_VSOCK_BUF_ALLOC / 4)
+		kv_vsock_xmit(v, c, KV_VSOCK_OP_CREDIT_UPDATE, 0, 0, 0);
+	return (long)n;
+}
+
+/* Shut down both directions and wait (a bounded number of polls) for the host's RST. */
+static inline void kv_vsock_close(struct kv_vsock *v, struct kv_vsock_conn *c)
+{
+	if (c->state == KV_VSOCK_CONNECTED) {
+		kv_vsock_xmit(v, c, KV_VSOCK_OP_SHUTDOWN, 3, 0, 0);
+	}
+	for (long i = 0; c->state == KV_VSOCK_CONNECTED && i < 100000000L; i++) {
+		if (v->held_count) /* data that came before the RST: drop it */
+			kv_vsock_recv(v, c, 0, ~0ULL);
+		else if (!kv_vsock_poll(v, c))
+			kv_cpu_relax();
+	}
+	c->state = KV_VSOCK_CLOSED;
 }
 
 #endif /* KVMPY_VIRTIO_H */
