@@ -369,3 +369,44 @@ def test_wide_reads_have_the_right_size(size):
     assert len(u.read(0, size)) == size
     assert len(k.read(0, size)) == size
     assert len(r.read(1, size)) == size
+
+
+def test_console_input_waits_out_the_8250_probe():
+    """Linux's 8250 autoconfig sets IER to 0x0F for a moment, long before a process opens the
+    port (whose start-up clears the FIFO): typed input must not go in then, only once the
+    receive interrupt has stayed enabled."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from kvmpy.vmm.console import RETRY_S, ConsoleInput
+    from kvmpy.vmm.event_loop import EventLoop
+
+    u, _ = uart()
+    loop = EventLoop("console-test")
+    r, w = os.pipe()
+    loop.start()
+    con = ConsoleInput(SimpleNamespace(event_loop=loop), u, r)
+    try:
+        con.start()
+        os.write(w, b"uname -a\n")
+        time.sleep(3 * RETRY_S)
+        assert con.pending == 9 and u.input_pending == 0  # nobody listens yet
+        u.write(U.IER_DLM, b"\x0f")  # the probe (tens of ms of emulated ring 0 here)...
+        time.sleep(RETRY_S / 4)
+        u.write(U.IER_DLM, b"\x00")  # ...and its restore
+        time.sleep(3 * RETRY_S)
+        assert u.input_pending == 0 and con.pending == 9
+        u.write(U.IIR_FCR, bytes([U.FCR_CLEAR_RCVR]))  # the start-up at open...
+        u.write(U.IER_DLM, bytes([U.IER_RDI]))  # ...then the receive interrupt, for good
+        deadline = time.monotonic() + 5
+        while u.input_pending < 9 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert bytes(reg(u, U.RBR_THR_DLL) for _ in range(9)) == b"uname -a\n"
+        assert con.typed == 9
+    finally:
+        con.close()
+        loop.stop()
+        loop.close()
+        os.close(r)
+        os.close(w)

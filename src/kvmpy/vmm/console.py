@@ -10,7 +10,8 @@ cannot be polled). End of input only means no more input: the guest keeps runnin
 
 Input is held back until the guest listens (`accepting_input`: Linux's 8250 driver enables
 the receive interrupt when a process opens the port; its start-up clears the FIFO, so bytes
-typed before that would be lost) and then handed over as fast as the guest reads it. What the
+typed before that would be lost; it must stay enabled RETRY_S, see `_listening`) and then
+handed over as fast as the guest reads it. What the
 guest has not taken waits here, bounded (`PENDING_LIMIT`): beyond it the source is not read
 until the guest catches up, so a fast writer cannot make the VMM allocate without bound.
 
@@ -27,6 +28,7 @@ import stat
 import sys
 import termios
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -76,6 +78,8 @@ class ConsoleInput:
         self._escape = False
         self._watching = False
         self._retry_armed = False
+        self._since: float | None = None
+        self._confirmed = False
         self.eof = False
         self.closed = False
         self.typed = 0
@@ -194,7 +198,7 @@ class ConsoleInput:
     def _flush(self) -> None:
         if self.closed:
             return
-        if self._pending and self.target.accepting_input:
+        if self._pending and self._listening():
             with self._lock:
                 taken = self.target.push_input(bytes(self._pending))
                 del self._pending[:taken]
@@ -205,6 +209,24 @@ class ConsoleInput:
                 self.loop.call_later(RETRY_S, self._retry)
         elif not self.eof and not self._watching:
             self._fill()
+
+    def _listening(self) -> bool:
+        """`accepting_input`, settled: it must hold for RETRY_S before the first byte goes in.
+        Linux's 8250 driver sets IER to 0x0F for a moment when it registers the port (its
+        autoconfig probe), long before a process opens it, and the start-up at that open
+        clears the FIFO: a script piped in at boot was handed over in that moment and lost
+        (measured). Once the guest has listened that long it stays trusted (its console
+        writes clear IER briefly around every kernel message)."""
+        if self._confirmed:
+            return True
+        if not self.target.accepting_input:
+            self._since = None
+            return False
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        self._confirmed = now - self._since >= RETRY_S * 0.9  # a timer may fire a bit early
+        return self._confirmed
 
     def _retry(self) -> None:
         self._retry_armed = False
