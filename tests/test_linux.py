@@ -80,8 +80,11 @@ def scenario(kernel, tmp_path_factory):
         a = GuestProcess(["run", "--config", str(cfg), "--control", str(sock), "--json",
                           "--timeout", RUN_TIMEOUT])  # fmt: skip
         procs.append(a)
+        # Typed at once, as `printf ... | kvmpy boot` does: held until the guest listens.
+        a.type("echo early-$((5*5))")
         a.wait_for(READY, BOOT_TIMEOUT)
         res["ready_s"] = time.monotonic() - t0
+        res["early"] = a.wait_for(b"early-25", 300) > 0
         a.sh("dmesg -n 1")  # kernel messages (ext4's) off the console the answers come on
         res["nproc"] = a.sh("nproc")
         res["guest_time"] = a.sh("date +%s")
@@ -159,6 +162,7 @@ def test_boot_reaches_init_and_reports_milestones(scenario):
 
 
 def test_commands_through_the_console(scenario):
+    assert scenario["early"]  # typed before the guest listened, answered by its shell
     assert scenario["tty"] == "/dev/ttyS0"  # the serial console's shell
     assert scenario["after_snapshot"] == "still-21"
 
