@@ -4,7 +4,7 @@
 
     with Machine(MachineConfig(mode="long-user", memory="64M", vcpus=2)) as m:
         m.load_file("hello.elf")
-        m.hypercalls.register(10, lambda ctx, a0, *_: a0 * 2, "double")
+        m.hypercalls.register(64, lambda ctx, a0, *_: a0 * 2, "double")
         result = m.run()
     print(result.stop_reason, result.exit_code, result.exits, result.regs["rax"])
 
@@ -164,6 +164,7 @@ class Machine:
         self.smp = SmpState(self.vcpus, wake=self._wake_vcpus)
         if c.vcpus > 1:
             self.smp.register(self.hypercalls)
+        self.smp.register_pv(self.hypercalls)
         self.debugcon = DebugConsole()
         self.add_pio_device(DEBUGCON_PORT, 1, self.debugcon)
         self.add_pio_device(HYPERCALL_PORT, 4, HypercallPort())
