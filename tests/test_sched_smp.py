@@ -274,11 +274,64 @@ def test_a_policy_that_picks_a_blocked_vcpu_is_refused(machines):
         Scheduler([m], Stubborn()).run(1.0)
 
 
-def test_single_thread_policies_take_one_cpu(machines):
+def test_a_policy_must_be_a_name_or_an_object(machines):
     (m,), _ = machines((find_example("smp-sum").build(), 2))
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) > 1:
-        with pytest.raises(SchedError, match="one host thread, so on one CPU"):
-            Scheduler([m], "timer", cpu=cpus[:2])
     with pytest.raises(SchedError, match="a policy is a name"):
         Scheduler([SchedVM(m)], object())
+
+
+# --- several host CPUs: one loop per CPU ------------------------------------------------------
+
+TWO_CPUS = sorted(os.sched_getaffinity(0))[-2:]
+needs_two = pytest.mark.skipif(len(TWO_CPUS) < 2, reason="needs two host CPUs")
+
+
+@needs_two
+@pytest.mark.parametrize("policy", ["on-io", "timer", "weighted"])
+def test_smp_chain_on_two_loops_prints_what_threads_print(machines, chain_reference, policy):
+    (m,), (out,) = machines((find_example("smp-chain").build(), 2))
+    result = Scheduler([m], policy, quantum=0.002, cpu=TWO_CPUS).run(120)
+    (vm,) = result.vms
+    assert vm.state == "exit" and vm.exit_code == 0, vm.message
+    assert bytes(out) == chain_reference
+    assert result.cpu is None and result.cpus == TWO_CPUS
+
+
+@needs_two
+def test_smp_sum_on_two_loops_is_exact(machines):
+    (m,), (out,) = machines((find_example("smp-sum").build(), 4))
+    seen = {}
+    for v in m.vcpus:
+        original = v.run
+
+        def spy(original=original, index=v.index):
+            seen.setdefault(index, set()).add(threading.get_ident())
+            return original()
+
+        v.run = spy
+    result = Scheduler([m], "timer", quantum=0.0005, cpu=TWO_CPUS).run(120)
+    assert result.vms[0].state == "exit" and "smp-sum: OK" in out.decode()
+    # vCPUs 0 and 2 on one loop thread, 1 and 3 on the other; neither is the main thread.
+    assert all(len(t) == 1 for t in seen.values())
+    assert seen[0] == seen[2] and seen[1] == seen[3] and seen[0] != seen[1]
+    assert threading.get_ident() not in seen[0] | seen[1]
+    assert result.switch_cost_us is not None
+
+
+@needs_two
+def test_a_stop_on_one_loop_stops_the_vms_vcpus_on_the_other(build_guest, machines):
+    """CPU 1 (second loop) exits while CPU 0 and 2 (first loop) spin: the run ends at once."""
+    (m,), _ = machines((build_guest(EXIT_FROM_CPU1), 3), memory="16M")
+    result = Scheduler([m], "timer", quantum=0.05, cpu=TWO_CPUS).run(30)
+    vm = result.vms[0]
+    assert (vm.state, vm.exit_code, vm.stop_cpu) == ("exit", 7, 1)
+    assert result.duration_s < 5
+
+
+@needs_two
+def test_a_policy_of_ones_own_is_copied_per_cpu(machines):
+    (m,), (out,) = machines((find_example("smp-sum").build(), 2))
+    policy = Lottery()
+    result = Scheduler([m], policy, quantum=0.0005, cpu=TWO_CPUS).run(120)
+    assert result.vms[0].state == "exit" and "smp-sum: OK" in out.decode()
+    assert policy.picks == []  # each loop used its own copy

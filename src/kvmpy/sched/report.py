@@ -37,6 +37,18 @@ class Samples:
             if j < self.cap:
                 self.values[j] = value
 
+    @classmethod
+    def merged(cls, parts: list[Samples]) -> Samples:
+        """One set from several (the loops of a schedule on several CPUs)."""
+        if len(parts) == 1:
+            return parts[0]
+        out = cls(cap=sum(p.cap for p in parts) or 1)
+        for p in parts:
+            out.values.extend(p.values)
+            out.count += p.count
+            out.total += p.total
+        return out
+
     @property
     def mean(self) -> float | None:
         return self.total / self.count if self.count else None

@@ -29,6 +29,7 @@ runs in the main thread (it raises SchedError elsewhere).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -51,7 +52,13 @@ from ..arch.x86.modes import (
 )
 from ..errors import GuestMemoryError, KvmpyError
 from ..hv.base import VcpuBackend
-from ..hv.signals import TIMER_SIGNAL, ThreadTimer, install_timer_handler
+from ..hv.signals import (
+    KICK_SIGNAL,
+    MAIN_THREAD_SIGNALS,
+    TIMER_SIGNAL,
+    ThreadTimer,
+    install_timer_handler,
+)
 from ..kvm import constants as K
 from ..machine import Machine
 from ..result import Stop, StopReason
@@ -112,6 +119,8 @@ class _Vcpu:
         self.vm = vm
         self.cpu = ref.cpu
         self.backend = backend
+        #: The loop (host CPU) that runs it under the single-thread policies.
+        self.loop: _Loop | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -179,6 +188,30 @@ class _VM:
         return ProgressCounter.delta(self.progress_start, self.counter.read())
 
 
+class _Loop:
+    """One host CPU's scheduling loop (the single-thread policies): its share of the vCPUs,
+    its own policy object and what it measured. With one host CPU there is one loop, in the
+    main thread; with several, one per CPU, each in its own thread."""
+
+    def __init__(self, index: int, cpu: int | None, vcpus: list[_Vcpu], policy: SchedPolicy):
+        self.index = index
+        self.cpu = cpu
+        self.vcpus = vcpus
+        self.policy = policy
+        #: The vCPU inside run() now (for Ctrl-C and for a VM stopped by another loop).
+        self.running: _Vcpu | None = None
+        #: A yield hypercall of the running vCPU: (vCPU, the vCPU it named or None).
+        self.yield_: tuple[_Vcpu, int | None] | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.switch_cost = Samples()
+        self.exit_latency = Samples()
+        self.cpu_total = 0
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+
 class Scheduler:
     """Runs the vCPUs of several machines on one host CPU under a policy.
 
@@ -186,9 +219,12 @@ class Scheduler:
     `policy` is a built-in policy's name or a SchedPolicy object of your own; `weights` (or
     each SchedVM's weight) are the VMs' shares under `weighted` and `threads` (a VM's vCPUs
     share its slices); `quantum` (seconds) is the slice length of the preemptive policies;
-    `cpu` is the host CPU the single-thread policies run on (default: the last one this
-    process may use), or for `threads` the CPUs its vCPU threads may use (an int or a list);
-    `pin=False`: no pinning.
+    `cpu` is the host CPU to run on (default: the last one this process may use), or a list
+    of them: the single-thread policies then run one loop per CPU, each over a fixed share of
+    the vCPUs (the k-th vCPU of the schedule on the (k mod n)-th CPU; no migration), and
+    `threads` pins its vCPU threads to all of them; `pin=False`: no pinning.
+    `holder_grace` (seconds, at most one quantum): stretch a slice once for a vCPU that
+    announces a held spinlock (kvmpy/spinlock.h); it yields when it releases the lock.
     """
 
     def __init__(
@@ -277,26 +313,31 @@ class Scheduler:
             for v in vm.vcpus:
                 v.ref = VcpuRef(len(self._vcpus), vm.index, v.cpu, vm.weight, vm.name)
                 self._vcpus.append(v)
-        self._impl: SchedPolicy | None = (
-            self._custom
-            if self._custom is not None
-            else None
-            if self.policy is Policy.THREADS
-            else builtin_policy(self.policy, self.weights)  # type: ignore[arg-type]
-        )
-        if self._impl is not None:
-            self._impl.attach([v.ref for v in self._vcpus])
-        self._running: _Vcpu | None = None
-        #: A yield hypercall of the running vCPU: (vCPU, the vCPU it named or None).
-        self._yield: tuple[_Vcpu, int | None] | None = None
+        self._loops: list[_Loop] = []
+        self._impl: SchedPolicy | None = None
+        if self.policy is not Policy.THREADS:
+            n = len(cpus)
+            for k in range(n):
+                mine = [v for i, v in enumerate(self._vcpus) if i % n == k]
+                if self._custom is not None:
+                    # Each loop decides alone: with several CPUs, each gets its own copy.
+                    impl = self._custom if n == 1 else copy.deepcopy(self._custom)
+                else:
+                    impl = builtin_policy(self.policy, self.weights)  # type: ignore[arg-type]
+                impl.attach([v.ref for v in mine])
+                loop = _Loop(k, cpus[k] if pin else None, mine, impl)
+                for v in mine:
+                    v.loop = loop
+                self._loops.append(loop)
+            self._impl = self._loops[0].policy
+        #: VM-level figures and stops are shared by the loops.
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(threading.Lock())
         self._interrupted = False
         self._ending = False
         self._t_start = 0
-        self._cpu_start = self._cpu_total = 0
         self._timeline = Timeline()
         self._sample_ns = int(SAMPLE_INTERVAL * 1e9)
-        self._switch_cost = Samples()
-        self._exit_latency = Samples()
 
     def _check_cpus(self, cpu: int | Sequence[int] | None) -> list[int]:
         allowed = os.sched_getaffinity(0)
@@ -313,11 +354,6 @@ class Scheduler:
                 )
         if len(set(cpus)) != len(cpus):
             raise SchedError(f"a host CPU is listed twice: {','.join(map(str, cpus))}")
-        if len(cpus) > 1 and self.policy is not Policy.THREADS:
-            raise SchedError(
-                f"the {self.policy_name} policy runs every vCPU on one host thread, so on one "
-                "CPU; give one CPU (the threads policy may use several)"
-            )
         return cpus
 
     @property
@@ -339,9 +375,11 @@ class Scheduler:
 
     def _on_sigint(self, signum, frame) -> None:
         self._interrupted = True
-        v = self._running
-        if v is not None:
-            v.backend.request_pause()
+        kick = len(self._loops) > 1  # loops in threads of their own
+        for loop in self._loops:
+            v = loop.running
+            if v is not None:
+                v.backend.request_pause(kick=kick)
 
     def interrupt(self) -> None:
         """End the schedule as Ctrl-C would (safe in a signal handler)."""
@@ -383,8 +421,8 @@ class Scheduler:
         self._interrupted = self._ending = False
         self._timeline = Timeline([], [[] for _ in self._vms], [[] for _ in self._vms])
         self._sample_ns = int(SAMPLE_INTERVAL * 1e9)
-        self._switch_cost = Samples()
-        self._exit_latency = Samples()
+        for loop in self._loops:
+            loop.reset()
         if on_tick is not None and not tick_interval > 0:
             raise SchedError(f"the tick interval must be positive (got {tick_interval!r})")
         tick_ns = int(tick_interval * 1e9) if on_tick else None
@@ -397,12 +435,18 @@ class Scheduler:
             if self.policy is Policy.THREADS:
                 end = self._run_threads(length, on_tick, tick_ns)
             else:
-                timer = stack.enter_context(self._single_thread_setup())
-                self._cpu_start = time.thread_time_ns()
-                self._t_start = time.perf_counter_ns()
-                deadline = self._t_start + length if length is not None else None
-                end = self._run_one_thread(timer, deadline, on_tick, tick_ns)
-                self._cpu_total = time.thread_time_ns() - self._cpu_start
+                install_timer_handler()
+                stack.enter_context(self._vm_hooks())
+                if len(self._loops) == 1:
+                    loop = self._loops[0]
+                    timer = stack.enter_context(self._loop_setup(loop))
+                    cpu0 = time.thread_time_ns()
+                    self._t_start = time.perf_counter_ns()
+                    deadline = self._t_start + length if length is not None else None
+                    end = self._run_loop(loop, timer, deadline, on_tick, tick_ns)
+                    loop.cpu_total = time.thread_time_ns() - cpu0
+                else:
+                    end = self._run_loops(length, on_tick, tick_ns)
         self._sample(end)
         return self._result(end, duration)
 
@@ -422,38 +466,25 @@ class Scheduler:
                 v.backend.yield_on_io, v.backend.exact_timing = yio, exact
 
     @contextmanager
-    def _single_thread_setup(self):
-        # Preemption: a timer aimed at this thread whose signal KVM lets in only during
-        # KVM_RUN (hv/signals.py's ThreadTimer says why: no lost expiries, no other thread).
-        install_timer_handler()
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {TIMER_SIGNAL})
-        before = os.sched_getaffinity(0)
-        timer = None
-        masked: list[_Vcpu] = []
-        hooked: list[_VM] = []
+    def _vm_hooks(self):
+        """For the single-thread policies (main thread): each VM's yield hook, its per-CPU
+        words (preempted, yield_pending) and its wake-ups (an idle loop waits for them)."""
+        hooked: list[tuple[_VM, object]] = []
         try:
-            timer = ThreadTimer()
-            for v in self._vcpus:
-                v.backend.set_run_signals({TIMER_SIGNAL})
-                masked.append(v)
             for vm in self._vms:
-                vm.machine.smp.on_yield = functools.partial(self._on_guest_yield, vm)
-                hooked.append(vm)
+                smp = vm.machine.smp
+                hooked.append((vm, smp.wake))
+                smp.on_yield = functools.partial(self._on_guest_yield, vm)
+                smp.wake = self._wake_loops
                 vm.pv = _percpu_words(vm)
                 if vm.pv is not None and vm.stop is None:
-                    smp = vm.machine.smp
                     for v in vm.vcpus:  # none runs yet: each that could is preempted
                         vm.pv[v.cpu * PERCPU_WORDS + PREEMPTED] = 0 if smp.blocked(v.cpu) else 1
-            if self.cpu is not None:
-                os.sched_setaffinity(0, {self.cpu})
-            yield timer
+            yield
         finally:
-            if timer is not None:
-                timer.close()
-            for v in masked:
-                v.backend.set_run_signals(None)
-            for vm in hooked:
+            for vm, wake in hooked:
                 vm.machine.smp.on_yield = None
+                vm.machine.smp.wake = wake  # type: ignore[assignment]
                 pv, vm.pv = vm.pv, None
                 if pv is not None:
                     # Nobody knows from here on (vCPU threads leave them 0).
@@ -461,10 +492,6 @@ class Scheduler:
                         pv[v.cpu * PERCPU_WORDS + PREEMPTED] = 0
                         pv[v.cpu * PERCPU_WORDS + YIELD_PENDING] = 0
                     pv.release()
-            ThreadTimer.drain()
-            self._running = None
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            os.sched_setaffinity(0, before)
             # A vCPU left out of the guest between slices may owe KVM the end of its last
             # I/O instruction: finish it, so the registers are the guest's for whoever
             # reads or runs the machine next.
@@ -472,31 +499,152 @@ class Scheduler:
                 if v.vm.stop is None:
                     v.backend.complete_pending_io()
 
+    @contextmanager
+    def _loop_setup(self, loop: _Loop):
+        """In the loop's own thread: its CPU, and its preemption timer: a timer aimed at this
+        thread whose signal KVM lets in only during KVM_RUN (hv/signals.py's ThreadTimer says
+        why: no lost expiries, no other thread)."""
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {TIMER_SIGNAL})
+        before = os.sched_getaffinity(0)
+        timer = None
+        masked: list[_Vcpu] = []
+        try:
+            timer = ThreadTimer()
+            for v in loop.vcpus:
+                v.backend.set_run_signals({TIMER_SIGNAL})
+                masked.append(v)
+            if loop.cpu is not None:
+                os.sched_setaffinity(0, {loop.cpu})
+            yield timer
+        finally:
+            if timer is not None:
+                timer.close()
+            for v in masked:
+                v.backend.set_run_signals(None)
+            ThreadTimer.drain()
+            loop.running = None
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            os.sched_setaffinity(0, before)
+
+    def _wake_loops(self) -> None:
+        """A vCPU started or kicked another (SmpState.wake): an idle loop may have work."""
+        with self._idle:
+            self._idle.notify_all()
+
+    def _stop_vm(self, vm: _VM, stop: Stop, t: int) -> None:
+        """The first stop of a VM wins; its vCPUs running in other loops leave the guest."""
+        with self._lock:
+            if vm.stop is not None:
+                return
+            vm.stop = stop
+            vm.stopped_at_ns = t - self._t_start
+        for loop in self._loops:
+            r = loop.running
+            if r is not None and r.vm is vm:
+                r.backend.request_pause(kick=True)
+        self._wake_loops()
+
     def _on_guest_yield(self, vm: _VM, cpu: int, target: int | None) -> None:
         """The yield hypercall of vCPU `cpu` (called in its run(), which then returns None)."""
-        self._yield = (vm.vcpus[cpu], target)
+        v = vm.vcpus[cpu]
+        if v.loop is not None:
+            v.loop.yield_ = (v, target)
 
-    def _runnable(self, t: int) -> list[VcpuRef]:
-        """The vCPUs that can run now, in VM order then vCPU order. A VM whose vCPUs are all
-        blocked by the guest (parked, waiting) can never wake: it stops with `deadlock`."""
+    def _runnable(self, loop: _Loop, t: int) -> list[VcpuRef]:
+        """The loop's vCPUs that can run now, in VM order then vCPU order. A VM whose vCPUs
+        are all blocked by the guest (parked, waiting) can never wake: it stops with
+        `deadlock`."""
         out: list[VcpuRef] = []
-        for vm in self._vms:
+        for v in loop.vcpus:
+            vm = v.vm
             if vm.stop is not None:
                 continue
             blocked = vm.machine.smp.blocked
-            if not vm.smp and not blocked(0):
-                out.append(vm.vcpus[0].ref)
-                continue
-            live = [v.ref for v in vm.vcpus if not blocked(v.cpu)]
-            if live:
-                out.extend(live)
-            else:
-                vm.stop = Stop(StopReason.DEADLOCK, 0, DEADLOCK_MESSAGE)
-                vm.stopped_at_ns = t - self._t_start
+            if not blocked(v.cpu):
+                out.append(v.ref)
+            elif all(blocked(w.cpu) for w in vm.vcpus):
+                self._stop_vm(vm, Stop(StopReason.DEADLOCK, 0, DEADLOCK_MESSAGE), t)
         return out
 
-    def _run_one_thread(
+    def _all_stopped(self) -> bool:
+        return all(vm.stop is not None for vm in self._vms)
+
+    def _run_loops(self, length: int | None, on_tick: OnTick | None, tick_ns: int | None):
+        """Several host CPUs: one loop thread per CPU; this thread samples and displays."""
+        now = time.perf_counter_ns
+        ready = threading.Barrier(len(self._loops) + 1)
+        self._t_start = now()
+        deadline = self._t_start + length if length is not None else None
+        for loop in self._loops:
+            loop.thread = threading.Thread(
+                target=self._loop_thread, args=(loop, deadline, ready),
+                name=f"sched-cpu{loop.cpu}", daemon=True,
+            )  # fmt: skip
+            loop.thread.start()
+        try:
+            ready.wait(timeout=30)
+        except threading.BrokenBarrierError:
+            pass
+        self._t_start = start = now()
+        next_tick = start + tick_ns if tick_ns else None
+        next_sample = start
+        try:
+            while not self._interrupted and not self._ending:
+                t = now()
+                if deadline is not None and t >= deadline:
+                    break
+                if not any(loop.thread.is_alive() for loop in self._loops):  # type: ignore[union-attr]
+                    break
+                if t >= next_sample:
+                    self._sample(t)
+                    next_sample = t + self._sample_ns
+                if next_tick is not None and t >= next_tick:
+                    self._tick(on_tick, t)  # type: ignore[arg-type]
+                    next_tick = now() + tick_ns  # type: ignore[operator]
+                wake = min(x for x in (deadline, next_sample, next_tick) if x is not None)
+                time.sleep(min(max(wake - now(), 0) / 1e9, THREADS_POLL))
+        finally:
+            end = now()
+            self._ending = True
+            self._wake_loops()
+            for loop in self._loops:
+                t = loop.thread
+                while t is not None and t.is_alive():
+                    r = loop.running
+                    if r is not None:
+                        r.backend.request_pause(kick=True)
+                    t.join(0.05)
+        failed = [loop for loop in self._loops if loop.error is not None]
+        if failed:
+            e = failed[0].error
+            if isinstance(e, SchedError):
+                raise e
+            raise SchedError(f"the scheduling loop of CPU {failed[0].cpu} failed: {e!r}") from e
+        return end
+
+    def _loop_thread(self, loop: _Loop, deadline: int | None, ready: threading.Barrier) -> None:
+        try:
+            # Ctrl-C and the like go to the main thread; kicks and the loop's own timer here.
+            signal.pthread_sigmask(signal.SIG_BLOCK, MAIN_THREAD_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {KICK_SIGNAL})
+            with self._loop_setup(loop) as timer:
+                ready.wait(timeout=30)
+                cpu0 = time.thread_time_ns()
+                try:
+                    self._run_loop(loop, timer, deadline, None, None)
+                finally:
+                    loop.cpu_total = time.thread_time_ns() - cpu0
+        except BaseException as e:  # reported by the main thread
+            loop.error = e
+            self._ending = True
+            try:
+                ready.abort()
+            except threading.BrokenBarrierError:
+                pass
+
+    def _run_loop(
         self,
+        loop: _Loop,
         timer: ThreadTimer,
         deadline: int | None,
         on_tick: OnTick | None,
@@ -507,31 +655,41 @@ class Scheduler:
         now = time.perf_counter_ns
         cpu_clock = time.thread_time_ns
         arm, disarm, drain = timer.arm, timer.disarm, timer.drain
-        policy = self._impl
-        assert policy is not None
+        policy = loop.policy
         pick, charge = policy.pick, policy.charge
         yielding = not policy.preemptive
         quantum = None if yielding else int(self.quantum * 1e9)
         exit_io = K.ExitReason.IO
-        switch_cost, exit_latency = self._switch_cost, self._exit_latency
+        switch_cost, exit_latency = loop.switch_cost, loop.exit_latency
         vcpus = self._vcpus
         start = self._t_start
         next_tick = start + tick_ns if tick_ns else None
-        next_sample = start + self._sample_ns
+        # Only the main thread's loop samples (with several loops, the main thread does).
+        sampling = len(self._loops) == 1
+        next_sample = start + self._sample_ns if sampling else None
+        single = len(self._loops) == 1
+        vm_lock = self._lock
         grace_ns = int(self.holder_grace * 1e9)
         words, preempted_w, pending_w, held_w = PERCPU_WORDS, PREEMPTED, YIELD_PENDING, LOCKS_HELD
         prev: _Vcpu | None = None
         t_preempt = 0
         #: A directed yield: the vCPU that gets the rest of the yielder's slice, and its end.
         handoff: tuple[VcpuRef, int | None] | None = None
-        self._yield = None
-        while not self._interrupted:
+        loop.yield_ = None
+        while not self._interrupted and not self._ending:
             t_pick = now()
             if deadline is not None and t_pick >= deadline:
                 break
-            runnable = self._runnable(t_pick)
+            runnable = self._runnable(loop, t_pick)
             if not runnable:
-                break
+                if single or self._all_stopped():
+                    break
+                # This CPU's vCPUs all wait for vCPUs on other CPUs: sleep until a start or
+                # a kick (or, bounded, the deadline).
+                with self._idle:
+                    self._idle.wait(0.002)
+                prev = None
+                continue
             slice_end = None
             if handoff is not None and handoff[0] in runnable:
                 ref, slice_end = handoff
@@ -546,12 +704,9 @@ class Scheduler:
             vm = v.vm
             vcpu = v.backend
             pv = vm.pv
-            if vm.smp:
-                # A secondary started since it last ran loads its start registers (what the
-                # vCPU threads do in VcpuSet._wait_turn).
-                vm.machine.smp.prepare(v.cpu)
-                if pv is not None:
-                    pv[v.cpu * words + preempted_w] = 0
+            prepare = vm.machine.smp.prepare if vm.smp else None
+            if pv is not None:
+                pv[v.cpu * words + preempted_w] = 0
             counts = vcpu.stats.counts
             switched = prev is not None and v is not prev
             first = True
@@ -569,9 +724,11 @@ class Scheduler:
                     limit = deadline
                 if next_tick is not None and (limit is None or next_tick < limit):
                     limit = next_tick
-                self._running = v
-                if self._interrupted:  # Ctrl-C came before the handler could see this vCPU
-                    self._running = None
+                loop.running = v
+                if self._interrupted or vm.stop is not None:
+                    # Ctrl-C came before the handler could see this vCPU, or another loop
+                    # stopped its VM.
+                    loop.running = None
                     break
                 if limit is not None:
                     t_arm = now()
@@ -588,13 +745,20 @@ class Scheduler:
                         v.switches += 1
                         v.switch_ns += cost
                         if prev.vm is not vm:  # type: ignore[union-attr]
-                            vm.switches += 1
-                            vm.switch_ns += cost
+                            with vm_lock:
+                                vm.switches += 1
+                                vm.switch_ns += cost
+                if prepare is not None:
+                    # A secondary started since it last ran loads its start registers (what
+                    # the vCPU threads do in VcpuSet._wait_turn), before every entry: with
+                    # several loops, a vCPU on another CPU may restart this one the moment it
+                    # parks, before run() has even returned.
+                    prepare(v.cpu, vcpu.complete_pending_io)
                 ios = counts[exit_io]
                 stop = vcpu.run()
                 t_ret = now()
                 c1 = cpu_clock()
-                self._running = None
+                loop.running = None
                 if limit is not None:
                     disarm()
                     if now() >= expiry:
@@ -603,10 +767,9 @@ class Scheduler:
                 ran += t_ret - t_enter
                 used += c1 - c0
                 if stop is not None:
-                    vm.stop = stop
-                    vm.stopped_at_ns = t_ret - start
+                    self._stop_vm(vm, stop, t_ret)
                     break
-                if self._interrupted:
+                if self._interrupted or vm.stop is not None:
                     break
                 if vm.machine.smp.blocked(v.cpu):
                     # Parked, or waiting in a blocking hypercall: someone else's turn. Under
@@ -615,9 +778,9 @@ class Scheduler:
                     # new registers that the completion would move past.
                     vcpu.complete_pending_io()
                     break
-                y = self._yield
+                y = loop.yield_
                 if y is not None and y[0] is v:
-                    self._yield = None
+                    loop.yield_ = None
                     yielded = y[1]
                     v.yields += 1
                     break
@@ -668,7 +831,7 @@ class Scheduler:
                 # A directed yield: the named vCPU gets the rest of this slice, if the
                 # policy agrees and it can run.
                 target_ref = vm.vcpus[yielded].ref
-                now_runnable = self._runnable(t_ret)
+                now_runnable = self._runnable(loop, t_ret)
                 nxt = policy.on_yield(ref, target_ref, now_runnable)
                 if nxt is not None and nxt in now_runnable:
                     handoff = (nxt, slice_end)
@@ -683,7 +846,7 @@ class Scheduler:
             # Sampling and the display are measurement, not scheduling: keep them out of the
             # switch cost by moving the preemption time past them.
             t_book = now()
-            if t_book >= next_sample:
+            if next_sample is not None and t_book >= next_sample:
                 self._sample(t_book)
                 next_sample = t_book + self._sample_ns
             if next_tick is not None and t_book >= next_tick:
@@ -898,8 +1061,9 @@ class Scheduler:
                     vcpus=vcpu_reports,
                 )
             )
-        sc, el = self._switch_cost, self._exit_latency
-        cpu_all = cpu_total if threads or live else self._cpu_total
+        sc = Samples.merged([loop.switch_cost for loop in self._loops])
+        el = Samples.merged([loop.exit_latency for loop in self._loops])
+        cpu_all = cpu_total if threads or live else sum(loop.cpu_total for loop in self._loops)
         preemptive = self._impl is not None and self._impl.preemptive
         return ScheduleResult(
             policy=self.policy_name,

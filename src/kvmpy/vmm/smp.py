@@ -107,11 +107,16 @@ class SmpState:
             return True
         return False
 
-    def prepare(self, i: int) -> None:
-        """Load a started vCPU's registers (in its own thread, before it enters the guest)."""
+    def prepare(self, i: int, before: Callable[[], None] | None = None) -> None:
+        """Load a started vCPU's registers (in its own thread, before it enters the guest).
+        `before()` runs first when there is a start to load: a driver that has not completed
+        the vCPU's last I/O instruction (KVM would skip it past the new registers) does it
+        there."""
         with self._lock:
             pending, self._pending[i] = self._pending[i], None
         if pending is not None and self.boot is not None:
+            if before is not None:
+                before()
             entry, args = pending
             self.vcpus[i].set_regs(self.boot.ap_regs(i, entry, args))
 
