@@ -10,11 +10,12 @@
 #include <kvmpy/smp.h>
 #include <kvmpy/spinlock.h>
 
-enum { LHP_TICKET = 0, LHP_PV = 1, LHP_PVTICKET = 2 };
+enum { LHP_TICKET = 0, LHP_PV = 1, LHP_PVTICKET = 2, LHP_CALIBRATE = 3 };
 
 /* Written by the VMM before the run (kvmpy.lab.lhp), read by the guest. */
 struct lhp_control {
-	uint32_t lock;          /* LHP_TICKET, LHP_PV or LHP_PVTICKET */
+	uint32_t lock;          /* LHP_TICKET, LHP_PV or LHP_PVTICKET; LHP_CALIBRATE: CPU 0
+				 * times `rounds` hypercalls (cs_cycles: their TSC cycles) */
 	uint32_t cs_iters;      /* work inside the critical section */
 	uint32_t think_iters;   /* work between two critical sections */
 	volatile uint32_t stop; /* the VMM sets it to end the run */
@@ -77,9 +78,24 @@ static void worker(void *arg)
 	}
 }
 
+/* What one exit to the VMM costs this guest: the price of sleeping in vcpu_wait. */
+static void calibrate(void)
+{
+	uint64_t rounds = lhp_control.rounds ? lhp_control.rounds : 100;
+	uint64_t t0 = rdtsc();
+	for (uint64_t i = 0; i < rounds; i++)
+		hc_num_exits();
+	lhp_cpus[0].cs_cycles = rdtsc() - t0;
+	lhp_cpus[0].done = rounds;
+}
+
 int main(void)
 {
 	uint32_t n = smp_num_cpus();
+	if (lhp_control.lock == LHP_CALIBRATE) {
+		calibrate();
+		return 0;
+	}
 	smp_run_all(worker, 0);
 	uint64_t total = 0, lhp = 0;
 	for (uint32_t i = 0; i < n; i++) {
