@@ -83,12 +83,12 @@ class _Itimerspec(ctypes.Structure):
     _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
 
 
-def _librt():
-    from ..kvm._sys import libc
-
-    if hasattr(libc, "timer_create"):
-        return libc
-    return ctypes.CDLL(ctypes.util.find_library("rt") or "librt.so.1", use_errno=True)
+def _librt(use_errno: bool):
+    name = ctypes.util.find_library("c") or "libc.so.6"
+    lib = ctypes.CDLL(name, use_errno=use_errno)
+    if hasattr(lib, "timer_create"):  # glibc 2.34 and later
+        return lib
+    return ctypes.CDLL(ctypes.util.find_library("rt") or "librt.so.1", use_errno=use_errno)
 
 
 class ThreadTimer:
@@ -105,15 +105,12 @@ class ThreadTimer:
     """
 
     def __init__(self) -> None:
-        rt = _librt()
-        self._create, self._settime, self._delete = (
-            rt.timer_create,
-            rt.timer_settime,
-            rt.timer_delete,
-        )
-        self._create.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-        self._settime.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-        self._delete.argtypes = [ctypes.c_void_p]
+        rt = _librt(use_errno=True)
+        # timer_settime runs once per slice: no errno saving (it cannot fail on a valid
+        # timer) and no argtypes (every argument is already a ctypes object or a small int;
+        # ctypes' per-argument conversion and errno swap would double its cost).
+        self._settime = _librt(use_errno=False).timer_settime
+        self._create, self._delete = rt.timer_create, rt.timer_delete
         ev = _Sigevent(sigev_signo=int(TIMER_SIGNAL), sigev_notify=_SIGEV_THREAD_ID)
         ev.tid = threading.get_native_id()
         self._id = ctypes.c_void_p()
@@ -121,17 +118,17 @@ class ThreadTimer:
             err = ctypes.get_errno()
             raise OSError(err, f"timer_create: {os.strerror(err)}")
         self._spec = _Itimerspec()
+        self._value = self._spec.it_value
         self._ref = ctypes.byref(self._spec)
 
     def arm(self, ns: int) -> None:
         """Fire once, `ns` nanoseconds from now (at least 1)."""
-        ns = max(int(ns), 1)
-        value = self._spec.it_value
-        value.tv_sec, value.tv_nsec = divmod(ns, 1_000_000_000)
+        value = self._value
+        value.tv_sec, value.tv_nsec = divmod(max(int(ns), 1), 1_000_000_000)
         self._settime(self._id, 0, self._ref, None)
 
     def disarm(self) -> None:
-        value = self._spec.it_value
+        value = self._value
         value.tv_sec = value.tv_nsec = 0
         self._settime(self._id, 0, self._ref, None)
 

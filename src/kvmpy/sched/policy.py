@@ -128,9 +128,10 @@ class DeficitShares:
 # --- policies over vCPUs -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VcpuRef:
-    """A vCPU as a policy sees it: what the scheduler runs, one slice at a time."""
+    """A vCPU as a policy sees it: what the scheduler runs, one slice at a time. The
+    scheduler makes one per vCPU; they compare by identity (cheap in its per-slice path)."""
 
     #: Its index among every vCPU the scheduler runs (stable for the scheduler's life).
     id: int
@@ -207,6 +208,7 @@ class VmThenVcpu(SchedPolicy):
         self._vcpu_pickers: dict[int, RoundRobin | DeficitShares] = {}
         self._last: dict[int, int] = {}  # VM -> its vCPU that ran last
         self._solo: dict[int, VcpuRef] = {}  # VM -> its only vCPU, for one-vCPU VMs
+        self._all_solo = False
 
     def attach(self, vcpus: Sequence[VcpuRef]) -> None:
         super().attach(vcpus)
@@ -214,6 +216,8 @@ class VmThenVcpu(SchedPolicy):
         for v in vcpus:
             per_vm.setdefault(v.vm, []).append(v)
         self._solo = {vm: vs[0] for vm, vs in per_vm.items() if len(vs) == 1}
+        # Every VM has one vCPU: a VM index is a vCPU (the scheduler's per-slice path).
+        self._all_solo = len(self._solo) == len(per_vm)
         self._vcpu_pickers = {
             vm: self._make_vcpu_picker(len(vs)) for vm, vs in per_vm.items() if len(vs) > 1
         }
@@ -223,7 +227,7 @@ class VmThenVcpu(SchedPolicy):
         vms = [v.vm for v in runnable]
         if not vms:
             raise SchedError("no runnable vCPU to pick")
-        if len(set(vms)) != len(vms):
+        if not self._all_solo and len(set(vms)) != len(vms):
             vms = list(dict.fromkeys(vms))
         vm = self._vm_picker.pick(vms, prev.vm if prev is not None else None)
         solo = self._solo.get(vm)
@@ -237,10 +241,15 @@ class VmThenVcpu(SchedPolicy):
 
     def charge(self, vcpu: VcpuRef, ns: int, runnable: Sequence[VcpuRef]) -> None:
         vm = vcpu.vm
-        vms = list(dict.fromkeys(v.vm for v in runnable))
+        if self._all_solo:
+            vms = [v.vm for v in runnable]
+        else:
+            vms = list(dict.fromkeys(v.vm for v in runnable))
         if vm not in vms:
             vms.append(vm)
         self._vm_picker.charge(vm, ns, vms)
+        if self._all_solo:
+            return
         inner = self._vcpu_pickers.get(vm)
         if inner is not None:
             self._last[vm] = vcpu.cpu

@@ -202,6 +202,8 @@ class _Loop:
         self.running: _Vcpu | None = None
         #: A yield hypercall of the running vCPU: (vCPU, the vCPU it named or None).
         self.yield_: tuple[_Vcpu, int | None] | None = None
+        #: (vCPU, its VM, the VM's blocked(i)), bound once: looked at before every slice.
+        self.entries = [(v, v.vm, v.vm.machine.smp.blocked) for v in vcpus]
         self.reset()
 
     def reset(self) -> None:
@@ -555,11 +557,9 @@ class Scheduler:
         are all blocked by the guest (parked, waiting) can never wake: it stops with
         `deadlock`."""
         out: list[VcpuRef] = []
-        for v in loop.vcpus:
-            vm = v.vm
+        for v, vm, blocked in loop.entries:
             if vm.stop is not None:
                 continue
-            blocked = vm.machine.smp.blocked
             if not blocked(v.cpu):
                 out.append(v.ref)
             elif all(blocked(w.cpu) for w in vm.vcpus):
@@ -704,7 +704,8 @@ class Scheduler:
             vm = v.vm
             vcpu = v.backend
             pv = vm.pv
-            prepare = vm.machine.smp.prepare if vm.smp else None
+            smp = vm.machine.smp
+            prepare = smp.prepare if vm.smp else None
             if pv is not None:
                 pv[v.cpu * words + preempted_w] = 0
             counts = vcpu.stats.counts
@@ -759,10 +760,13 @@ class Scheduler:
                 t_ret = now()
                 c1 = cpu_clock()
                 loop.running = None
-                if limit is not None:
+                if limit is not None and t_ret < expiry:
+                    # Ended before its timer (an exit): disarm it, and drop an expiry that
+                    # came after run() returned. (One that ended run() was consumed there;
+                    # a one-shot timer that fired needs no disarming.)
                     disarm()
                     if now() >= expiry:
-                        drain()  # it expired after run() returned: not for the next entry
+                        drain()
                 vcpu.cancel_pause()  # a Ctrl-C that landed after run() returned
                 ran += t_ret - t_enter
                 used += c1 - c0
@@ -771,7 +775,7 @@ class Scheduler:
                     break
                 if self._interrupted or vm.stop is not None:
                     break
-                if vm.machine.smp.blocked(v.cpu):
+                if smp.blocked(v.cpu):
                     # Parked, or waiting in a blocking hypercall: someone else's turn. Under
                     # on-io run() returned right after the hypercall's `out`, which KVM
                     # completes (skips) at the next entry: do it now, before a start loads
