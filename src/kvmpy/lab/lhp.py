@@ -250,8 +250,10 @@ def run_one(work: Workload, p: Plan, cal: dict, variant: Variant, vcpus: int, ho
         res["finish_s"] = round(time.monotonic() - t0, 3)
     vm = final.vms[0]
     text = tail.decode(errors="replace")
-    res["exit"] = {"state": vm.state, "code": vm.exit_code, "output": text.strip()[-300:]}
     res["correct"] = vm.state == "exit" and vm.exit_code == 0 and "lhp: OK" in text
+    res["exit"] = {"state": vm.state, "code": vm.exit_code}
+    if not res["correct"]:
+        res["exit"].update(message=vm.message, output=text.strip()[-300:])
     w = window.vms[0]
     d = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before, strict=True)]
     dur = window.duration_s
@@ -465,7 +467,7 @@ def write(doc: dict, out: Path) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
         files = [out / "results.json"]
-        files[0].write_text(json.dumps(doc, indent=1) + "\n")
+        files[0].write_text(json.dumps(_rounded(doc), separators=(",", ":")) + "\n")
         files += plots(doc, out)
         report = out / "report.md"
         report.write_text(render(doc, [f.name for f in files if f.suffix == ".png"]))
@@ -473,6 +475,17 @@ def write(doc: dict, out: Path) -> list[Path]:
     except OSError as e:
         raise LabError(f"cannot write the lab's results to {out}: {e.strerror}") from None
     return files
+
+
+def _rounded(x):
+    """Floats to 6 significant digits: the figures are medians of noisy runs."""
+    if isinstance(x, float):
+        return float(f"{x:.6g}")
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return x
 
 
 def main_lab(out: Path, full: bool, runs: int | None = None, progress=None, **params):

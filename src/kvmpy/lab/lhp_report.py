@@ -269,7 +269,7 @@ def render(doc: dict, images: list[str]) -> str:
             add(
                 f"| {_label(v)}{bad} | {_range(e, 'throughput', _rate)} | "
                 f"{_rate(_m(e, 'throughput_per_cpu_s'))} | "
-                f"{_g(rel)} / {_g(relc)} | {_m(e, 'spin_fraction') * 100:.1f} % | "
+                f"{_g(rel)} / {_g(relc)} | {min(_m(e, 'spin_fraction') or 0, 1) * 100:.1f} % | "
                 f"{_m(e, 'lhp_guest'):.0f} | {'–' if lhp_h is None else f'{lhp_h:.0f}'} | "
                 f"{_m(e, 'waits') / dur:.0f} | {_m(e, 'yields') / dur:.0f} | "
                 f"{_m(e, 'fairness') or 0:.3f} | {_m(e, 'cpu_of_wall'):.2f} | "
