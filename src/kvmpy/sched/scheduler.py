@@ -562,7 +562,7 @@ class Scheduler:
                 continue
             if not blocked(v.cpu):
                 out.append(v.ref)
-            elif all(blocked(w.cpu) for w in vm.vcpus):
+            elif vm.machine.smp.blocked_all():
                 self._stop_vm(vm, Stop(StopReason.DEADLOCK, 0, DEADLOCK_MESSAGE), t)
         return out
 

@@ -94,10 +94,24 @@ class SmpState:
             return True
         if self.kick_waiting[i]:
             with self._lock:
-                if not self.kicked[i]:
-                    return True
-                # The kick ends the wait, and is spent on it.
-                self.kicked[i] = self.kick_waiting[i] = False
+                return self._blocked(i)
+        mask = self.waiting[i]
+        if mask:
+            if all(self.parked[c] for c in range(self.n) if mask >> c & 1):
+                self.waiting[i] = 0
+                return False
+            return True
+        return False
+
+    def _blocked(self, i: int) -> bool:
+        """blocked(i), with the lock held."""
+        if self.parked[i]:
+            return True
+        if self.kick_waiting[i]:
+            if not self.kicked[i]:
+                return True
+            # The kick ends the wait, and is spent on it.
+            self.kicked[i] = self.kick_waiting[i] = False
             return False
         mask = self.waiting[i]
         if mask:
@@ -121,8 +135,11 @@ class SmpState:
             self.vcpus[i].set_regs(self.boot.ap_regs(i, entry, args))
 
     def blocked_all(self) -> bool:
-        """Every vCPU parked or waiting: nothing can wake them (the guest deadlocked)."""
-        return all(self.blocked(i) for i in range(self.n))
+        """Every vCPU parked or waiting: nothing can wake them (the guest deadlocked). One
+        snapshot under the lock that kicks, starts and parks take: vCPU by vCPU, a kick landing
+        between two looks would make a live guest look dead."""
+        with self._lock:
+            return all(self._blocked(i) for i in range(self.n))
 
     # --- hypercalls ----------------------------------------------------------------------
 
