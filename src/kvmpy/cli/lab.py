@@ -94,7 +94,7 @@ def _add_lhp(labs) -> None:
         "scheduler, paravirtual locks with wait/kick hypercalls, directed yield, holder grace) "
         "and write report.md, throughput.png, relative.png, spinning.png and results.json. "
         "The default run is short (1 and 4 vCPUs on one host CPU, under a minute); --full "
-        "runs every configuration (about 15 minutes).",
+        "runs every configuration (about 10 minutes).",
     )
     p.add_argument("--out", default="lhp-study", metavar="DIR", help="output directory")
     p.add_argument("--full", action="store_true", help="1, 2, 4, 8 vCPUs on 1 and 2 host CPUs")
