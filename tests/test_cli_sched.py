@@ -174,3 +174,55 @@ def test_live_view_draws_every_vm(gcc_available, kvm):
     text = out.getvalue()
     assert "timer:" in text and "/ 0.3 s" in text
     assert "[bold]neo" in text and "spin" in text  # names are text, not markup
+
+
+def test_vm_argument_with_vcpus(tmp_path):
+    assert _vm_arg("smp-sum:2:4") == VmArg("smp-sum", 2.0, 4)
+    assert _vm_arg("smp-sum::4") == VmArg("smp-sum", 1.0, 4)
+    odd = tmp_path / "odd:name.elf"
+    odd.write_bytes(b"")
+    assert _vm_arg(f"{odd}:2:3") == VmArg(str(odd), 2.0, 3)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["sched", "--vm", "smp-sum:1:0"], "1 to 16 vCPUs"),
+        (["sched", "--vm", "smp-sum:1:17"], "1 to 16 vCPUs"),
+        (["sched", "--vm", "smp-sum:1:many"], "not a vCPU count"),
+        (["sched", "--vm", "neo", "--vcpus", "0"], "1 to 16 vCPUs"),
+        (["sched", "--vm", "neo", "--cpu", "0,0"], "listed twice"),
+        (["sched", "--vm", "neo", "--holder-grace", "soon"], "not a duration"),
+    ],
+)
+def test_sched_vcpu_usage_errors_exit_2(args, message):
+    r = kvmpy(*args)
+    no_traceback(r)
+    assert r.returncode == 2
+    assert "usage:" in r.stderr and message in r.stderr
+
+
+@pytest.mark.kvm
+def test_sched_smp_vms_json(gcc_available):
+    r = kvmpy("sched", "--policy", "weighted", "--vm", "smp-sum:1:2", "--vm", "neo",
+              "--vm", "smp-chain", "--vcpus", "3", "--quantum", "1ms", "--duration", "0.5s",
+              "--json")  # fmt: skip
+    no_traceback(r)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert [len(v["vcpus"]) for v in doc["vms"]] == [2, 3, 3]
+    assert doc["holder_grace_s"] == 0
+    for v in doc["vms"]:
+        assert sum(c["cpu_s"] for c in v["vcpus"]) == pytest.approx(v["cpu_s"], abs=1e-5)
+        assert {"cpu", "host_share", "slices", "exits", "state"} <= set(v["vcpus"][0])
+
+
+@pytest.mark.kvm
+def test_sched_table_shows_vcpus_and_the_stopping_one(gcc_available):
+    r = kvmpy("sched", "--policy", "timer", "--vm", "smp-sum::2", "--quantum", "500us",
+              "--duration", "60s")  # fmt: skip
+    no_traceback(r)
+    assert r.returncode == 0, r.stderr
+    assert "  cpu0" in r.stdout and "  cpu1" in r.stdout
+    assert re.search(r"smp-sum: exit on cpu0 at [\d.]+ s", r.stdout)
+    assert "[smp-sum] smp-sum: OK" in r.stdout

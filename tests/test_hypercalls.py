@@ -185,7 +185,7 @@ def test_register_an_extra_hypercall(kvm):
         seen.append((a0, a1, a2, a3))
         return a0 * 2
 
-    result, _ = call(kvm, 10, 21, 1, 2, 3, handler=double)
+    result, _ = call(kvm, 64, 21, 1, 2, 3, handler=double)
     assert result.regs["rax"] == 42
     assert seen == [(21, 1, 2, 3)]
 
@@ -194,7 +194,7 @@ def test_extra_hypercall_can_read_guest_memory(kvm):
     def read_greeting(ctx, gva, *_):
         return len(ctx.vmem().read_cstring(gva, 100))
 
-    result, _ = call(kvm, 11, DATA, handler=read_greeting, setup=_put(b"four\0"))
+    result, _ = call(kvm, 65, DATA, handler=read_greeting, setup=_put(b"four\0"))
     assert result.regs["rax"] == 4
 
 
@@ -202,7 +202,7 @@ def test_extra_hypercall_touching_bad_memory_gets_efault(kvm):
     def bad(ctx, *_):
         return ctx.memory.read_u64(NOT_RAM)
 
-    result, _ = call(kvm, 12, handler=bad)
+    result, _ = call(kvm, 66, handler=bad)
     assert result.stop_reason is StopReason.HLT
     assert result.regs["rax"] == neg(errno.EFAULT)
 

@@ -231,3 +231,89 @@ def test_progress_counter_wraps_like_a_u64():
     assert ProgressCounter.delta(10, 25) == 15
     assert ProgressCounter.delta(2**64 - 5, 5) == 10
     assert ProgressCounter.delta(7, 7) == 0
+
+
+# --- policies over vCPUs -------------------------------------------------------------------------
+
+
+def refs(*vcpus_per_vm, weights=None):
+    from kvmpy.sched import VcpuRef
+
+    out = []
+    for vm, n in enumerate(vcpus_per_vm):
+        w = weights[vm] if weights else 1.0
+        out.extend(VcpuRef(len(out), vm, cpu, w, f"vm{vm}") for cpu in range(n))
+    return out
+
+
+def drive(policy, vcpus, slices, blocked=lambda step, v: False):
+    """Pick and charge `slices` slices of 1.0; returns CPU time per vCPU id and per VM."""
+    policy.attach(vcpus)
+    per_vcpu = [0.0] * len(vcpus)
+    prev = None
+    for step in range(slices):
+        runnable = [v for v in vcpus if not blocked(step, v)]
+        v = policy.pick(runnable, prev)
+        assert v in runnable
+        policy.charge(v, 1.0, runnable)
+        per_vcpu[v.id] += 1.0
+        prev = v
+    per_vm: dict[int, float] = {}
+    for v in vcpus:
+        per_vm[v.vm] = per_vm.get(v.vm, 0.0) + per_vcpu[v.id]
+    return per_vcpu, per_vm
+
+
+def test_weighted_gives_each_vm_its_weight_whatever_its_vcpu_count():
+    from kvmpy.sched import builtin_policy
+
+    vcpus = refs(1, 3, weights=[1, 1])
+    per_vcpu, per_vm = drive(builtin_policy(Policy.WEIGHTED, [1, 1]), vcpus, 600)
+    assert per_vm == {0: 300.0, 1: 300.0}
+    assert per_vcpu[1:] == [100.0, 100.0, 100.0]  # the VM's vCPUs split its share
+
+
+def test_weighted_keeps_a_vms_share_while_some_of_its_vcpus_are_blocked():
+    from kvmpy.sched import builtin_policy
+
+    vcpus = refs(2, 4, weights=[3, 1])
+    # VM 1's vCPUs 1-3 are parked the whole time: its one runnable vCPU gets the VM's share.
+    per_vcpu, per_vm = drive(
+        builtin_policy(Policy.WEIGHTED, [3, 1]), vcpus, 400, lambda step, v: v.vm == 1 and v.cpu
+    )
+    assert per_vm == {0: 300.0, 1: 100.0}
+    assert per_vcpu[:2] == [150.0, 150.0] and per_vcpu[2] == 100.0
+
+
+def test_timer_goes_round_the_vms_then_round_their_vcpus():
+    from kvmpy.sched import builtin_policy
+
+    vcpus = refs(2, 1)
+    policy = builtin_policy(Policy.TIMER, [1, 1])
+    policy.attach(vcpus)
+    order, prev = [], None
+    for _ in range(6):
+        v = policy.pick(vcpus, prev)
+        policy.charge(v, 1.0, vcpus)
+        order.append(str(v))
+        prev = v
+    assert order == ["vm0/cpu0", "vm1/cpu0", "vm0/cpu1", "vm1/cpu0", "vm0/cpu0", "vm1/cpu0"]
+    assert not builtin_policy(Policy.ON_IO, [1]).preemptive and policy.preemptive
+
+
+def test_a_policy_of_ones_own_needs_only_pick():
+    from kvmpy.sched import SchedPolicy
+
+    class First(SchedPolicy):
+        def pick(self, runnable, prev):
+            return runnable[0]
+
+    vcpus = refs(2)
+    per_vcpu, _ = drive(First(), vcpus, 4)
+    assert per_vcpu == [4.0, 0.0]
+    p = First()
+    p.attach(vcpus)
+    # A directed yield goes to its target if it can run, else back to pick.
+    assert p.on_yield(vcpus[0], vcpus[1], vcpus) is vcpus[1]
+    assert p.on_yield(vcpus[0], vcpus[1], vcpus[:1]) is None
+    assert p.on_yield(vcpus[0], None, vcpus) is None

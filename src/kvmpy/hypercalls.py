@@ -105,7 +105,8 @@ class Hypercalls:
     def register(
         self, nr: int, handler: Handler, name: str | None = None, *, replace=False
     ) -> None:
-        """Add hypercall `nr`. Built-in numbers 0-6 can only be replaced with `replace=True`."""
+        """Add hypercall `nr`. A number in use (kvmpy's own are 0-12, and it keeps 0-63 for
+        itself: use 64 and up) can only be replaced with `replace=True`."""
         if not 0 <= nr <= 0xFFFFFFFF:
             raise ConfigError(f"hypercall number {nr} is outside 0..2^32-1")
         if nr in self.entries and not replace:

@@ -4,7 +4,7 @@
 
     with Machine(MachineConfig(mode="long-user", memory="64M", vcpus=2)) as m:
         m.load_file("hello.elf")
-        m.hypercalls.register(10, lambda ctx, a0, *_: a0 * 2, "double")
+        m.hypercalls.register(64, lambda ctx, a0, *_: a0 * 2, "double")
         result = m.run()
     print(result.stop_reason, result.exit_code, result.exits, result.regs["rax"])
 
@@ -203,6 +203,7 @@ class Machine:
         self.smp = SmpState(self.vcpus, wake=self._wake_vcpus)
         if c.vcpus > 1:
             self.smp.register(self.hypercalls)
+        self.smp.register_pv(self.hypercalls)
         self.debugcon = DebugConsole()
         self.add_pio_device(DEBUGCON_PORT, 1, self.debugcon)
         self.add_pio_device(HYPERCALL_PORT, 4, HypercallPort())
@@ -457,10 +458,7 @@ class Machine:
         main = threading.current_thread() is threading.main_thread()
         if (timeout or handle_sigint) and not main:
             raise ConfigError("timeout and Ctrl-C handling need the main thread")
-        vset = self._vcpuset = VcpuSet(
-            self.vcpus, blocked=self.smp.blocked, on_resume=self.smp.prepare,
-            name=self.config.name,
-        )  # fmt: skip
+        vset = self._vcpu_set()
         old_handlers: dict[int, Any] = {}
         if timeout:
             old_handlers[signal.SIGALRM] = signal.signal(
@@ -493,6 +491,31 @@ class Machine:
                 on_signal.__exit__(None, None, None)
         assert stop is not None
         return self.result(stop, time.perf_counter() - t0)
+
+    def _vcpu_set(self, **hooks: Any) -> VcpuSet:
+        vset = self._vcpuset = VcpuSet(
+            self.vcpus, blocked=self.smp.blocked, on_resume=self.smp.prepare,
+            name=self.config.name, **hooks,
+        )  # fmt: skip
+        return vset
+
+    def start_vcpus(
+        self,
+        *,
+        thread_init: Callable[[int], None] | None = None,
+        thread_exit: Callable[[int], None] | None = None,
+    ) -> VcpuSet:
+        """Start every vCPU in its own thread, as run() does, and return their VcpuSet without
+        waiting: for a driver that runs the machine for a while and then `end()`s the set (the
+        machine goes on at its next run) or waits for its stop (`wait()`, then `result()`).
+        `thread_init(i)` and `thread_exit(i)` run first and last in vCPU i's thread."""
+        if self.boot is None:
+            raise ConfigError("load an image before running the machine")
+        if self._vcpuset is not None and self._vcpuset.running:
+            raise ConfigError("the machine's vCPUs are running already")
+        vset = self._vcpu_set(thread_init=thread_init, thread_exit=thread_exit)
+        vset.start()
+        return vset
 
     def request_stop(
         self,

@@ -22,6 +22,7 @@ class StopReason(enum.StrEnum):
     INTERRUPTED = "interrupted"  # stopped from the host (Ctrl-C, request_stop)
     TIMEOUT = "timeout"  # the run's time limit passed
     VMM_ERROR = "vmm_error"  # KVM_RUN failed, or a Python handler or device did
+    DEADLOCK = "deadlock"  # every vCPU blocked by the guest (parked or waiting): none can run
     MIGRATED = "migrated"  # the VM went on in another process (kvmpy.persist)
     OUTPUT_ERROR = "output_error"  # the guest's output could not be written (EPIPE, ENOSPC)
     # A Linux guest's own ends (docs/linux.md): ACPI S5, the i8042 reset line, a kernel panic.

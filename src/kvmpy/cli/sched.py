@@ -9,7 +9,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..arch.x86.modes import Mode
+from ..arch.x86.modes import MAX_CPUS, Mode
 from ..limits import MAX_DURATION_S, duration_problem
 from .options import guest_memory
 
@@ -22,6 +22,8 @@ OUTPUT_TAIL = 4096
 class VmArg:
     image: str
     weight: float
+    #: None: --vcpus, or the example's own count, or 1.
+    vcpus: int | None = None
 
 
 def add_parser(sub) -> None:
@@ -30,12 +32,13 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "sched",
         help="run several VMs on one host CPU under a scheduling policy",
-        description="Run several VMs (one vCPU each) on one host CPU and measure what each "
-        "gets: its share of host CPU time and of guest progress, its switches and what a "
-        "switch costs. Policies: on-io (switch at every port-I/O exit), timer (round robin, "
-        "preempted by a host timer), weighted (shares in proportion to the weights, "
-        "deficit-based), threads (one host thread per vCPU; the host's scheduler decides). "
-        "IMAGE is a file or a bundled example (neo, morpheus, spin, io-heavy...).",
+        description="Run the vCPUs of several VMs on one host CPU and measure what each VM "
+        "and vCPU gets: its share of host CPU time and of guest progress, its switches and "
+        "what a switch costs. Policies: on-io (switch at every port-I/O exit), timer (round "
+        "robin, preempted by a host timer), weighted (shares in proportion to the weights, "
+        "deficit-based), threads (one host thread per vCPU; the host's scheduler decides). A "
+        "VM's weight is the whole VM's share; its vCPUs share its slices. IMAGE is a file or a "
+        "bundled example (neo, morpheus, spin, io-heavy, smp-sum...).",
     )
     p.add_argument(
         "--policy",
@@ -49,8 +52,16 @@ def add_parser(sub) -> None:
         action="append",
         type=_vm_arg,
         required=True,
-        metavar="IMAGE[:WEIGHT]",
-        help="a VM to run, with its weight (default 1); repeat for each VM",
+        metavar="IMAGE[:WEIGHT[:VCPUS]]",
+        help="a VM to run, with its weight (default 1) and vCPU count (default --vcpus); "
+        "repeat for each VM, e.g. --vm neo:7 --vm smp-sum:3:4 (or smp-sum::4)",
+    )
+    p.add_argument(
+        "--vcpus",
+        type=_vcpus,
+        metavar="N",
+        help="vCPUs of every VM that does not give its own (default: a bundled example's "
+        "own count, else 1)",
     )
     p.add_argument(
         "--mode",
@@ -76,6 +87,14 @@ def add_parser(sub) -> None:
         help="slice length for timer and weighted, e.g. 10ms (default 10ms)",
     )
     p.add_argument(
+        "--holder-grace",
+        type=_grace,
+        default=0.0,
+        metavar="TIME",
+        help="stretch a slice once, by up to TIME, for a vCPU that announces a held spinlock "
+        "(kvmpy/spinlock.h); it yields when it releases it (default 0: off)",
+    )
+    p.add_argument(
         "--duration",
         type=_duration,
         default=5.0,
@@ -84,9 +103,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--cpu",
-        type=_cpu,
-        metavar="N",
-        help="host CPU to run every VM on (default: the last one this process may use)",
+        type=_cpus,
+        metavar="N[,N...]",
+        help="host CPU to run every VM on (default: the last one this process may use); the "
+        "threads policy may be given several, e.g. 0,1",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument(
@@ -102,22 +122,49 @@ def add_parser(sub) -> None:
 
 
 def _vm_arg(text: str) -> VmArg:
-    image, sep, tail = text.rpartition(":")
-    if not sep or Path(text).exists():
-        image, tail = text, ""
+    """IMAGE, IMAGE:WEIGHT or IMAGE:WEIGHT:VCPUS (WEIGHT may be empty: IMAGE::VCPUS). An
+    existing file whose name contains ':' is taken whole."""
+    if Path(text).exists():
+        return VmArg(text, 1.0)
+    image, sep, last = text.rpartition(":")
+    if not sep:
+        return VmArg(text, 1.0)
+    fields = [last]
+    if ":" in image and not Path(image).exists():
+        image, _, middle = image.rpartition(":")
+        fields = [middle, last]
     if not image:
-        raise argparse.ArgumentTypeError(f"no image in {text!r} (use IMAGE[:WEIGHT])")
-    if not tail:
-        return VmArg(image, 1.0)
+        raise argparse.ArgumentTypeError(f"no image in {text!r} (use IMAGE[:WEIGHT[:VCPUS]])")
+    weight = 1.0
+    if fields[0]:
+        try:
+            weight = float(fields[0])
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"the weight in {text!r} is not a number (use IMAGE[:WEIGHT[:VCPUS]], e.g. "
+                "neo:7 or smp-sum:1:4)"
+            ) from None
+        if not (weight > 0 and weight != float("inf")):
+            raise argparse.ArgumentTypeError(
+                f"weights must be positive numbers (got {fields[0]!r})"
+            )
+    vcpus = None
+    if len(fields) == 2:
+        try:
+            vcpus = _vcpus(fields[1])
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"the vCPU count in {text!r}: {e}") from None
+    return VmArg(image, weight, vcpus)
+
+
+def _vcpus(text: str) -> int:
     try:
-        weight = float(tail)
+        n = int(text, 10)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"the weight in {text!r} is not a number (use IMAGE[:WEIGHT], e.g. neo:7)"
-        ) from None
-    if not (weight > 0 and weight != float("inf")):
-        raise argparse.ArgumentTypeError(f"weights must be positive numbers (got {tail!r})")
-    return VmArg(image, weight)
+        raise argparse.ArgumentTypeError(f"not a vCPU count: {text!r}") from None
+    if not 1 <= n <= MAX_CPUS:
+        raise argparse.ArgumentTypeError(f"a VM has 1 to {MAX_CPUS} vCPUs (got {n})")
+    return n
 
 
 def _time(text: str, what: str) -> float:
@@ -150,10 +197,22 @@ def _duration(text: str) -> float:
     return _time(text, "duration")
 
 
-def _cpu(text: str) -> int:
+def _grace(text: str) -> float:
+    from ..sched import SchedError, parse_duration
+
+    try:
+        return parse_duration(text)
+    except SchedError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _cpus(text: str) -> int | list[int]:
     from ..benchmarks import cpu_number
 
-    return cpu_number(text)
+    cpus = [cpu_number(t.strip()) for t in text.split(",")]
+    if len(set(cpus)) != len(cpus):
+        raise argparse.ArgumentTypeError(f"a CPU is listed twice in {text!r}")
+    return cpus[0] if len(cpus) == 1 else cpus
 
 
 def _plot_path(text: str) -> Path:
@@ -193,7 +252,7 @@ def _sched(args) -> int:
     from ..loader import load_file
     from ..machine import Machine, MachineConfig
     from ..sched import Scheduler, SchedVM, plot
-    from .run import resolve_image
+    from .run import default_vcpus, resolve_image
 
     mode_arg = Mode(args.mode) if args.mode else None
     err = Console(stderr=True, highlight=False)
@@ -204,9 +263,12 @@ def _sched(args) -> int:
             image = load_file(path)
             mode = mode or image.mode_hint or (Mode.PROTECTED if image.bits == 32 else Mode.LONG)
             tail = _Tail()
+            vcpus = vm.vcpus or args.vcpus or default_vcpus(vm.image, path)
             machine = stack.enter_context(
                 Machine(
-                    MachineConfig(mode=mode, memory=args.mem, accel=args.accel or "auto"),
+                    MachineConfig(
+                        mode=mode, memory=args.mem, accel=args.accel or "auto", vcpus=vcpus
+                    ),
                     console=tail,
                     capture_output=False,
                 )  # fmt: skip
@@ -214,11 +276,17 @@ def _sched(args) -> int:
             machine.load(image)
             specs.append(SchedVM(machine, vm.weight, name=_name(vm.image)))
             tails.append(tail)
-        sched = Scheduler(specs, args.policy, quantum=args.quantum, cpu=args.cpu)
-        ignored = not sched.policy.uses_weights and len(set(sched.weights)) > 1
+        sched = Scheduler(
+            specs,
+            args.policy,
+            quantum=args.quantum,
+            cpu=args.cpu,
+            holder_grace=args.holder_grace,
+        )
+        ignored = not sched.uses_weights and len(set(sched.weights)) > 1
         if ignored and not args.json:
             err.print(
-                f"[yellow]note[/]: the {sched.policy.value} policy shares the CPU equally; "
+                f"[yellow]note[/]: the {sched.policy_name} policy shares the CPU equally; "
                 "weights count under weighted and threads"
             )
         live = None if args.json or not err.is_terminal else _LiveView(err, args.duration)
@@ -244,7 +312,8 @@ def _sched(args) -> int:
             if v.state != "running":
                 # Plain writes: guest-controlled text (disassembly) must not meet rich markup.
                 when = f" at {v.stopped_at_s:.2f} s" if v.stopped_at_s is not None else ""
-                sys.stdout.write(f"{v.name}: {v.state}{when}: {v.message}\n")
+                on = f" on cpu{v.stop_cpu}" if v.stop_cpu is not None else ""
+                sys.stdout.write(f"{v.name}: {v.state}{on}{when}: {v.message}\n")
         for v, data in zip(result.vms, outputs, strict=True):
             if data:
                 text = data.decode("utf-8", "replace").rstrip("\n")

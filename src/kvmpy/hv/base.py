@@ -20,7 +20,7 @@ backend that cannot use them says what it drops.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -109,6 +109,10 @@ class VcpuBackend(Protocol):
     def request_stop(self, reason: StopReason, message: str = "", kick: bool = False) -> None: ...
 
     def cancel_pause(self) -> bool: ...
+
+    def set_run_signals(self, signals: Collection[int] | None) -> None:
+        """Let `signals` (blocked by the calling thread) interrupt the guest: run() returns None
+        when one arrives, also one that arrived before it entered the guest."""
 
     def kick(self) -> None: ...
 

@@ -159,6 +159,12 @@ class kvm_msrs(Struct):
     _fields_ = [("nmsrs", u32), ("pad", u32)]
 
 
+class kvm_signal_mask(Struct):
+    """Header only; `len` bytes of sigset follow it (see `signal_mask_buffer`)."""
+
+    _fields_ = [("len", u32)]
+
+
 class kvm_msr_list(Struct):
     _fields_ = [("nmsrs", u32)]
 
@@ -608,6 +614,16 @@ def xsave_buffer(size: int) -> C.Array:
 
 
 # Every structure whose size and field offsets the layout test checks against the C headers.
+def signal_mask_buffer(signals) -> C.Array:
+    """struct kvm_signal_mask with the kernel's 8-byte x86-64 sigset of `signals` (bit sig-1)."""
+    bits = 0
+    for sig in signals:
+        bits |= 1 << (int(sig) - 1)
+    buf = (u8 * (C.sizeof(kvm_signal_mask) + 8))()
+    C.memmove(buf, (8).to_bytes(4, "little") + bits.to_bytes(8, "little"), 12)
+    return buf
+
+
 LAYOUT_CHECKS: dict[str, type] = {
     name: obj
     for name, obj in list(globals().items())

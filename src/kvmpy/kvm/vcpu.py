@@ -88,6 +88,15 @@ class VcpuFd:
             buf.entries[i].data = data
         return ioctl(self.fd, K.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
 
+    def set_signal_mask(self, signals) -> None:
+        """KVM_SET_SIGNAL_MASK: the signals *blocked* while KVM_RUN runs the guest (whatever the
+        calling thread blocks otherwise); None: the thread's own mask again."""
+        if signals is None:
+            ioctl(self.fd, K.KVM_SET_SIGNAL_MASK, 0, "KVM_SET_SIGNAL_MASK")
+        else:
+            buf = S.signal_mask_buffer(signals)
+            ioctl(self.fd, K.KVM_SET_SIGNAL_MASK, buf, "KVM_SET_SIGNAL_MASK")
+
     def set_cpuid2(self, entries: list[S.kvm_cpuid_entry2]) -> None:
         buf = S.cpuid2_buffer(len(entries))
         for i, e in enumerate(entries):

@@ -13,9 +13,18 @@ per vCPU; the host's scheduler decides; the baseline). Guests publish their prog
 """
 
 from .errors import SchedError
-from .policy import DeficitShares, Policy, RoundRobin, target_shares
+from .policy import (
+    DeficitShares,
+    Policy,
+    RoundRobin,
+    SchedPolicy,
+    VcpuRef,
+    VmThenVcpu,
+    builtin_policy,
+    target_shares,
+)
 from .progress import ProgressCounter, find_counter
-from .report import ScheduleResult, Timeline, VMReport, plot
+from .report import ScheduleResult, Timeline, VcpuReport, VMReport, plot
 from .scheduler import (
     DEFAULT_QUANTUM,
     MIN_QUANTUM,
@@ -33,11 +42,16 @@ __all__ = [
     "ProgressCounter",
     "RoundRobin",
     "SchedError",
+    "SchedPolicy",
     "SchedVM",
     "ScheduleResult",
     "Scheduler",
     "Timeline",
     "VMReport",
+    "VcpuRef",
+    "VcpuReport",
+    "VmThenVcpu",
+    "builtin_policy",
     "find_counter",
     "nice_values",
     "parse_duration",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .errors import SchedError
 
@@ -122,3 +123,158 @@ class DeficitShares:
         for i in runnable:
             credit[i] += ns * weights[i] / total
         credit[vm] -= ns
+
+
+# --- policies over vCPUs -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class VcpuRef:
+    """A vCPU as a policy sees it: what the scheduler runs, one slice at a time. The
+    scheduler makes one per vCPU; they compare by identity (cheap in its per-slice path)."""
+
+    #: Its index among every vCPU the scheduler runs (stable for the scheduler's life).
+    id: int
+    #: Its VM's index among the scheduler's VMs, and its own index in that VM.
+    vm: int
+    cpu: int
+    #: Its VM's weight (the VM's share; its vCPUs share it) and name.
+    weight: float
+    vm_name: str
+
+    def __str__(self) -> str:
+        return f"{self.vm_name}/cpu{self.cpu}"
+
+
+class SchedPolicy:
+    """Which vCPU runs next: the policy object of the single-thread scheduler.
+
+    Subclass it and override `pick` (and `charge` to learn how long each slice really took)
+    to try a policy of your own; pass an instance as `Scheduler(vms, MyPolicy())`. The
+    scheduler calls `attach(vcpus)` once with every vCPU it runs, then for every slice
+    `pick(runnable, prev)`: `runnable` are the vCPUs that can run now (not stopped, not parked,
+    not waiting in a blocking hypercall), `prev` the vCPU that ran last. The slice lasts one
+    quantum (`preemptive`, ended by the host timer) or until the vCPU's next port-I/O exit
+    (`preemptive = False`); it also ends early when the vCPU blocks or yields. Then
+    `charge(vcpu, ns, runnable)` gets the slice's host CPU time.
+
+    A vCPU that makes the yield hypercall naming another vCPU (a directed yield, kvmpy/
+    spinlock.h) asks for that vCPU to run at once: `on_yield` says whom the rest of the slice
+    goes to (by default the target, if it can run; None lets `pick` choose).
+
+    Policies are plain objects: no clock, no KVM, no signals (tests drive them with made-up
+    slices)."""
+
+    name = "custom"
+    #: Slices end by the host timer after one quantum; False: at port-I/O exits only.
+    preemptive = True
+    #: Whether the VMs' targets follow their weights (False: equal shares).
+    uses_weights = True
+
+    def attach(self, vcpus: Sequence[VcpuRef]) -> None:
+        self.vcpus = list(vcpus)
+
+    def pick(self, runnable: Sequence[VcpuRef], prev: VcpuRef | None) -> VcpuRef:
+        raise NotImplementedError
+
+    def charge(self, vcpu: VcpuRef, ns: int, runnable: Sequence[VcpuRef]) -> None:
+        pass
+
+    def on_yield(
+        self, vcpu: VcpuRef, target: VcpuRef | None, runnable: Sequence[VcpuRef]
+    ) -> VcpuRef | None:
+        return target if target is not None and target in runnable else None
+
+
+class VmThenVcpu(SchedPolicy):
+    """The built-in policies: a VM first, then one of its vCPUs (Xen's credit scheduler).
+
+    A VM's weight is the VM's share however many vCPUs it has and however many of them can
+    run; its runnable vCPUs share its slices among themselves (round robin, or equal deficit
+    shares under `weighted`). So a VM that parks three of its four vCPUs keeps its share, a
+    VM with eight vCPUs does not take eight times the CPU of a VM with one, and one-vCPU VMs
+    are scheduled exactly as before SMP: the VM-level picker is the whole story.
+
+    `vm_picker` and each VM's vCPU picker are RoundRobin or DeficitShares objects over
+    indices (pick(runnable, prev), charge(i, ns, runnable)).
+    """
+
+    def __init__(self, name: str, vm_picker, vcpu_picker, *, preemptive: bool, weights: bool):
+        self.name = name
+        self.preemptive = preemptive
+        self.uses_weights = weights
+        self._vm_picker = vm_picker
+        self._make_vcpu_picker = vcpu_picker
+        self._vcpu_pickers: dict[int, RoundRobin | DeficitShares] = {}
+        self._last: dict[int, int] = {}  # VM -> its vCPU that ran last
+        self._solo: dict[int, VcpuRef] = {}  # VM -> its only vCPU, for one-vCPU VMs
+        self._all_solo = False
+
+    def attach(self, vcpus: Sequence[VcpuRef]) -> None:
+        super().attach(vcpus)
+        per_vm: dict[int, list[VcpuRef]] = {}
+        for v in vcpus:
+            per_vm.setdefault(v.vm, []).append(v)
+        self._solo = {vm: vs[0] for vm, vs in per_vm.items() if len(vs) == 1}
+        # Every VM has one vCPU: a VM index is a vCPU (the scheduler's per-slice path).
+        self._all_solo = len(self._solo) == len(per_vm)
+        self._vcpu_pickers = {
+            vm: self._make_vcpu_picker(len(vs)) for vm, vs in per_vm.items() if len(vs) > 1
+        }
+
+    def pick(self, runnable: Sequence[VcpuRef], prev: VcpuRef | None) -> VcpuRef:
+        # `runnable` comes in VM order, then vCPU order (round robin relies on it).
+        vms = [v.vm for v in runnable]
+        if not vms:
+            raise SchedError("no runnable vCPU to pick")
+        if not self._all_solo and len(set(vms)) != len(vms):
+            vms = list(dict.fromkeys(vms))
+        vm = self._vm_picker.pick(vms, prev.vm if prev is not None else None)
+        solo = self._solo.get(vm)
+        if solo is not None:
+            return solo
+        mine = [v for v in runnable if v.vm == vm]
+        if len(mine) == 1:
+            return mine[0]
+        cpu = self._vcpu_pickers[vm].pick([v.cpu for v in mine], self._last.get(vm))
+        return next(v for v in mine if v.cpu == cpu)
+
+    def charge(self, vcpu: VcpuRef, ns: int, runnable: Sequence[VcpuRef]) -> None:
+        vm = vcpu.vm
+        if self._all_solo:
+            vms = [v.vm for v in runnable]
+        else:
+            vms = list(dict.fromkeys(v.vm for v in runnable))
+        if vm not in vms:
+            vms.append(vm)
+        self._vm_picker.charge(vm, ns, vms)
+        if self._all_solo:
+            return
+        inner = self._vcpu_pickers.get(vm)
+        if inner is not None:
+            self._last[vm] = vcpu.cpu
+            cpus = [v.cpu for v in runnable if v.vm == vm]
+            if vcpu.cpu not in cpus:
+                cpus.append(vcpu.cpu)
+            inner.charge(vcpu.cpu, ns, cpus)
+
+
+def builtin_policy(policy: Policy, weights: Sequence[float]) -> SchedPolicy:
+    """The SchedPolicy object behind a built-in policy name (not `threads`)."""
+    if policy is Policy.WEIGHTED:
+        return VmThenVcpu(
+            policy.value,
+            DeficitShares(weights),
+            lambda n: DeficitShares([1.0] * n),
+            preemptive=True,
+            weights=True,
+        )
+    if policy in (Policy.TIMER, Policy.ON_IO):
+        return VmThenVcpu(
+            policy.value,
+            RoundRobin(),
+            lambda n: RoundRobin(),
+            preemptive=policy is Policy.TIMER,
+            weights=False,
+        )
+    raise SchedError(f"the {policy.value} policy has no single-thread policy object")

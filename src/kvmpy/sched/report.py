@@ -37,6 +37,18 @@ class Samples:
             if j < self.cap:
                 self.values[j] = value
 
+    @classmethod
+    def merged(cls, parts: list[Samples]) -> Samples:
+        """One set from several (the loops of a schedule on several CPUs)."""
+        if len(parts) == 1:
+            return parts[0]
+        out = cls(cap=sum(p.cap for p in parts) or 1)
+        for p in parts:
+            out.values.extend(p.values)
+            out.count += p.count
+            out.total += p.total
+        return out
+
     @property
     def mean(self) -> float | None:
         return self.total / self.count if self.count else None
@@ -66,6 +78,52 @@ class Timeline:
             for i, s in enumerate(series):
                 out[i].append(s[k] / total if total else None)
         return out
+
+
+@dataclass(frozen=True)
+class VcpuReport:
+    """One vCPU's part of its VM's figures (see VMReport for the fields' meaning)."""
+
+    cpu: int
+    host_s: float
+    kvm_run_s: float
+    cpu_s: float
+    #: Its share of the host CPU time all VMs got.
+    host_share: float | None
+    #: Times the CPU was switched to this vCPU from another vCPU, of any VM (threads: its
+    #: thread's host context switches).
+    switches: int
+    slices: int | None
+    switch_cost_us_mean: float | None
+    #: Exits this vCPU took during the schedule.
+    exits: int
+    #: running, parked, waiting (blocked in a hypercall), or its VM's stop reason.
+    state: str
+    #: Single-thread policies, SMP VMs: timer preemptions while the vCPU announced a held
+    #: spinlock (kvmpy/spinlock.h), slices stretched for one (holder grace), its yield
+    #: hypercalls, and the directed ones the scheduler carried out. None under threads.
+    lhp_preemptions: int | None = None
+    grace: int | None = None
+    yields: int | None = None
+    directed_yields: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cpu": self.cpu,
+            "host_share": _r(self.host_share),
+            "switches": self.switches,
+            "slices": self.slices,
+            "host_s": _r(self.host_s),
+            "kvm_run_s": _r(self.kvm_run_s),
+            "cpu_s": _r(self.cpu_s),
+            "switch_cost_us_mean": _r(self.switch_cost_us_mean, 2),
+            "exits": self.exits,
+            "state": self.state,
+            "lhp_preemptions": self.lhp_preemptions,
+            "grace": self.grace,
+            "yields": self.yields,
+            "directed_yields": self.directed_yields,
+        }
 
 
 @dataclass(frozen=True)
@@ -99,6 +157,10 @@ class VMReport:
     stopped_at_s: float | None = None
     #: Threads policy: the nice value that stands for the VM's weight.
     nice: int | None = None
+    #: Which vCPU stopped the VM (SMP VMs only).
+    stop_cpu: int | None = None
+    #: Its vCPUs' own figures (the VM's are their sums).
+    vcpus: list[VcpuReport] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -121,8 +183,11 @@ class VMReport:
             d.update(
                 exit_code=self.exit_code, message=self.message, stopped_at_s=_r(self.stopped_at_s)
             )
+            if self.stop_cpu is not None:
+                d["stop_cpu"] = self.stop_cpu
         if self.nice is not None:
             d["nice"] = self.nice
+        d["vcpus"] = [v.to_dict() for v in self.vcpus]
         return d
 
 
@@ -144,6 +209,10 @@ class ScheduleResult:
     #: scheduler's own work between them.
     cpu_total_s: float
     cpu: int | None
+    #: The host CPUs the schedule ran on (threads: its vCPU threads' affinity).
+    cpus: list[int] | None = None
+    #: How long a slice may be stretched for a vCPU holding an announced spinlock (0: never).
+    holder_grace_s: float = 0.0
     interrupted: bool = False
     timeline: Timeline = field(default_factory=Timeline, repr=False)
 
@@ -170,6 +239,8 @@ class ScheduleResult:
             "switches": self.switches,
             "cpu_total_s": _r(self.cpu_total_s),
             "cpu": self.cpu,
+            "cpus": self.cpus,
+            "holder_grace_s": self.holder_grace_s,
             "interrupted": self.interrupted,
         }
 
@@ -212,6 +283,21 @@ class ScheduleResult:
                 f"{v.cpu_s:.3f} s",
                 v.state,
             )
+            if len(v.vcpus) > 1:
+                for c in v.vcpus:
+                    table.add_row(
+                        Text(f"  cpu{c.cpu}", style="dim"),
+                        "",
+                        _pct(c.host_share),
+                        "",
+                        str(c.switches),
+                        f"{c.switch_cost_us_mean:.1f} µs"
+                        if c.switch_cost_us_mean is not None
+                        else "–",
+                        f"{c.cpu_s:.3f} s",
+                        c.state,
+                        style="dim",
+                    )
         return table
 
     def summary_line(self) -> str:
@@ -232,6 +318,8 @@ class ScheduleResult:
             ]
         if self.cpu is not None:
             parts.append(f"CPU {self.cpu}")
+        elif self.cpus:
+            parts.append(f"CPUs {','.join(map(str, self.cpus))}")
         return "; ".join(parts)
 
 

@@ -16,7 +16,11 @@ sleeps here, outside the guest, and costs no host CPU. Blocking is decided by `b
 threads, see the same thing.
 
 The first vCPU to stop (exit hypercall, fault, hlt) stops the machine: the others are kicked
-out of the guest and their own stops are discarded.
+out of the guest and their own stops are discarded. When every vCPU is blocked by the guest,
+none can ever wake the others: the machine stops with `deadlock`.
+
+`end()` lets every thread finish without stopping the machine (a later run continues it): a
+driver that runs a machine for a while, such as the scheduler's threads baseline, uses it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,14 @@ log = logging.getLogger(__name__)
 #: How long pause_all waits for the vCPUs to leave the guest.
 PAUSE_TIMEOUT_S = 10.0
 
+#: What _wait_turn returns when the set ends without a stop.
+_ENDED = Stop(StopReason.INTERRUPTED, 0, "the vCPU threads ended")
+
+DEADLOCK_MESSAGE = (
+    "deadlock: every vCPU is parked or waiting in a blocking hypercall, and none can wake "
+    "the others"
+)
+
 
 class VcpuError(KvmpyError):
     """A vCPU event that cannot be carried out (the VM stopped, a pause timed out...)."""
@@ -54,7 +66,7 @@ class _Slot:
         self.index = vcpu.index
         self.thread: threading.Thread | None = None
         #: created, running (in or about to enter the guest), waiting (outside the guest:
-        #: paused, blocked or serving jobs), stopped
+        #: paused, blocked or serving jobs), stopped, ended (end(): finished, not stopped)
         self.state = "created"
         self.jobs: deque[tuple[Callable[[], Any], Future]] = deque()
 
@@ -67,12 +79,18 @@ class VcpuSet:
         blocked: Callable[[int], bool] = lambda i: False,
         on_resume: Callable[[int], None] | None = None,
         name: str = "vm",
+        thread_init: Callable[[int], None] | None = None,
+        thread_exit: Callable[[int], None] | None = None,
     ):
         self._slots = [_Slot(v) for v in vcpus]
         self._blocked = blocked
         #: Called in vCPU i's thread each time it is about to re-enter the guest after waiting
         #: (the SMP layer loads a started secondary's registers there).
         self._on_resume = on_resume
+        #: Called first (after the signal mask) and last in vCPU i's thread: a driver's own
+        #: setup and accounting (CPU affinity, nice value, the thread's CPU time).
+        self._thread_init = thread_init
+        self._thread_exit = thread_exit
         self.name = name
         # Re-entrant: the main thread's signal handlers (Ctrl-C, --timeout) call request_stop,
         # which takes this lock, possibly while the interrupted main thread holds it.
@@ -82,6 +100,7 @@ class VcpuSet:
         self._requested: Stop | None = None  # a stop asked for from outside
         self._end: Stop | None = None  # a stop for when the current pause ends
         self.first_stop: Stop | None = None
+        self._ending = False  # end() was called
         self.started = False
         #: time.monotonic() when the last vCPU left the guest for the current pause.
         self.paused_at = 0.0
@@ -122,7 +141,7 @@ class VcpuSet:
         return self.first_stop
 
     def _all_stopped(self) -> bool:
-        return all(s.state == "stopped" for s in self._slots)
+        return all(s.state in ("stopped", "ended") for s in self._slots)
 
     @property
     def running(self) -> bool:
@@ -139,6 +158,29 @@ class VcpuSet:
             self._cond.notify_all()
         for s in self._slots:
             s.vcpu.request_stop(stop.reason, stop.message, kick=True)
+
+    def end(self, timeout: float | None = None) -> bool:
+        """Bring every vCPU out of the guest and end its thread without stopping the machine
+        (pending I/O completed; a later run goes on from there). Returns whether every thread
+        ended within `timeout` (a vCPU that stopped the machine meanwhile has ended too)."""
+        with self._cond:
+            self._ending = True
+            for s in self._slots:
+                if s.state == "running":
+                    s.vcpu.request_pause(kick=True)
+            self._cond.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for s in self._slots:
+            t = s.thread
+            while t is not None and t.is_alive():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                t.join(0.05 if left is None else min(left, 0.05))
+                # It may have been between two runs when the pause came: ask again.
+                if t.is_alive() and s.state == "running":
+                    s.vcpu.request_pause(kick=True)
+        return True
 
     def end_run(self, stop: Stop) -> None:
         """While paused: the machine ends with `stop` once the pause is over (not before: the
@@ -273,6 +315,8 @@ class VcpuSet:
         vcpu = slot.vcpu
         stop: Stop | None = None
         try:
+            if self._thread_init is not None:
+                self._thread_init(slot.index)
             stop = self._wait_turn(slot)
             while stop is None:
                 stop = vcpu.run()
@@ -286,6 +330,17 @@ class VcpuSet:
             log.exception("vCPU %d thread failed", slot.index)
             stop = Stop(StopReason.VMM_ERROR, 0, f"vCPU {slot.index} thread failed: {e!r}",
                         cpu=slot.index)  # fmt: skip
+        if self._thread_exit is not None:
+            try:
+                self._thread_exit(slot.index)
+            except Exception:
+                log.exception("vCPU %d thread's exit hook failed", slot.index)
+        if stop is _ENDED:
+            vcpu.cancel_pause()  # a pause that landed after its last run
+            with self._cond:
+                slot.state = "ended"
+                self._cond.notify_all()
+            return
         self._stopped(slot, stop)
 
     def _wait_turn(self, slot: _Slot) -> Stop | None:
@@ -305,10 +360,16 @@ class VcpuSet:
                             fut.set_exception(e)
                 if self._requested is not None or self.first_stop is not None:
                     return self._requested or self.first_stop
+                if self._ending:
+                    return _ENDED
                 if self._held or self._pausing or (self._end is None and self._blocked(i)):
                     if slot.state != "waiting":
                         slot.state = "waiting"
                         self._cond.notify_all()
+                    if self._deadlocked():
+                        self._requested = Stop(StopReason.DEADLOCK, 0, DEADLOCK_MESSAGE, cpu=i)
+                        self._cond.notify_all()
+                        continue
                     self._cond.wait(0.5)
                     continue
                 if self._end is not None:
@@ -325,6 +386,18 @@ class VcpuSet:
         if self._on_resume is not None:
             self._on_resume(i)
         return None
+
+    def _deadlocked(self) -> bool:
+        """Every vCPU out of the guest and blocked by the guest itself (under the lock): only a
+        running vCPU can start, kick or release another, so nothing will ever run again."""
+        if self._held or self._pausing or self._end is not None:
+            return False
+        for s in self._slots:
+            if s.state == "stopped":
+                continue
+            if s.state != "waiting" or s.jobs or not self._blocked(s.index):
+                return False
+        return True
 
     def _stopped(self, slot: _Slot, stop: Stop) -> None:
         others = []

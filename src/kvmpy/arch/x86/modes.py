@@ -105,6 +105,11 @@ CPU_AREA_PAGES = 6
 #: Bytes per CPU in the per-CPU data page (kvmpy/smp.h's struct kvmpy_cpu), which each CPU
 #: reaches through its GS base.
 PERCPU_SIZE = 256
+#: Offsets in each CPU's block of the paravirtual scheduling words (u32 each): the spinlocks the
+#: CPU holds (guest-written), "yield when you release it" and "you are preempted" (VMM-written).
+PERCPU_LOCKS_HELD = 224
+PERCPU_YIELD_PENDING = 228
+PERCPU_PREEMPTED = 232
 MAX_CPUS = PAGE_SIZE // PERCPU_SIZE
 
 RFLAGS_RESERVED = 1 << 1

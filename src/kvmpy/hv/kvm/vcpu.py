@@ -105,6 +105,8 @@ class KvmVcpu:
         self._stop_requested: Stop | None = None
         #: The thread inside run(), for kick().
         self.thread_ident: int | None = None
+        #: Signals KVM lets in during KVM_RUN though the thread blocks them (set_run_signals).
+        self._run_signals: frozenset[int] | None = None
         view = fd.run_view
         self._u8 = view
         self._u16 = view.cast("H")
@@ -157,6 +159,21 @@ class KvmVcpu:
         if self._stop_requested is None:
             self.fd.run_struct.immediate_exit = 0
         return pending
+
+    def set_run_signals(self, signals) -> None:
+        """Let `signals`, which the calling thread blocks, interrupt KVM_RUN (and only KVM_RUN:
+        KVM_SET_SIGNAL_MASK); run() consumes one that does and returns None, a pause. A timer
+        signal that fires just before KVM_RUN then stays pending and ends it at once, where a
+        handled signal would be spent before the ioctl. Call in the thread that will run the
+        vCPU, after blocking the signals there; None: the thread's own mask again."""
+        if signals is None:
+            self.fd.set_signal_mask(None)
+            self._run_signals = None
+            return
+        signals = frozenset(signals)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        self.fd.set_signal_mask(set(blocked) - signals)
+        self._run_signals = signals
 
     def kick(self) -> None:
         """Interrupt KVM_RUN in the thread running this vCPU with KICK_SIGNAL.
@@ -535,6 +552,9 @@ class KvmVcpu:
         if self._pause_requested:
             self._pause_requested = False
             return None
+        signals = self._run_signals
+        if signals and signal.sigtimedwait(signals, 0) is not None:
+            return None  # the driver's timer (set_run_signals)
         return False
 
     def _run_failed(self, e: OSError) -> Stop:

@@ -49,9 +49,18 @@ struct kvmpy_cpu {
 	uint64_t self;                 /* this block's address */
 	volatile uint64_t ipis;        /* IPIs this CPU took (kvmpy_smp_ipi counts them) */
 	volatile uint64_t ipi_tsc;     /* rdtsc when the last one arrived */
-	uint64_t user[28];             /* the guest's own per-CPU data */
+	uint64_t user[24];             /* the guest's own per-CPU data */
+	/* Paravirtual scheduling (kvmpy/spinlock.h; docs/abi.md), read and written by the VMM
+	 * only while this vCPU is out of the guest: */
+	volatile uint32_t locks_held;  /* guest: spinlocks this CPU holds (the announcement) */
+	volatile uint32_t yield_pending; /* VMM: your slice was stretched because you hold a
+					  * lock: vcpu_yield once you release it, and clear this */
+	volatile uint32_t preempted;   /* VMM: 1 while this vCPU could run but kvmpy's scheduler
+					  * runs another (single-thread scheduler only; else 0) */
+	uint32_t pv_reserved[5];
 };
 _Static_assert(sizeof(struct kvmpy_cpu) == 256, "ABI");
+_Static_assert(__builtin_offsetof(struct kvmpy_cpu, locks_held) == 224, "ABI");
 
 static inline uint32_t smp_cpu_id(void)
 {

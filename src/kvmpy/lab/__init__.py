@@ -1,0 +1,1 @@
+"""Studies that run many measured configurations and write a report (`kvmpy lab ...`)."""
