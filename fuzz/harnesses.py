@@ -102,11 +102,11 @@ class Hypercalls:
             def raiser(ctx, *_):
                 raise ValueError("a handler bug")
 
-            m.hypercalls.register(7, lambda ctx, *a: None, "none")
-            m.hypercalls.register(8, raiser, "raises")
-            m.hypercalls.register(9, lambda ctx, *a: "junk", "junk")
-            m.hypercalls.register(10, reader, "reader")
-            m.hypercalls.register(11, lambda ctx, a0, *_: a0 * -3, "negative")
+            m.hypercalls.register(64, lambda ctx, *a: None, "none")
+            m.hypercalls.register(65, raiser, "raises")
+            m.hypercalls.register(66, lambda ctx, *a: "junk", "junk")
+            m.hypercalls.register(67, reader, "reader")
+            m.hypercalls.register(68, lambda ctx, a0, *_: a0 * -3, "negative")
             self.machines[mode] = (
                 m,
                 bytes(m.memory.view(0, self.MEMORY)),
@@ -133,7 +133,9 @@ class Hypercalls:
 
         r = Input(data)
         m, pristine, sregs0 = self.machines[r.pick(self.MODES)]
-        nr = r.u8() % 16 if r.u8() % 4 else r.u32()
+        # kvmpy's own numbers (0-15), the harness's handlers (64-69), or anything.
+        k = r.u8()
+        nr = (k % 16 if k & 0x80 else 64 + k % 6) if r.u8() % 4 else r.u32()
         args = [self._arg(r) for _ in range(4)]
         patches = []
         for _ in range(r.u8() % 4):

@@ -407,3 +407,10 @@ def test_fuzz_payload(blob):
             L.decompress_payload(magic + blob, limit=1 << 20)
         except BadImage:
             pass
+
+
+def test_bzimage_cut_inside_the_header_fields():
+    # Found by test_fuzz_bzimage: 'HdrS' present, the file ending before the version field.
+    for cut in (0x206, 0x207, 0x263):
+        with pytest.raises(BadImage, match="truncated inside its setup header"):
+            L.parse_bzimage(GOOD_BZ[:cut], "cut")

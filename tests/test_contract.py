@@ -325,7 +325,7 @@ def test_a_hypercall_handler_sees_the_registers_of_the_exit(machine, accel, asse
     from kvmpy.loader import load_raw
 
     code = assemble(
-        "mov $42, %edi\n mov $10, %eax\n mov $0x500, %dx\n out %eax, %dx\n"
+        "mov $42, %edi\n mov $64, %eax\n mov $0x500, %dx\n out %eax, %dx\n"
         "mov %edi, %ebx\n mov %eax, %edi\n xor %eax, %eax\n out %eax, %dx"
     )
     seen = []
@@ -336,7 +336,7 @@ def test_a_hypercall_handler_sees_the_registers_of_the_exit(machine, accel, asse
         seen.append((regs.rip, regs.rdi, a0))
         return 7
 
-    m.hypercalls.register(10, probe, "probe")
+    m.hypercalls.register(64, probe, "probe")  # users number theirs from 64
     m.load(load_raw(code))
     result = m.run(timeout=30)
     assert result.stop_reason is StopReason.EXIT and result.exit_code == 7

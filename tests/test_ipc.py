@@ -218,8 +218,13 @@ def test_options_are_validated():
 def test_doorbells_reach_the_chosen_vcpu_of_a_multi_vcpu_receiver(irq_cpu):
     """The receiver has 3 vCPUs; its doorbell MSI is routed to vCPU irq_cpu, whose handler
     records its own CPU index (from its per-CPU block), and no doorbell exits to a VMM."""
-    result = run(IRQ, 64 * 1024, irq_cpu=irq_cpu, receiver_vcpus=3, shm_size=SMALL_SHM)
-    assert result["checksum_ok"]
-    assert result["receiver_irq_cpu"] == {"requested": irq_cpu, "last_handled_on": irq_cpu,
-                                          "vcpus": 3}  # fmt: skip
-    assert result["userspace_exits"] == 0
+    # The receiver takes a doorbell only when it finds its ring empty and waits; a run in
+    # which it always found data (the sender ahead of it) shows nothing: run again.
+    for _ in range(8):
+        result = run(IRQ, 64 * 1024, irq_cpu=irq_cpu, receiver_vcpus=3, shm_size=SMALL_SHM)
+        assert result["checksum_ok"] and result["userspace_exits"] == 0
+        seen = result["receiver_irq_cpu"]
+        assert seen["requested"] == irq_cpu and seen["vcpus"] == 3
+        if seen["interrupts"]:
+            break
+    assert seen["interrupts"] > 0 and seen["last_handled_on"] == irq_cpu, seen

@@ -208,3 +208,20 @@ def test_pause_reads_every_vcpu_in_its_own_thread(gcc_available):
         t.join()
     assert result.stop_reason is StopReason.INTERRUPTED
     assert seen == {i: f"vm-vcpu{i}" for i in range(4)}
+
+
+def test_smp_state_round_trip_keeps_every_field():
+    """What a snapshot records of the SMP layer comes back whole: a start caught before its
+    vCPU loaded the registers included (losing it left that vCPU parked after a restore)."""
+    from kvmpy.vmm.smp import SmpState
+
+    a = SmpState([None] * 3)
+    a.parked = [False, False, True]
+    a.waiting = [0b110, 0, 0]
+    a._pending[1] = (0x401000, (7, 8))
+    a.kicked[2] = True
+    a.kick_waiting[1] = True
+    b = SmpState([None] * 3)
+    b.restore(a.state())
+    assert b.state() == a.state()
+    assert b._pending[1] == (0x401000, (7, 8))

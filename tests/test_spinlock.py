@@ -223,7 +223,10 @@ def test_every_lock_keeps_the_counter_exact(machine, lock, driver, grace, yield_
     # Few rounds for the FIFO locks: on one CPU the naive one hands over about once per
     # slice, the paravirtual one once per pair of exits.
     rounds = {"ticket": 150, "pvticket": 3_000, "pv": 30_000}[lock]
-    configure(m, lock, cs=500, think=500, rounds=rounds, yield_to_holder=yield_to_holder)
+    # Work enough for every vCPU to span several 1 ms slices: with less, a vCPU could finish
+    # all its rounds inside one slice, uncontended, and nobody would wait.
+    work = 3000 if lock == "pvticket" else 500
+    configure(m, lock, cs=work, think=work, rounds=rounds, yield_to_holder=yield_to_holder)
     cpu = max(__import__("os").sched_getaffinity(0))
     r = Scheduler([m], driver, quantum=0.001, cpu=cpu, holder_grace=grace).run(120)
     vm = r.vms[0]

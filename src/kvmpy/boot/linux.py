@@ -190,6 +190,8 @@ def parse_setup_header(data: bytes, name: str = "the kernel") -> SetupHeader:
         if data[:4] == ELF_MAGIC:
             raise BadImage(f"{name} is an ELF file, not a bzImage")
         raise BadImage(f"{name} is not a Linux kernel (no bzImage 'HdrS' header, not an ELF)")
+    if len(data) < 0x264:  # every header field kvmpy reads (found by test_fuzz_bzimage)
+        raise BadImage(f"{name} is truncated inside its setup header")
     version = _u(data, "version")
     if version < MIN_PROTOCOL:
         raise BadImage(

@@ -65,7 +65,10 @@ def cmd_build(args) -> int:
             config = Path(args.config).read_text()
         except OSError as e:
             raise ConfigError(f"cannot read --config {args.config}: {e.strerror}") from None
-    if not args.json:
+    from ..boot.kernels import microvm_dir
+
+    cached = microvm_dir(config)
+    if not args.json and (args.force or cached is None or not (cached / "kernel.json").is_file()):
         print("building the microVM kernel (a few minutes; cached afterwards)", file=sys.stderr)
     progress = (lambda line: print(line, file=sys.stderr)) if args.verbose_build else None
     files = build_microvm(args.jobs, force=args.force, config=config, progress=progress)

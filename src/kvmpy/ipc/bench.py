@@ -289,10 +289,12 @@ def summarize(opts: IpcOptions, s: dict, r: dict) -> dict:
             "receiver": int(statistics.median(f.exits_receiver for f in measured)),
         },
         checksum_ok=all(f.checksum_ok for f in figures),
-        # Which of the receiver's vCPUs took its last doorbell (its per-CPU %gs:0).
+        # Which of the receiver's vCPUs took its last doorbell (its per-CPU %gs:0); None when
+        # it took none (a receiver that always found data never waited for a doorbell).
         receiver_irq_cpu={
             "requested": opts.irq_cpu,
-            "last_handled_on": r.get("irq_last_cpu"),
+            "last_handled_on": r.get("irq_last_cpu") if r.get("irq_total") else None,
+            "interrupts": r.get("irq_total", 0),
             "vcpus": opts.receiver_vcpus,
         },  # fmt: skip
         warmup_seconds=warm.seconds,

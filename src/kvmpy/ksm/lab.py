@@ -869,8 +869,14 @@ def _balloon_vm(cfg: dict, work: Path, variant: str, khz: int) -> dict[str, Any]
     # The moment memory went back: the report, or the host's request.
     t_back = (next(t for t, text in events if "reported" in text) if reporting
               else actions[0][0])  # fmt: skip
-    before = [r for t, r in samples if t <= t_back]
-    freed = before[-1] if before else None
+    # What the freed memory held on the host: the largest sample between the guest's "freed"
+    # and the give-back (not the last one before it: under load the "reported" line is read
+    # late, after the device may have discarded the pages already).
+    t_freed = next((t for t, text in events if "freed" in text), 0.0)
+    before = [r for t, r in samples if t_freed <= t <= t_back] or [
+        r for t, r in samples if t <= t_back
+    ]
+    freed = max(before) if before else None
     back = next((t for t, r in samples if t > t_back and freed and r < freed / 10), None)
     return {
         "give_back_s": round(back - t_back, 3) if back is not None else None,
@@ -879,7 +885,7 @@ def _balloon_vm(cfg: dict, work: Path, variant: str, khz: int) -> dict[str, Any]
         "events": events,
         "actions": actions,
         "rss_peak_bytes": max(r for _, r in samples),
-        "rss_freed_bytes": before[-1] if before else None,
+        "rss_freed_bytes": freed,
         "rss_end_bytes": samples[-1][1],
         "reported_bytes": final["reported_bytes"],
         "discarded_bytes": final["discarded_bytes"],

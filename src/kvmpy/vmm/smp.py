@@ -253,6 +253,10 @@ class SmpState:
         with self._lock:
             self.parked = [bool(x) for x in d["parked"]][: self.n]
             self.waiting = [int(x) for x in d["waiting"]][: self.n]
+            # A start the snapshot caught before its vCPU loaded the registers.
+            self._pending = [
+                (int(p[0]), tuple(int(a) for a in p[1:])) if p else None for p in d["pending"]
+            ][: self.n]
             # Snapshots from before vcpu_wait have neither (nobody waited); pad to n.
             pad = [False] * self.n
             self.kicked = ([bool(x) for x in d.get("kicked", ())] + pad)[: self.n]

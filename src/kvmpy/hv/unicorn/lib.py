@@ -26,6 +26,7 @@ reg_read_batch = _fn("uc_reg_read_batch")
 reg_write = _fn("uc_reg_write")
 emu_start = _fn("uc_emu_start")
 emu_stop = _fn("uc_emu_stop")
+query = _fn("uc_query")
 context_save = _fn("uc_context_save")
 context_restore = _fn("uc_context_restore")
 

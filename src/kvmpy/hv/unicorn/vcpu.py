@@ -96,6 +96,9 @@ log = logging.getLogger(__name__)
 MASK64 = (1 << 64) - 1
 #: uc_emu_start's `until`: an address no guest reaches (not canonical, above 4 GiB).
 NEVER = 0xFFFF_FFFF_FFFF_FFF0
+#: Engine slice while a driver's signals may end a run (set_run_signals): the latest a
+#: scheduler's preemption lands. Each slice costs one uc_emu_start, a few µs.
+RUN_SIGNAL_SLICE_US = 1000
 #: Distinct non-RAM pages a guest may touch before the VM is stopped (each is a small MMIO
 #: mapping in the engine; a guest scanning the address space must not grow it without bound).
 MAX_UNASSIGNED_PAGES = 256
@@ -192,6 +195,8 @@ class UnicornVcpu:
         self.thread_ident: int | None = None
         self._pause_requested = False
         self._stop_requested: Stop | None = None
+        #: Signals that end a run (set_run_signals), looked for between engine slices.
+        self._run_signals: frozenset[int] | None = None
         self._running = False
         self._kicked = False
         self._final: Stop | None = None
@@ -714,6 +719,23 @@ class UnicornVcpu:
         self._pause_requested = False
         return pending
 
+    def set_run_signals(self, signals) -> None:
+        """Let `signals`, which the calling thread blocks, end run() (a pause), as KVM lets them
+        interrupt KVM_RUN. The engine runs in this thread, and a signal aimed at one thread
+        (kvmpy.sched's ThreadTimer) can be waited for only by that thread, so while they are
+        set the engine runs in slices of RUN_SIGNAL_SLICE_US and the vCPU looks for a pending
+        one between slices (and while halted): preemption is that much late at most."""
+        self._run_signals = frozenset(signals) if signals else None
+
+    def _run_signal_pending(self) -> bool:
+        signals = self._run_signals
+        return bool(signals) and signal.sigtimedwait(signals, 0) is not None
+
+    def _timed_out(self) -> bool:
+        out = C.c_size_t(0)
+        lib.query(self._h, UCC.UC_QUERY_TIMEOUT, C.byref(out))
+        return bool(out.value)
+
     def kick(self) -> None:
         self._kick()
 
@@ -788,6 +810,8 @@ class UnicornVcpu:
         h = self._h
         start = lib.emu_start
         never, zero, zero_count = C.c_uint64(NEVER), C.c_uint64(0), C.c_size_t(0)
+        sliced = self._run_signals is not None
+        timeout = C.c_uint64(RUN_SIGNAL_SLICE_US) if sliced else zero
         rip = self._reg
         rip_p = C.byref(rip)
         while True:
@@ -807,7 +831,7 @@ class UnicornVcpu:
             self._final = None
             self._kicked = False
             self._running = True
-            err = start(h, rip, never, zero, zero_count)
+            err = start(h, rip, never, timeout, zero_count)
             self._running = False
             kicked = self._kicked
             _checkpoint()
@@ -829,6 +853,11 @@ class UnicornVcpu:
                 return self._emu_error(err)
             if kicked or self._pause_requested or self._stop_requested is not None:
                 continue
+            if sliced:
+                if self._run_signal_pending():
+                    return None
+                if self._timed_out():
+                    continue
             stop = self._halted()
             if stop is not None:
                 return stop
@@ -850,7 +879,12 @@ class UnicornVcpu:
                 or self._pause_requested
                 or self._stop_requested is not None
             ):
-                self._wake.wait(0.5)
+                if self._run_signals is not None:
+                    if self._run_signal_pending():
+                        return None
+                    self._wake.wait(RUN_SIGNAL_SLICE_US / 1e6)
+                else:
+                    self._wake.wait(0.5)
         return None
 
     def _emu_error(self, err: int) -> Stop:
