@@ -1,8 +1,8 @@
 """Shared fixtures. Tests that need /dev/kvm are marked `kvm`.
 
 On a machine without /dev/kvm those tests are skipped with the reason. On a machine that has
-/dev/kvm, a KVM test that cannot run is a failure, not a skip: CI must not go green because
-the interesting half of the suite quietly did nothing.
+/dev/kvm, or in CI (CI=true, as CI services set it), a KVM test that cannot run is a failure,
+not a skip: CI must not go green because the interesting half of the suite quietly did nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 from kvmpy.errors import KvmpyError
 
 KVM_PATH = os.environ.get("KVMPY_DEV", "/dev/kvm")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 GUESTS = Path(__file__).parent / "guests"
 
 _kvm_problem: str | None = None
@@ -40,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
     problem = kvm_problem()
     if problem is None:
         return
-    exists = os.path.exists(KVM_PATH)
+    exists = os.path.exists(KVM_PATH) or IN_CI
     for item in items:
         if "kvm" in item.keywords:
             if exists:
@@ -54,13 +55,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def _kvm_must_work():
     pytest.fail(
-        f"{KVM_PATH} exists but KVM is not usable, so the KVM tests cannot run: {kvm_problem()}"
+        f"KVM is not usable ({KVM_PATH} exists, or CI is set), so the KVM tests cannot run: "
+        f"{kvm_problem()}"
     )
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Belt and braces: on a KVM machine, any skipped KVM test fails the run."""
-    if not os.path.exists(KVM_PATH):
+    """Belt and braces: on a KVM machine or in CI, any skipped KVM test fails the run."""
+    if not os.path.exists(KVM_PATH) and not IN_CI:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is None:
@@ -70,8 +72,8 @@ def pytest_sessionfinish(session, exitstatus):
     ]
     if skipped_kvm:
         reporter.write_line(
-            f"FAILED: {len(skipped_kvm)} KVM test(s) were skipped on a machine with {KVM_PATH}: "
-            + ", ".join(skipped_kvm[:5]),
+            f"FAILED: {len(skipped_kvm)} KVM test(s) were skipped on a machine with {KVM_PATH}"
+            f"{' (CI)' if IN_CI else ''}: " + ", ".join(skipped_kvm[:5]),
             red=True,
         )
         session.exitstatus = 1

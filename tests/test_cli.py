@@ -251,6 +251,12 @@ def test_doctor():
     assert rep["capabilities"]["SYNC_REGS"]["value"]
     assert rep["host_kind"] in ("software (KVM-PVM-like)", "hardware (VT-x/AMD-V)")
     assert rep["cpl0_ns_per_insn"] > 0 and rep["cpl3_ns_per_insn"] > 0
+    # The Linux software-host profile is reported exactly where it is applied.
+    if rep["ring0_emulated"]:
+        assert any("noxsave" in item for item in rep["linux_profile"])
+        assert "software-host profile" in rep["host_summary"]
+    else:
+        assert rep["linux_profile"] == []
     assert rep["backends"]["kvm"]["usable"] and rep["backends"]["unicorn"]["usable"]
     assert "irqchip" in rep["backends"]["kvm"]["supports"]
     r = kvmpy("doctor", "--quick")

@@ -72,6 +72,8 @@ def _c_program() -> tuple[str, dict[str, int]]:
         "KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_HALTED", "KVM_DIRTY_GFN_F_DIRTY",
         "KVM_DIRTY_GFN_F_RESET", "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE",
         "KVM_INTERNAL_ERROR_EMULATION", "KVM_GUESTDBG_ENABLE", "KVM_GUESTDBG_SINGLESTEP",
+        "KVM_GUESTDBG_USE_SW_BP", "KVM_GUESTDBG_USE_HW_BP", "KVM_MSR_EXIT_REASON_FILTER",
+        "KVM_MSR_FILTER_READ", "KVM_MSR_FILTER_WRITE",
     ):  # fmt: skip
         key = f"const {name}"
         expected[key] = getattr(K, name)

@@ -64,6 +64,8 @@ class Report:
     gcc: dict[str, bool] = field(default_factory=dict)
     #: name -> {"usable", "error", "supports", "lacks", ...} for every CPU backend.
     backends: dict[str, dict] = field(default_factory=dict)
+    #: What `kvmpy boot` applies to Linux guests on this host (empty on VT-x/AMD-V).
+    linux_profile: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -216,6 +218,19 @@ def diagnose(measure: bool = True) -> Report:
     return rep
 
 
+def linux_profile() -> list[str]:
+    """What kvmpy applies to a Linux guest on a software host (boot/swhost.py), one item each."""
+    from .boot.swhost import SOFTWARE_HOST_CMDLINE
+
+    return [
+        "the vmlinux inside a bzImage is booted (the decompressor would run emulated)",
+        f"command line: {SOFTWARE_HOST_CMDLINE}",
+        "CPUID.1 CX16 hidden",
+        "emulation failures: int3 -> #BP injected, fwait skipped, clac/stac done by the VMM",
+        "CPL3 syscall forwarded by a stub on the page-fault vector (installed at the LSTAR write)",
+    ]
+
+
 def _classify(rep: Report) -> None:
     hw = rep.cpu_flags.get("vmx") or rep.cpu_flags.get("svm")
     if rep.ring0_emulated:
@@ -228,6 +243,12 @@ def _classify(rep: Report) -> None:
         )
         if not hw:
             rep.host_summary += " The CPU has no vmx/svm flag: this KVM is a nested, software one."
+        rep.linux_profile = linux_profile()
+        rep.host_summary += (
+            " Linux guests (kvmpy boot) get the software-host profile here: "
+            + "; ".join(rep.linux_profile)
+            + " (docs/linux.md)."
+        )
         uni = rep.backends.get("unicorn", {}).get("cpl0_ns_per_insn")
         if uni:
             rep.host_summary += (
@@ -239,10 +260,35 @@ def _classify(rep: Report) -> None:
         rep.host_summary = (
             f"Guest code runs natively at every privilege level "
             f"({rep.cpl0_ns_per_insn:.2f} ns per instruction at CPL0, "
-            f"{rep.cpl3_ns_per_insn:.2f} ns at CPL3)."
+            f"{rep.cpl3_ns_per_insn:.2f} ns at CPL3). Linux guests boot without the "
+            "software-host profile."
         )
     if rep.paged32_supported is False:
         rep.host_summary += (
             " 32-bit paging is not available (the paged32 mode stops with a host-limitation "
             "message)."
         )
+
+
+_software_host: bool | None = None
+
+
+def is_software_host(kvm: Kvm | None = None) -> bool:
+    """Whether ring-0 guest code is emulated here (KVM-PVM-like), by the same CPL0/CPL3 timing
+    probe as `kvmpy doctor` (~50 ms, once per process). KVMPY_SOFTWARE_HOST=1 or 0 overrides
+    it (for tests of either profile on any host)."""
+    global _software_host
+    forced = os.environ.get("KVMPY_SOFTWARE_HOST")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if _software_host is None:
+        own = kvm is None
+        kvm = kvm or Kvm()
+        try:
+            cpl0 = _time_loop(kvm, Mode.LONG, 20_000)
+            cpl3 = _time_loop(kvm, Mode.LONG_USER, 20_000_000)
+        finally:
+            if own:
+                kvm.close()
+        _software_host = cpl0 / max(cpl3, 1e-3) > 20
+    return _software_host

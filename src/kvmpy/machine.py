@@ -159,6 +159,17 @@ class Machine:
         self.devices: dict[str, Any] = {}
         #: What was loaded (an ImageBoot or LinuxBoot), for the VmConfig.
         self.boot_source: Any = None
+        #: Called with every chunk of guest console output, under the output lock (the Linux
+        #: platform watches for boot milestones and panics there).
+        self.output_watchers: list[Callable[[bytes], None]] = []
+        #: Asked when a device ends the VM (a StopVm effect): (reason, message) -> the
+        #: (reason, message) to stop with. The Linux platform turns the reset that follows a
+        #: kernel panic into `guest_panic`.
+        self.on_guest_stop: Callable[[StopReason, str], tuple[StopReason, str]] | None = None
+        #: time.monotonic() when the vCPUs first started (None before the first run()).
+        self.started_at: float | None = None
+        #: The Linux guest platform (vmm/linux.py), for a machine that boots Linux.
+        self.linux: Any = None
         try:
             self.hv = hypervisor or make_hypervisor(config.accel, kvm)
             self._build()
@@ -379,6 +390,8 @@ class Machine:
         # write's bytes together and the count exact.
         with self._output_lock:
             self.output_bytes += len(data)
+            for watch in self.output_watchers:
+                watch(data)
             out = self._output
             if out is not None:
                 out += data
@@ -418,7 +431,10 @@ class Machine:
                 reason = StopReason(effect.reason)
             except ValueError:
                 reason = StopReason.VMM_ERROR
-            self.request_stop(reason, effect.message or reason.value)
+            message = effect.message or reason.value
+            if self.on_guest_stop is not None:
+                reason, message = self.on_guest_stop(reason, message)
+            self.request_stop(reason, message)
         else:
             raise NotImplementedError(f"no handler for device effect {effect!r}")
 
@@ -461,6 +477,8 @@ class Machine:
         if handle_sigint:
             on_signal.__enter__()
         t0 = time.perf_counter()
+        if self.started_at is None:
+            self.started_at = time.monotonic()
         try:
             vset.start(paused=paused)
             stop = vset.wait()

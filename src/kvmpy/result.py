@@ -25,10 +25,16 @@ class StopReason(enum.StrEnum):
     DEADLOCK = "deadlock"  # every vCPU blocked by the guest (parked or waiting): none can run
     MIGRATED = "migrated"  # the VM went on in another process (kvmpy.persist)
     OUTPUT_ERROR = "output_error"  # the guest's output could not be written (EPIPE, ENOSPC)
+    # A Linux guest's own ends (docs/linux.md): ACPI S5, the i8042 reset line, a kernel panic.
+    POWEROFF = "poweroff"
+    REBOOT = "reboot"
+    GUEST_PANIC = "guest_panic"
 
     @property
     def ok(self) -> bool:
-        return self in (StopReason.EXIT, StopReason.HLT, StopReason.MIGRATED)
+        """The guest ended the way it meant to: exit status 0 (or its exit code)."""
+        return self in (StopReason.EXIT, StopReason.HLT, StopReason.MIGRATED, StopReason.POWEROFF,
+                        StopReason.REBOOT)  # fmt: skip
 
 
 # Process exit status of `kvmpy run` for stops that carry no guest exit code.
@@ -138,7 +144,8 @@ class RunResult:
     def process_exit_status(self) -> int:
         if self.stop_reason is StopReason.EXIT:
             return self.exit_code & 0xFF
-        if self.stop_reason in (StopReason.HLT, StopReason.MIGRATED):
+        if self.stop_reason in (StopReason.HLT, StopReason.MIGRATED, StopReason.POWEROFF,
+                                StopReason.REBOOT):  # fmt: skip
             return 0
         if self.stop_reason is StopReason.INTERRUPTED and self.signal:
             return 128 + self.signal  # as a shell reports a signal: 130, 143

@@ -63,6 +63,13 @@ class ExitStats:
     #: Wall time spent in the run loop (inside and outside KVM_RUN).
     loop_ns: int = 0
     ports: dict[int, PortStats] = field(default_factory=dict)
+    #: Events the VMM handled on the guest's behalf beyond plain exits, by name: the
+    #: software-host profile's fallbacks (an emulation failure papered over, an MSR write
+    #: taken), counted once each (docs/linux.md).
+    fallbacks: dict[str, int] = field(default_factory=dict)
+
+    def count_fallback(self, name: str) -> None:
+        self.fallbacks[name] = self.fallbacks.get(name, 0) + 1
 
     @classmethod
     def merged(cls, parts: list[ExitStats]) -> ExitStats:
@@ -76,6 +83,8 @@ class ExitStats:
                 total.vmm_ns[r] += p.vmm_ns[r]
                 total.timed[r] += p.timed[r]
             total.loop_ns += p.loop_ns
+            for name, c in p.fallbacks.items():
+                total.fallbacks[name] = total.fallbacks.get(name, 0) + c
             for ps in p.ports.values():
                 t = total.port(ps.port, ps.name)
                 t.name = t.name or ps.name
@@ -146,10 +155,12 @@ class ExitStats:
             "io_in": self.io_in,
             "io_out": self.io_out,
             "time_in_kvm_run_us": round(self.run_ns / 1e3, 3),
+            **({"fallbacks": dict(sorted(self.fallbacks.items()))} if self.fallbacks else {}),
         }
 
     def rich_tables(self):
-        """Two rich tables (by reason, by port) for `--stats`."""
+        """Rich tables for `--stats`: by reason, by port, and the fallbacks if there were
+        any."""
         from rich.table import Table
 
         reasons = Table(title="VM exits by reason")
@@ -174,7 +185,14 @@ class ExitStats:
                     f"{p.port:#x}" if p.port >= 0 else "mmio", p.name, str(p.reads),
                     str(p.writes), _us(p.est_time_ns),
                 )  # fmt: skip
-        return reasons, ports
+        if not self.fallbacks:
+            return reasons, ports
+        fallbacks = Table(title="VMM fallbacks (software-host profile)")
+        fallbacks.add_column("event")
+        fallbacks.add_column("count", justify="right")
+        for name, c in sorted(self.fallbacks.items()):
+            fallbacks.add_row(name, str(c))
+        return reasons, ports, fallbacks
 
 
 def _us(ns: float) -> str:

@@ -63,7 +63,9 @@ def load(path: str, paths: PathPolicy) -> Resources:
         cfg = M.FullVmConfiguration.model_validate(doc)
     except ValidationError as e:
         err = e.errors()[0]
-        where = ".".join(str(x) for x in err.get("loc", ()))
+        # A key from the file may hold a newline or other control characters: escape them, so
+        # the error stays one line.
+        where = ".".join(str(x) for x in err.get("loc", ())).encode("unicode_escape").decode()
         raise ApiError(f"{path}: {where}: {err.get('msg')}") from None
     if cfg.boot_source is None:
         raise ApiError(f"{path} has no boot-source")

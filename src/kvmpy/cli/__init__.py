@@ -25,6 +25,7 @@ from .outputs import (
 # Subcommand modules, in the order `kvmpy --help` lists them.
 COMMANDS = [
     "run",
+    "boot",
     "build",
     "examples",
     "doctor",
@@ -35,6 +36,8 @@ COMMANDS = [
     "ctl",
     "restore",
     "migrate-receive",
+    "kernel",
+    "initramfs",
     "serve",
     "vm",
     "ksm",

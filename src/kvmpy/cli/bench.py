@@ -7,7 +7,7 @@ import importlib
 # Benchmarks under `kvmpy bench`, in the order its help lists them. Each is a module
 # kvmpy.benchmarks.<name> whose add_parser(sub) adds `kvmpy bench <name>` and sets `func`, so
 # adding one is one more name here.
-BENCHMARKS = ["exits", "sched", "persist", "smp", "accel", "virtio", "net", "api"]
+BENCHMARKS = ["exits", "sched", "persist", "smp", "accel", "virtio", "net", "api", "boot"]
 
 
 def add_parser(sub) -> None:

@@ -34,6 +34,7 @@ def cmd_migrate_receive(args) -> int:
     from ..persist.errors import MigrationError
     from ..persist.migration import Incoming, load_key, parse_address
     from ..signals import describe, exit_status
+    from .boot import console_mode_of, run_machine_with_console
     from .ctl import run_with_control
     from .outputs import GuestConsole
     from .run import report
@@ -59,12 +60,15 @@ def cmd_migrate_receive(args) -> int:
     mode = machine.mode
     extra = {}
     try:
-        result = run_with_control(
-            machine,
-            args.control,
-            args.timeout,
-            before_first_run=lambda: extra.update(migration=incoming.running()),
-        )
+        first_run = lambda: extra.update(migration=incoming.running())  # noqa: E731
+        if machine.linux is not None:
+            out.interactive = True
+            result = run_machine_with_console(machine, args, console_mode_of(machine),
+                                              before_first_run=first_run)  # fmt: skip
+            result.extra.pop("_virtio", None)
+        else:
+            result = run_with_control(machine, args.control, args.timeout,
+                                      before_first_run=first_run)  # fmt: skip
         result.extra.update(extra)
     finally:
         incoming.close()

@@ -82,18 +82,21 @@ class GuestConsole:
     interactive output appears), and its last byte remembered, so that a JSON report after it
     can start on a line of its own."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, *, interactive: bool = False):
         stream = stream if stream is not None else sys.stdout.buffer
         self._write = stream.write
         self._flush = stream.flush
         self.ends_line = True  # nothing written yet
+        #: Flush every write: a shell's prompt has no line end, and whoever reads it (a
+        #: person, or a script waiting for "# ") must see it at once.
+        self.interactive = interactive
 
     def __call__(self, data: bytes) -> None:
         if not data:
             return
         self.ends_line = data[-1] == 0x0A
         self._write(data)
-        if b"\n" in data:
+        if self.interactive or b"\n" in data:
             self._flush()
 
     def flush(self) -> None:

@@ -41,6 +41,7 @@ def _restore(args, handler) -> int:
     from ..persist import control, session, store  # noqa: F401
     from ..persist.errors import SnapshotError
     from ..persist.snapshot import restore
+    from .boot import console_mode_of, run_machine_with_console
     from .ctl import run_with_control
     from .outputs import GuestConsole
     from .run import report
@@ -52,9 +53,17 @@ def _restore(args, handler) -> int:
     )  # fmt: skip
     mode = restored.machine.mode
     try:
-        result = run_with_control(
-            restored.machine, args.control, args.timeout, before_first_run=restored.mark_first_run
-        )
+        if restored.machine.linux is not None:
+            # A Linux guest: its console on stdin/stdout again, as `kvmpy boot` had it.
+            out.interactive = True
+            result = run_machine_with_console(
+                restored.machine, args, console_mode_of(restored.machine),
+                before_first_run=restored.mark_first_run,
+            )  # fmt: skip
+            result.extra.pop("_virtio", None)
+        else:
+            result = run_with_control(restored.machine, args.control, args.timeout,
+                                      before_first_run=restored.mark_first_run)  # fmt: skip
         result.extra["restore"] = restored.report()
         failure = restored.failure
     finally:

@@ -205,6 +205,15 @@ def cmd_run(args) -> int:
         return 0
     if config.machine.mergeable:
         warn_if_ksm_idle()
+    from ..vmm.config import LinuxBoot
+
+    if isinstance(config.boot, LinuxBoot):
+        # A Linux machine from a config file: as `kvmpy boot` runs it, console on stdin/stdout
+        # (hvc0 if its command line says so).
+        from .boot import run_linux
+
+        mode = "virtio" if "console=hvc0" in config.boot.cmdline.split() else "stdio"
+        return run_linux(config, args, mode)
     out = GuestConsole()
     mode = config.machine.mode
     path = config.boot.path if hasattr(config.boot, "path") else str(config.boot)

@@ -10,7 +10,9 @@ import sys
 from ..errors import ConfigError
 
 
-def add_virtio_options(p) -> None:
+def add_virtio_options(p, *, console: bool = True) -> None:
+    """`console=False`: the command has its own --console (kvmpy boot), which takes
+    `virtio` too."""
     g = p.add_argument_group("virtio devices (docs/virtio.md)")
     g.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,id=NAME]",
                    help="a virtio-blk disk on a raw image (repeatable); ro: read-only; id: "
@@ -19,9 +21,10 @@ def add_virtio_options(p) -> None:
     g.add_argument("--balloon", action="store_true",
                    help="a virtio balloon: the guest can give memory back (kvmpy ctl SOCK "
                    "balloon SIZE; free page reporting); docs/memory.md")  # fmt: skip
-    g.add_argument("--console", choices=["serial", "virtio"], default="serial",
-                   help="virtio: a virtio console (hvc0) on stdin/stdout; serial (default): "
-                   "kvmpy's port console only")  # fmt: skip
+    if console:
+        g.add_argument("--console", choices=["serial", "virtio"], default="serial",
+                       help="virtio: a virtio console (hvc0) on stdin/stdout; serial (default): "
+                       "kvmpy's port console only")  # fmt: skip
     g.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
                    help="a virtio-net NIC on a host TAP device (repeatable); tap=auto creates "
                    "one (root) and removes it at exit; mac: the guest's address (default: a "

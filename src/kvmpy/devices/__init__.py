@@ -9,6 +9,7 @@ A device owns a plain `state()` value (a dict of JSON-able data) that snapshots 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,28 @@ class StopVm(Effect):
 
     reason: str
     message: str = ""
+
+
+class InterruptLine(Protocol):
+    """An interrupt input a device drives (an ISA IRQ pin through the irqchip, an MSI...).
+
+    Devices whose interrupt follows their state (a UART's IIR, the i8042's output buffer) call
+    `set_level` whenever that state changes the line; the owner of interrupt routing turns it
+    into KVM_IRQ_LINE or an irqfd. `trigger()` is a one-shot edge."""
+
+    def set_level(self, level: bool) -> None: ...
+
+    def trigger(self) -> None: ...
+
+
+class NoInterrupt:
+    """An unconnected interrupt line."""
+
+    def set_level(self, level: bool) -> None:
+        pass
+
+    def trigger(self) -> None:
+        pass
 
 
 class Device:

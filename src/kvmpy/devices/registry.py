@@ -33,7 +33,7 @@ Factory = Callable[..., Any]
 
 _KINDS: dict[str, Factory] = {}
 #: Modules that register kvmpy's own device kinds.
-BUILTIN_MODULES: list[str] = ["kvmpy.vmm.virtio"]
+BUILTIN_MODULES: list[str] = ["kvmpy.vmm.virtio", "kvmpy.vmm.legacy"]
 _loaded = False
 
 

@@ -443,6 +443,14 @@ class kvm_irq_routing(Struct):
     _fields_ = [("nr", u32), ("flags", u32)]
 
 
+class kvm_msr_filter_range(Struct):
+    _fields_ = [("flags", u32), ("nmsrs", u32), ("base", u32), ("bitmap", u64)]
+
+
+class kvm_msr_filter(Struct):
+    _fields_ = [("flags", u32), ("ranges", kvm_msr_filter_range * 16)]
+
+
 class kvm_enable_cap(Struct):
     _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
 

@@ -37,6 +37,25 @@ class VmFd:
             ec.args[i] = a
         ioctl(self.fd, K.KVM_ENABLE_CAP, ec, f"KVM_ENABLE_CAP({K.Cap(cap).name})")
 
+    def set_msr_filter(
+        self, ranges: list[tuple[int, int, int, bytes]], default_allow: bool = True
+    ) -> None:
+        """KVM_X86_SET_MSR_FILTER: each range is (flags, base, nmsrs, bitmap), a set bit
+        allowing the access; a refused access exits to userspace if KVM_CAP_X86_USER_SPACE_MSR
+        was enabled with KVM_MSR_EXIT_REASON_FILTER (else the guest gets #GP)."""
+        if len(ranges) > 16:
+            raise ValueError("KVM takes at most 16 MSR filter ranges")
+        flt = S.kvm_msr_filter(flags=0 if default_allow else 1)
+        keep = []
+        for i, (flags, base, nmsrs, bitmap) in enumerate(ranges):
+            buf = C.create_string_buffer(bytes(bitmap), max(len(bitmap), (nmsrs + 7) // 8))
+            keep.append(buf)
+            flt.ranges[i] = S.kvm_msr_filter_range(
+                flags=flags, nmsrs=nmsrs, base=base, bitmap=C.addressof(buf)
+            )
+        ioctl(self.fd, K.KVM_X86_SET_MSR_FILTER, flt, "KVM_X86_SET_MSR_FILTER")
+        del keep  # KVM copied the bitmaps
+
     def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         fd = ioctl(self.fd, K.KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU")
         return VcpuFd(fd, vcpu_id, self.kvm.vcpu_mmap_size())

@@ -123,6 +123,7 @@ def _stats_dict(stats) -> dict[str, Any]:
         "timed": list(stats.timed),
         "loop_ns": stats.loop_ns,
         "ports": [dataclasses.asdict(p) for p in stats.ports.values()],
+        "fallbacks": dict(stats.fallbacks),
     }
 
 
@@ -211,6 +212,10 @@ def _apply_stats(stats, st) -> None:
         ps = stats.port(_int(p["port"], "port", -1, 0xFFFF), p["name"])
         for f in ("reads", "writes", "time_ns", "timed"):
             setattr(ps, f, _int(p[f], "port statistics"))
+    fallbacks = st.get("fallbacks", {})
+    if not isinstance(fallbacks, dict) or not all(isinstance(k, str) for k in fallbacks):
+        raise SnapshotError("the snapshot's fallback counts are malformed")
+    stats.fallbacks = {k: _int(v, "fallback count") for k, v in fallbacks.items()}
 
 
 def apply_vmm(machine: Machine, vmm: dict) -> None:

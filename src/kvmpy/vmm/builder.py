@@ -30,9 +30,17 @@ def build(
     from ..machine import Machine
 
     config = config.validated()
+    linux = isinstance(config.boot, LinuxBoot)
+    if linux:
+        from . import linux as L
+
+        config = L.with_platform_devices(config)
     m = Machine(config.machine, kvm=kvm, hypervisor=hypervisor, console=console,
                 capture_output=capture_output)  # fmt: skip
     try:
+        if linux:
+            # Before the devices: CPUID, the software-host hooks, where virtio-mmio IRQs go.
+            L.attach(m, config.boot)
         for d in config.devices:
             m.add_device(d.kind, d.id, **dict(d.args))
         m.boot_source = config.boot
@@ -50,9 +58,9 @@ def load_boot_source(m: Machine, boot: Any) -> None:
     if isinstance(boot, ImageBoot):
         m.load_file(boot.path, boot.load_addr, boot.entry)
     elif isinstance(boot, LinuxBoot):
-        from ..boot.linux import load_linux
+        from .linux import load
 
-        load_linux(m, boot)
+        load(m, boot)
     else:  # pragma: no cover - BootSource is a closed union
         raise TypeError(boot)
     m.boot_source = boot

@@ -124,16 +124,28 @@ class ImageBoot:
 
 @dataclass(frozen=True)
 class LinuxBoot:
-    """A Linux kernel (ELF vmlinux or bzImage) with an optional initrd and command line."""
+    """A Linux kernel (ELF vmlinux or bzImage) with an optional initrd and command line.
+
+    `cmdline` is what the user adds (`kvmpy boot --append`): kvmpy puts its platform's own
+    switches (console, the software-host profile, virtio-mmio devices) before it, so the user's
+    come last and win. `acpi` and `mptable` say which firmware tables describe the machine
+    (docs/linux.md: ACPI is what makes `poweroff` work; without either table Linux runs the
+    8259 in virtual-wire mode on one CPU)."""
 
     kernel: str
     initrd: str | None = None
     cmdline: str = ""
+    acpi: bool = True
+    mptable: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": "linux", "kernel": self.kernel, "cmdline": self.cmdline}
         if self.initrd is not None:
             d["initrd"] = self.initrd
+        if not self.acpi:
+            d["acpi"] = False
+        if not self.mptable:
+            d["mptable"] = False
         return d
 
 
@@ -158,6 +170,11 @@ class VmConfig:
 
     def validated(self) -> VmConfig:
         machine = self.machine.validated()
+        if isinstance(self.boot, LinuxBoot) and not (machine.irqchip and machine.pit):
+            # Linux takes its interrupts, timers and SMP start-up from the in-kernel LAPIC,
+            # IOAPIC, 8259 and PIT: a Linux machine always has them.
+            machine = MachineConfig(machine.mode, machine.memory, machine.vcpus, True, True,
+                                    machine.name, machine.accel)  # fmt: skip
         seen: set[str] = set()
         for d in self.devices:
             if not _ID.match(d.id):
@@ -280,17 +297,24 @@ def _boot(d: Any, base: Path | None) -> BootSource | None:
         return ImageBoot(_path(d.get("path"), "boot.path", base), _opt_int(d, "load_addr"),
                          _opt_int(d, "entry"))  # fmt: skip
     if kind == "linux":
-        unknown = sorted(set(d) - {"kind", "kernel", "initrd", "cmdline"})
+        unknown = sorted(set(d) - {"kind", "kernel", "initrd", "cmdline", "acpi", "mptable"})
         if unknown:
             raise ConfigError(f"a Linux boot source has no field {unknown[0]!r}")
         initrd = d.get("initrd")
         cmdline = d.get("cmdline", "")
         if not isinstance(cmdline, str):
             raise ConfigError("boot.cmdline must be a string")
+        flags = {}
+        for key in ("acpi", "mptable"):
+            if key in d:
+                if not isinstance(d[key], bool):
+                    raise ConfigError(f"boot.{key} must be true or false")
+                flags[key] = d[key]
         return LinuxBoot(
             _path(d.get("kernel"), "boot.kernel", base),
             None if initrd is None else _path(initrd, "boot.initrd", base),
             cmdline,
+            **flags,
         )
     raise ConfigError(f"boot.kind must be 'image' or 'linux' (got {kind!r})")
 

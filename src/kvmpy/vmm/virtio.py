@@ -253,6 +253,8 @@ class VirtioSet:
         self.has_irqchip = False
         self.claims_itself = False
         self.notifiers = NoNotifiers()
+        #: IOAPIC pins for virtio-mmio devices, in order (set_mmio_pins).
+        self.mmio_pins: tuple[int, ...] = MMIO_PINS
 
     def place(self, owner: str, size: int, align: int = 0x1000) -> int:
         """An address for a window from the MMIO hole."""
@@ -352,6 +354,7 @@ def virtio_set(machine, transport: str = "mmio", *, shared_loop: bool = False,
     vset = VirtioSet()
     vset.transport = transport
     vset.machine = machine
+    vset.mmio_pins = tuple(getattr(machine, "virtio_mmio_pins", MMIO_PINS))
     vset.resources, vset.interrupts = res, irqs
     # The machine's own config says whether it has an irqchip (a backend may offer one this
     # machine did not create: irqfd on a pin then fails with EINVAL).
@@ -384,6 +387,14 @@ def virtio_set(machine, transport: str = "mmio", *, shared_loop: bool = False,
     return vset
 
 
+def set_mmio_pins(machine, pins: Sequence[int]) -> None:
+    """The IOAPIC pins `machine`'s virtio-mmio devices take, in order (before the first
+    one): a Linux guest needs ISA IRQs (vmm/linux.py), SDK guests use MMIO_PINS."""
+    if getattr(machine, "virtio", None) is not None:
+        raise ConfigError("set the virtio-mmio pins before adding virtio devices")
+    machine.virtio_mmio_pins = tuple(pins)
+
+
 def add_device(machine, spec: DeviceSpec, transport: str = "mmio", *,
                console: Callable[[bytes], None] | None = None,
                console_input: int | None = None, **set_options):  # fmt: skip
@@ -402,7 +413,8 @@ def add_device(machine, spec: DeviceSpec, transport: str = "mmio", *,
         irqs = vset.interrupts
         if transport == "mmio":
             base = vset.place(f"virtio-mmio-{dev.name}", WINDOW_SIZE)
-            pin = MMIO_PINS[i] if i < len(MMIO_PINS) else None
+            pins = vset.mmio_pins
+            pin = pins[i] if i < len(pins) else None
             if vset.has_irqchip and pin is not None:
                 irq = IrqLine(irqs.pin(f"virtio-{dev.name}", pin), irqfd=True)
             else:

@@ -62,6 +62,21 @@ class VirtioConsole(VirtioDevice):
             self.dropped_in += max(0, len(data) - max(0, room))
         self.notify(RX)
 
+    def push_input(self, data: bytes) -> int:
+        """Queue what fits of `data`; returns how much was taken (the caller keeps the rest:
+        a console backend that holds input until there is room, vmm/console.py)."""
+        with self._input_lock:
+            room = INPUT_LIMIT - len(self._input)
+            taken = bytes(data[: max(0, room)])
+            self._input += taken
+        if taken:
+            self.notify(RX)
+        return len(taken)
+
+    @property
+    def accepting_input(self) -> bool:
+        return self.running
+
     def activate(self) -> None:
         if self.input_fd is not None and self.loop is not None and not self._reading:
             self._reading = True

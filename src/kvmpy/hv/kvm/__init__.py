@@ -137,6 +137,18 @@ class KvmVm:
         self.vcpus.append(vcpu)
         return vcpu
 
+    def filter_msr_writes(self, msrs: Sequence[int]) -> bool:
+        """Send guest writes to `msrs` to userspace (KVM_EXIT_X86_WRMSR, which each vCPU hands
+        its `on_msr_write` hook); every other MSR access stays in the kernel. Returns False
+        when this host's KVM has no MSR filter (then nothing changes)."""
+        check = self.kvm.check_extension
+        if not (check(Cap.X86_USER_SPACE_MSR) and check(Cap.X86_MSR_FILTER)):
+            return False
+        self.fd.enable_cap(Cap.X86_USER_SPACE_MSR, K.KVM_MSR_EXIT_REASON_FILTER)
+        # One range per MSR, its one bit clear: "deny" here means "exit to userspace".
+        self.fd.set_msr_filter([(K.KVM_MSR_FILTER_WRITE, m, 1, b"\x00") for m in msrs])
+        return True
+
     # --- interrupts ----------------------------------------------------------------------
 
     def set_routes(self, routes: Sequence[Route]) -> None:

@@ -20,6 +20,7 @@ Rare exits (faults, MMIO, odd I/O) go through `_slow_exit`, where clarity wins.
 from __future__ import annotations
 
 import dis
+import errno
 import fcntl
 import logging
 import operator
@@ -88,6 +89,10 @@ class KvmVcpu:
         #: Called with (vcpu, instruction bytes) when KVM could not emulate an instruction;
         #: returns True when it handled it (a host-specific fallback) and the guest goes on.
         self.on_emulation_failure: Callable[[KvmVcpu, bytes | None], bool] | None = None
+        #: Called with (vcpu, msr, value) for a guest `wrmsr` the VM's MSR filter sends to
+        #: userspace (`KvmVm.filter_msr_writes`); returns True when the write is done (the
+        #: hook applied it), False to give the guest the #GP a refused write raises.
+        self.on_msr_write: Callable[[KvmVcpu, int, int], bool] | None = None
         #: Log every exit (kvmpy run --trace-exits).
         self.trace = False
         #: Return None after every handled port-I/O exit (the on-io scheduler).
@@ -266,6 +271,10 @@ class KvmVcpu:
                         return stop
                     continue
                 except OSError as e:
+                    if e.errno == errno.EAGAIN:
+                        # An application processor leaving wait-for-SIPI (seen on KVM-PVM
+                        # when the in-kernel LAPIC starts it): enter again.
+                        continue
                     return self._run_failed(e)
                 reason = u32[2]
                 n += 1
@@ -485,6 +494,8 @@ class KvmVcpu:
             return self._shutdown(n)
         if reason == ER.INTERNAL_ERROR:
             return self._internal_error(run)
+        if reason in (ER.X86_WRMSR, ER.X86_RDMSR):
+            return self._msr_exit(reason, run.msr)
         if reason == ER.FAIL_ENTRY:
             code = run.fail_entry.hardware_entry_failure_reason
             return self._stop_with_fault(
@@ -577,6 +588,22 @@ class KvmVcpu:
             insn_bytes=insn,
         )
 
+    def _msr_exit(self, reason: int, msr) -> Stop | None:
+        """An MSR access the VM's filter sent here. Writes go to `on_msr_write`; anything
+        without a taker fails as the filter's refusal would (#GP in the guest)."""
+        hook = self.on_msr_write
+        if reason == K.ExitReason.X86_WRMSR and hook is not None:
+            try:
+                done = hook(self, msr.index, msr.data)
+            except Exception as e:
+                return self._device_raised(f"the MSR {msr.index:#x} write handler", e)
+            msr.error = 0 if done else 1
+            return None
+        if reason == K.ExitReason.X86_RDMSR:
+            msr.data = 0
+        msr.error = 1
+        return None
+
     def _check_fault_stub(self) -> Stop | None:
         """An `out` to FAULT_PORT from one of kvmpy's exception stubs: report the exception."""
         return fault_stub_stop(self.ops, self.fd.get_regs(), self.fd.get_sregs(), self.index)
@@ -638,6 +665,21 @@ class KvmVcpu:
 
     def set_mp_state(self, state: int) -> None:
         self.fd.set_mp_state(state)
+
+    def set_cpuid(self, entries: list[S.kvm_cpuid_entry2]) -> None:
+        """KVM_SET_CPUID2 (before the vCPU first runs: KVM refuses a change afterwards)."""
+        self.fd.set_cpuid2(entries)
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        """Deliver exception `vector` at the next entry, as if the current instruction (whose
+        rip the caller has set) had raised it. Out of KVM_RUN only."""
+        ev = self.fd.get_vcpu_events()
+        ev.exception.injected = 1
+        ev.exception.pending = 0
+        ev.exception.nr = vector
+        ev.exception.has_error_code = int(error_code is not None)
+        ev.exception.error_code = error_code or 0
+        self.fd.set_vcpu_events(ev)
 
     def enable_x2apic(self, bsp: bool) -> None:
         """Put the in-kernel LAPIC in x2APIC mode and software-enable it (SVR), with spurious
