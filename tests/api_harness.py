@@ -33,14 +33,15 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 class Daemon:
     def __init__(self, tmp: Path, *args: str, name: str = "api", env: dict | None = None,
-                 preexec=None):  # fmt: skip
+                 preexec=None, prefix: tuple[str, ...] = ()):  # fmt: skip
         self.tmp = tmp
         self.sock = str(tmp / f"{name}.sock")
         self.stderr_path = tmp / f"{name}.stderr"
         self.args = args
         self._err = open(self.stderr_path, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
-            [*KVMPY, "serve", "--api-sock", self.sock, *args],
+            # `prefix` runs it through e.g. `ip netns exec NS`, which execs it (same pid).
+            [*prefix, *KVMPY, "serve", "--api-sock", self.sock, *args],
             cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._err,
             env={**os.environ, **(env or {})}, preexec_fn=preexec,
         )  # fmt: skip

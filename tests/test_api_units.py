@@ -63,6 +63,88 @@ def test_refusals_name_what_is_missing(tmp_path):
     assert list(r.drives) == ["a"]  # the refused ones left nothing behind
 
 
+def _fake_bzimage(path) -> str:
+    bz = bytearray(0x400)
+    bz[0x202:0x206] = b"HdrS"
+    path.write_bytes(bytes(bz))
+    return str(path)
+
+
+def test_linux_vm_config_from_firecracker_resources(tmp_path):
+    """A Linux kernel with an initrd, a root drive, a network interface, vsock and the balloon
+    become LinuxBoot and the device kinds, with Firecracker's root= rule."""
+    r = Resources(paths=PathPolicy(cwd=str(tmp_path)))
+    (tmp_path / "root.ext4").write_bytes(b"\0" * 4096)
+    (tmp_path / "initrd").write_bytes(b"07070100")
+    r.set_machine(M.MachineConfiguration(vcpu_count=2, mem_size_mib=128, console="virtio"))
+    r.set_boot(M.BootSource(kernel_image_path=_fake_bzimage(tmp_path / "bzImage"),
+                            initrd_path="initrd", boot_args="console=ttyS0 reboot=k"))  # fmt: skip
+    r.put_drive("rootfs", M.Drive(drive_id="rootfs", is_root_device=True,
+                                  path_on_host="root.ext4", is_read_only=True))  # fmt: skip
+    r.put_net("eth0", M.NetworkInterface(iface_id="eth0", host_dev_name="tap0",
+                                         guest_mac="06:00:AC:10:00:02"))  # fmt: skip
+    r.put_vsock(M.Vsock(guest_cid=3, uds_path="v.sock"))
+    r.put_balloon(M.Balloon(amount_mib=16, deflate_on_oom=True, stats_polling_interval_s=2))
+    cfg = r.vm_config("lin")
+    assert cfg.boot.initrd == str(tmp_path / "initrd")
+    # Firecracker's root drive rule; the virtio console's hvc0 last, so it is /dev/console.
+    assert cfg.boot.cmdline == "console=ttyS0 reboot=k root=/dev/vda ro console=hvc0"
+    assert cfg.machine.irqchip and cfg.machine.vcpus == 2
+    devs = {d.kind: dict(d.args) for d in cfg.devices}
+    assert devs["virtio-net"] == {"tap": "tap0", "mac": "06:00:AC:10:00:02", "transport": "mmio"}
+    assert devs["virtio-vsock"] == {"cid": 3, "uds": str(tmp_path / "v.sock"),
+                                    "transport": "mmio"}  # fmt: skip
+    assert devs["virtio-balloon"] == {"transport": "mmio", "stats_interval": 2}
+    full = r.full()
+    assert full["network-interfaces"][0]["host_dev_name"] == "tap0"
+    assert full["balloon"]["amount_mib"] == 16
+    # ... and back: a restored VM's Firecracker view has them too.
+    from kvmpy.api.resources import from_vm_config
+
+    back = from_vm_config(cfg, r.paths)
+    assert back.boot_kind == "linux" and back.vsock.guest_cid == 3
+    assert back.balloon is not None and back.balloon.stats_polling_interval_s == 2
+    assert back.nets["eth0"].host_dev_name == "tap0"
+
+
+def test_linux_device_refusals(tmp_path):
+    r = Resources(paths=PathPolicy(cwd=str(tmp_path)))
+    r.set_boot(M.BootSource(kernel_image_path=_fake_bzimage(tmp_path / "bzImage")))
+    with pytest.raises(ApiError, match="chooses its own CPU mode"):
+        r.set_machine(M.MachineConfiguration(vcpu_count=1, mem_size_mib=64, mode="long"))
+    net = M.NetworkInterface(iface_id="eth0", host_dev_name="tap0", guest_mac="06:00:AC:10:00:02")
+    r.put_net("eth0", net)
+    cases = [
+        (dict(iface_id="eth1", host_dev_name="tap0"), "in use by interface eth0"),
+        (dict(iface_id="eth1", host_dev_name="tap1", guest_mac="06:00:ac:10:00:02"),
+         "in use by interface eth0"),
+        (dict(iface_id="eth1", host_dev_name="tap/1"), "host_dev_name"),
+        (dict(iface_id="eth1", host_dev_name="tap1", guest_mac="01:00:00:00:00:01"), "multicast"),
+        (dict(iface_id="eth1", host_dev_name="tap1", guest_mac="nonsense"), "guest_mac"),
+        (dict(iface_id="eth1", host_dev_name="tap1", mtu=1500), "mtu"),
+        (dict(iface_id="eth1", host_dev_name="tap1", rx_rate_limiter={}), "rate limiter"),
+        (dict(iface_id="eth2", host_dev_name="tap1"), "differ"),
+    ]  # fmt: skip
+    for body, match in cases:
+        with pytest.raises(ApiError, match=match):
+            r.put_net("eth1", M.NetworkInterface(**body))
+    r.put_net("eth0", net.model_copy(update={"guest_mac": "06:00:ac:10:00:03"}))  # a new MAC
+    assert list(r.nets) == ["eth0"]
+    (tmp_path / "file").write_text("x")
+    for uds, match in (("x" * 100, "too long"), ("nodir/v.sock", "no such directory"),
+                       ("file", "not a socket")):  # fmt: skip
+        with pytest.raises(ApiError, match=match):
+            r.put_vsock(M.Vsock(guest_cid=3, uds_path=uds))
+    r.set_machine(M.MachineConfiguration(vcpu_count=1, mem_size_mib=64))
+    for body, match in ((dict(free_page_hinting=True), "free_page_hinting"),
+                        (dict(free_page_reporting=False), "free_page_reporting"),
+                        (dict(deflate_on_oom=False), "deflate_on_oom"),
+                        (dict(amount_mib=65), "more than the VM's memory")):  # fmt: skip
+        with pytest.raises(ApiError, match=match):
+            r.put_balloon(M.Balloon(**{"amount_mib": 0, "deflate_on_oom": True, **body}))
+    assert r.vsock is None and r.balloon is None
+
+
 def test_kernel_kind(tmp_path):
     bz = bytearray(0x400)
     bz[0x202:0x206] = b"HdrS"

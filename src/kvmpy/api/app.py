@@ -446,7 +446,8 @@ def dashboard_html() -> str:
 
 async def attach_console(ws: WebSocket, vm: Vm) -> None:
     """The console over a WebSocket: what the guest printed last (up to 4 KiB), then its
-    output as it comes (binary frames); what the client sends goes to the virtio console."""
+    output as it comes (binary frames); what the client sends is typed into the console (a
+    Linux guest's, or an SDK guest's virtio console)."""
     await ws.accept()
     q = vm.console.subscribe()
     tail = vm.console.tail(4096)
@@ -468,11 +469,11 @@ async def attach_console(ws: WebSocket, vm: Vm) -> None:
             data = msg.get("bytes") or (msg.get("text") or "").encode()
             if not data:
                 continue
-            if (not vm.has_virtio_console() or not vm.send_input(data)) and not warned:
+            if (not vm.takes_input() or not vm.send_input(data)) and not warned:
                 warned = True
                 await ws.send_text(
-                    "kvmpy: this VM has no virtio console (machine-config console: "
-                    "virtio) or is not running: input is not delivered\n"
+                    "kvmpy: this VM takes no console input (an SDK guest needs machine-config "
+                    "console: virtio) or is not running: input is not delivered\n"
                 )
     except (WebSocketDisconnect, RuntimeError):
         pass

@@ -230,6 +230,29 @@ class Resources:
             )
         if n.mtu is not None:
             raise ApiError("mtu: kvmpy's virtio-net does not advertise an MTU")
+        from ..devices.virtio.net import parse_mac
+        from ..devices.virtio.tap import check_ifname
+
+        try:
+            check_ifname(n.host_dev_name)
+            if n.guest_mac is not None:
+                parse_mac(n.guest_mac)
+        except (KvmpyError, ValueError) as e:
+            raise ApiError(f"{'guest_mac' if isinstance(e, ValueError) else 'host_dev_name'}: "
+                           f"{e}") from None  # fmt: skip
+        for other in self.nets.values():
+            if other.iface_id == iface_id:
+                continue
+            # A TAP without multiqueue is opened by one device at a time; one MAC per link.
+            if other.host_dev_name == n.host_dev_name:
+                raise ApiError(f"host_dev_name {n.host_dev_name} is in use by interface "
+                               f"{other.iface_id}")  # fmt: skip
+            if (
+                n.guest_mac
+                and other.guest_mac
+                and (parse_mac(other.guest_mac) == parse_mac(n.guest_mac))
+            ):
+                raise ApiError(f"guest_mac {n.guest_mac} is in use by interface {other.iface_id}")
         if len(self.nets) >= 8 and iface_id not in self.nets:
             raise ApiError("a VM has at most 8 network interfaces")
         self.nets[iface_id] = n
@@ -238,6 +261,15 @@ class Resources:
     def put_vsock(self, v: M.Vsock) -> None:
         need_kind("virtio-vsock", "vsock devices", "issue 12, virtio-vsock")
         uds = self.paths.resolve(v.uds_path, "uds_path")
+        # sun_path holds 107 bytes, and guest connections to host port P go to uds_path_P.
+        if len(os.fsencode(uds)) + len("_4294967295") > 107:
+            raise ApiError(f"uds_path {v.uds_path}: too long for a Unix socket address with "
+                           "a port suffix (at most 96 bytes as resolved)")  # fmt: skip
+        parent = os.path.dirname(uds)
+        if not os.path.isdir(parent):
+            raise ApiError(f"uds_path {v.uds_path}: no such directory {self.paths.show(parent)}")
+        if os.path.lexists(uds) and not stat.S_ISSOCK(os.lstat(uds).st_mode):
+            raise ApiError(f"uds_path {v.uds_path} exists and is not a socket")
         self.vsock = v.model_copy(update={"uds_path": uds})
         self.configured = True
 
@@ -310,6 +342,11 @@ class Resources:
                 # Firecracker's rule: the root drive is the first virtio disk.
                 dev = f"PARTUUID={root.partuuid}" if root.partuuid else "/dev/vda"
                 args = f"{args} root={dev} {'ro' if root.is_read_only else 'rw'}".strip()
+            if m.console == "virtio" and "console=hvc0" not in args.split():
+                # As `kvmpy boot --console virtio`: the shell on hvc0. Last, because Linux
+                # makes the last console= its /dev/console, and the console WebSocket's input
+                # goes to hvc0 then.
+                args = f"{args} console=hvc0".strip()
             boot = LinuxBoot(self.boot.kernel_image_path, self.boot.initrd_path, args)
         transport = m.virtio_transport or "mmio"
         devices: list[DeviceConfig] = []
@@ -443,6 +480,11 @@ def from_vm_config(cfg: VmConfig, paths: PathPolicy) -> Resources:
                 rate_limiter=M.RateLimiter(bandwidth=M.TokenBucket(size=rate, refill_time=1000))
                 if rate else None
             )  # fmt: skip
+        elif d.kind == "virtio-balloon":
+            # The target is the device's state, not its configuration: the VMM reports it
+            # when it is ready (worker.py), and the daemon puts it here.
+            r.balloon = M.Balloon(amount_mib=0, deflate_on_oom=True,
+                                  stats_polling_interval_s=int(a.get("stats_interval", 0)))  # fmt: skip
         elif d.kind == "virtio-console":
             r.machine = r.machine.model_copy(update={"console": "virtio"})
     if transport:

@@ -260,7 +260,10 @@ class Vm:
         self.daemon = daemon
         self.id = vm_id
         self.resources = Resources(paths=daemon.paths)
-        self.state: str = "Not started"
+        self._state = "Not started"
+        #: Bumped by every change of state, so a stats answer that was on its way while an
+        #: operation (resume, pause) changed the state cannot put the old state back.
+        self.state_changes = 0
         self.worker: Worker | None = None
         self.busy: str | None = None
         self.console = ConsoleBuffer()
@@ -449,6 +452,12 @@ class Vm:
                             old = self.resources
                             self.resources = from_vm_config(native, self.daemon.paths)
                             self.resources.logger, self.resources.metrics = old.logger, old.metrics
+                            target = doc.get("balloon_target_bytes")
+                            if self.resources.balloon is not None and isinstance(target, int):
+                                # The target is the device's state, not its configuration.
+                                self.resources.balloon = self.resources.balloon.model_copy(
+                                    update={"amount_mib": target >> 20}
+                                )
                     except Exception as e:  # the view only; the VM runs regardless
                         log.warning("VM %s: cannot describe its configuration: %s", self.id, e)
                     # Every VMM in a cgroup of its own (where cgroups can be had), so that
@@ -650,6 +659,15 @@ class Vm:
                 await asyncio.wait_for(w.exited.wait(), 10.0)
             return result
 
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self._state = value
+        self.state_changes += 1
+
     async def stats(self) -> dict[str, Any]:
         self.observed = time.monotonic()
         w = self.worker
@@ -660,15 +678,18 @@ class Vm:
             "listening": self.listening,
         }  # fmt: skip
         if w is not None and w.alive and w.ready:
+            changes = self.state_changes
             try:
                 s = await w.channel.request("stats")
             except ApiError:
                 s = {}
             if s:
                 self.last_stats = s
-                if s.get("state") in ("paused", "running"):
+                # The VMM's word, unless the state changed while the answer was on its way
+                # (the dashboard's sampler asks while a resume is under way: measured).
+                if s.get("state") in ("paused", "running") and changes == self.state_changes:
                     self.state = "Paused" if s["state"] == "paused" else "Running"
-                    d["state"] = self.state
+            d["state"] = self.state
         s = self.last_stats
         for k in ("uptime_s", "output_bytes", "exits", "vcpu_time_s"):
             if s.get(k) is not None:
@@ -717,8 +738,10 @@ class Vm:
             return False
         return True
 
-    def has_virtio_console(self) -> bool:
-        return self.resources.machine.console == "virtio"
+    def takes_input(self) -> bool:
+        """Whether the VMM reads console input: a Linux guest's console (its UART, or hvc0),
+        an SDK guest's virtio console."""
+        return self.resources.boot_kind == "linux" or self.resources.machine.console == "virtio"
 
     async def flush_metrics(self) -> None:
         mt = self.resources.metrics

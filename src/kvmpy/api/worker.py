@@ -90,13 +90,22 @@ def _setup_logging(spec: dict) -> None:
     root.setLevel(min(level, logging.WARNING))
 
 
-def _connect_console(machine, *, handlers: bool = False) -> None:
-    """The virtio console's input is this process's stdin (a pipe from the daemon); with
-    `handlers`, a booting SDK guest's virtio interrupt handlers go into its IDT (as `kvmpy
-    run` does; a restored guest's IDT came with its memory)."""
+def _connect_console(machine, *, handlers: bool = False):
+    """The console's input is this process's stdin (a pipe from the daemon). A Linux guest's
+    console is its first UART, or hvc0 when its command line says `console=hvc0` (as `kvmpy
+    boot` decides); an SDK guest's is its virtio console. With `handlers`, a booting SDK
+    guest's virtio interrupt handlers go into its IDT (as `kvmpy run` does; a restored guest's
+    IDT came with its memory). Returns what must be closed with the machine, if anything."""
+    if getattr(machine, "linux", None) is not None:
+        if not stat.S_ISFIFO(os.fstat(0).st_mode):
+            return None
+        from ..cli.boot import connect_console, console_mode_of
+
+        return connect_console(machine, 0, interactive=False,
+                               virtio=console_mode_of(machine) == "virtio")  # fmt: skip
     vset = getattr(machine, "virtio", None)
     if vset is None:
-        return
+        return None
     from ..vmm.virtio import install_guest_handlers
 
     consoles = [d for d in vset.devices if d.kind == "console"]
@@ -104,6 +113,7 @@ def _connect_console(machine, *, handlers: bool = False) -> None:
         consoles[0].input_fd = 0  # its I/O thread reads the pipe when it is readable
     if handlers:
         install_guest_handlers(machine, vset)
+    return None
 
 
 def run(spec: dict, status: _Status) -> int:
@@ -113,7 +123,7 @@ def run(spec: dict, status: _Status) -> int:
     from ..signals import Interrupted
 
     kind = spec["kind"]
-    restored = incoming = None
+    restored = incoming = con = None
     machine = None
     before_first_run = None
     try:
@@ -123,7 +133,7 @@ def run(spec: dict, status: _Status) -> int:
 
             config = VmConfig.from_dict(spec["config"])
             machine = builder.build(config, console=_console_out, capture_output=False)
-            _connect_console(machine, handlers=True)
+            con = _connect_console(machine, handlers=True)
         elif kind == "restore":
             from ..persist.snapshot import restore
 
@@ -131,7 +141,7 @@ def run(spec: dict, status: _Status) -> int:
                                console=_console_out, capture_output=False)  # fmt: skip
             machine = restored.machine
             before_first_run = restored.mark_first_run
-            _connect_console(machine)
+            con = _connect_console(machine)
         elif kind == "receive":
             from ..persist.migration import Incoming, load_key, parse_address
 
@@ -140,7 +150,7 @@ def run(spec: dict, status: _Status) -> int:
             h, p = incoming.address
             status.send("listening", address=f"{h}:{p}")
             machine = incoming.receive(console=_console_out, capture_output=False)
-            _connect_console(machine)
+            con = _connect_console(machine)
             inc = incoming
 
             def before_first_run() -> None:
@@ -153,18 +163,22 @@ def run(spec: dict, status: _Status) -> int:
         server = ControlServer(session, spec["control"])
     except Interrupted:
         status.send("error", message="stopped before the VM started")
-        _close(machine, restored, incoming)
+        _close(machine, restored, incoming, con)
         return 143
     except KvmpyError as e:
         status.send("error", message=str(e))
-        _close(machine, restored, incoming)
+        _close(machine, restored, incoming, con)
         return 1
     c = machine.config
     log.info("VM %s ready (%s): %s mode, %d MiB, %d vCPU(s), %s backend, devices: %s",
              spec["name"], kind, machine.mode.value, c.memory >> 20, c.vcpus, machine.accel,
              ", ".join(d.id for d in machine.device_configs) or "none")  # fmt: skip
+    from ..vmm.virtio import balloon as find_balloon
+
+    balloon = find_balloon(machine)
     status.send("ready", pid=os.getpid(), config=machine.vm_config().to_dict(),
-                accel=machine.accel, paused=bool(spec.get("paused")))  # fmt: skip
+                accel=machine.accel, paused=bool(spec.get("paused")),
+                balloon_target_bytes=balloon.num_pages * 4096 if balloon else None)  # fmt: skip
     try:
         result = session.run(None, handle_sigint=True, paused=bool(spec.get("paused")))
     finally:
@@ -172,17 +186,21 @@ def run(spec: dict, status: _Status) -> int:
     log.info("VM %s stopped: %s %s", spec["name"], result.stop_reason.value, result.message)
     doc = result.to_dict()
     doc["output_bytes"] = machine.output_bytes
+    if machine.linux is not None:
+        doc["linux"] = machine.linux.to_dict()
     if restored is not None:
         doc["restore"] = restored.report()
         if restored.failure is not None:
             doc["restore_failure"] = restored.failure
     status.send("result", result=doc)
-    _close(machine, restored, incoming)
+    _close(machine, restored, incoming, con)
     return 0
 
 
-def _close(machine, restored, incoming) -> None:
+def _close(machine, restored, incoming, con=None) -> None:
     try:
+        if con is not None:
+            con.close()
         if restored is not None:
             restored.close()
         elif machine is not None:

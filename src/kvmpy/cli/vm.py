@@ -53,9 +53,10 @@ def add_parser(sub) -> None:
     s.add_argument("dir", metavar="DIR")
     con = ops.add_parser(
         "console",
-        help="attach to a VM's console (output; input goes to its virtio console)",
+        help="attach to a VM's console (output; input goes to its console)",
         description="Show the VM's console: the last 4 KiB, then its output as it comes. Lines "
-        "typed go to its virtio console. Ctrl-C or Ctrl-D detaches; the VM goes on.",
+        "typed go to its console (a Linux guest's serial console or hvc0, an SDK guest's "
+        "virtio console). Ctrl-C or Ctrl-D detaches; the VM goes on.",
     )
     con.add_argument("id", metavar="ID")
     p.set_defaults(func=cmd_vm, parser=p)
