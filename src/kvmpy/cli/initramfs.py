@@ -21,6 +21,9 @@ def add_parser(sub) -> None:
         help="copy a host file or directory into the archive (repeatable)",
     )  # fmt: skip
     p.add_argument("--busybox", metavar="PATH", help="a static busybox binary to use")
+    p.add_argument("--tools", action="store_true",
+                   help="add kvmpy's guest tools to /usr/bin (kvmpy-nc: AF_VSOCK connect, "
+                   "listen, echo; TCP), built static with gcc on first use")  # fmt: skip
     p.add_argument("--gzip", action="store_true", help="gzip the archive")
     p.set_defaults(func=cmd_initramfs)
 
@@ -36,6 +39,10 @@ def cmd_initramfs(args) -> int:
         except OSError as e:
             raise ConfigError(f"cannot read --init {args.init}: {e.strerror}") from None
     adds = [parse_addition(a) for a in args.add]
+    if args.tools:
+        from ..boot.tools import tool_additions
+
+        adds += tool_additions()
     busybox = Path(args.busybox) if args.busybox else None
     if busybox is not None and not busybox.is_file():
         raise ConfigError(f"--busybox {busybox}: no such file")
