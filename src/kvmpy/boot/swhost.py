@@ -52,12 +52,29 @@ SOFTWARE_HOST_CMDLINE = (
 
 #: Speed only, for Debian's cloud kernel: skip ftrace's weak-function check, trace-event enum
 #: updates, tracefs, the first BTF parse and X.509 loading (moved `Run /init` from ~155 s to
-#: ~118 s in the experiment). TCP cubic is then absent.
+#: ~118 s in the experiment); `rodata=off` skips write-protecting the kernel's text and
+#: read-only data page by page. TCP cubic and the kernel's built-in X.509 keys are then
+#: absent, and kernel text stays writable. On by default for a Debian kernel on a software host
+#: (`LinuxBoot.speed_cmdline`, `kvmpy boot --no-speed-cmdline` leaves it out).
 DEBIAN_SPEED_CMDLINE = (
     "rodata=off initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,"
     "tracer_init_tracefs,cubictcp_register,bpf_prog_test_run_init,bpf_tcp_ca_kfunc_init,"
     "bpf_key_sig_kfuncs_init,bpf_rstat_kfunc_init,kfunc_init,load_system_certificate_list"
 )
+
+
+#: In the banner of every kernel Debian builds ("Linux version 6.1.0-57-cloud-amd64
+#: (debian-kernel@lists.debian.org) ..."): the bzImage's setup header and the vmlinux both hold
+#: it. The initcall names of DEBIAN_SPEED_CMDLINE are those of Debian's configs.
+DEBIAN_BANNER = b"(debian-kernel@lists.debian.org)"
+
+
+def is_debian_kernel(kernel_version: str, vmlinux: bytes | None) -> bool:
+    """Whether a kernel is one of Debian's, by its banner (the setup header's kernel_version
+    string, else the vmlinux's `linux_banner`)."""
+    if DEBIAN_BANNER.decode() in kernel_version:
+        return True
+    return vmlinux is not None and DEBIAN_BANNER in vmlinux
 
 
 # --- emulation failures ------------------------------------------------------------------------

@@ -49,6 +49,11 @@ def add_parser(sub) -> None:
     p.add_argument("--no-acpi", action="store_true",
                    help="no ACPI tables (then poweroff only halts: docs/linux.md)")  # fmt: skip
     p.add_argument("--no-mptable", action="store_true", help="no MP table")
+    p.add_argument(
+        "--speed-cmdline", action=argparse.BooleanOptionalAction, default=None,
+        help="on a software host, add the speed-only command line for a Debian kernel "
+        "(rodata=off, an initcall_blacklist; default: when the kernel is Debian's)",
+    )  # fmt: skip
     p.add_argument("--stats", action="store_true", help="print exit statistics (stderr)")
     p.add_argument("--json", action="store_true",
                    help="end with one JSON object on stdout (milestones, exits, fallbacks)")  # fmt: skip
@@ -109,7 +114,8 @@ def boot_config(args):
         cmdline = f"console=hvc0 {cmdline}".strip()
     config = linux_config(kernel, initrd=initrd, cmdline=cmdline, vcpus=args.vcpus,
                           memory=args.mem, acpi=not args.no_acpi,
-                          mptable=not args.no_mptable)  # fmt: skip
+                          mptable=not args.no_mptable,
+                          speed_cmdline=args.speed_cmdline)  # fmt: skip
     return add_virtio_devices(config, args).validated()
 
 

@@ -130,13 +130,16 @@ class LinuxBoot:
     switches (console, the software-host profile, virtio-mmio devices) before it, so the user's
     come last and win. `acpi` and `mptable` say which firmware tables describe the machine
     (docs/linux.md: ACPI is what makes `poweroff` work; without either table Linux runs the
-    8259 in virtual-wire mode on one CPU)."""
+    8259 in virtual-wire mode on one CPU). `speed_cmdline` adds the speed-only switches of
+    a Debian kernel on a software host (`boot.swhost.DEBIAN_SPEED_CMDLINE`); None means: when
+    the kernel is Debian's."""
 
     kernel: str
     initrd: str | None = None
     cmdline: str = ""
     acpi: bool = True
     mptable: bool = True
+    speed_cmdline: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": "linux", "kernel": self.kernel, "cmdline": self.cmdline}
@@ -146,6 +149,8 @@ class LinuxBoot:
             d["acpi"] = False
         if not self.mptable:
             d["mptable"] = False
+        if self.speed_cmdline is not None:
+            d["speed_cmdline"] = self.speed_cmdline
         return d
 
 
@@ -297,7 +302,8 @@ def _boot(d: Any, base: Path | None) -> BootSource | None:
         return ImageBoot(_path(d.get("path"), "boot.path", base), _opt_int(d, "load_addr"),
                          _opt_int(d, "entry"))  # fmt: skip
     if kind == "linux":
-        unknown = sorted(set(d) - {"kind", "kernel", "initrd", "cmdline", "acpi", "mptable"})
+        known = {"kind", "kernel", "initrd", "cmdline", "acpi", "mptable", "speed_cmdline"}
+        unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"a Linux boot source has no field {unknown[0]!r}")
         initrd = d.get("initrd")
@@ -310,6 +316,10 @@ def _boot(d: Any, base: Path | None) -> BootSource | None:
                 if not isinstance(d[key], bool):
                     raise ConfigError(f"boot.{key} must be true or false")
                 flags[key] = d[key]
+        speed = d.get("speed_cmdline")
+        if speed is not None and not isinstance(speed, bool):
+            raise ConfigError("boot.speed_cmdline must be true, false or null")
+        flags["speed_cmdline"] = speed
         return LinuxBoot(
             _path(d.get("kernel"), "boot.kernel", base),
             None if initrd is None else _path(initrd, "boot.initrd", base),

@@ -39,7 +39,7 @@ from ..arch.x86.modes import BootState, Mode, SystemLayout
 from ..arch.x86.mptable import MPTABLE_START, build_mptable
 from ..arch.x86.vmem import Regime, VirtualMemory
 from ..boot import swhost
-from ..boot.linux import E820_ACPI, E820_RESERVED, load_linux, open_kernel
+from ..boot.linux import E820_ACPI, E820_RESERVED, Kernel, load_linux, open_kernel
 from ..boot.monitor import ConsoleMonitor
 from ..errors import ConfigError, KvmpyError
 from ..hv.base import Capability, require
@@ -98,6 +98,7 @@ def linux_config(
     memory: int | str = "256M",
     acpi: bool = True,
     mptable: bool = True,
+    speed_cmdline: bool | None = None,
     name: str = "linux",
 ) -> VmConfig:
     """A VmConfig for a Linux guest with kvmpy's platform devices (add virtio devices with
@@ -105,7 +106,7 @@ def linux_config(
     machine = MachineConfig(mode=Mode.LONG, memory=memory, vcpus=vcpus, irqchip=True, pit=True,
                             name=name, accel="kvm")  # fmt: skip
     boot = LinuxBoot(os.path.abspath(kernel), os.path.abspath(initrd) if initrd else None,
-                     cmdline, acpi, mptable)  # fmt: skip
+                     cmdline, acpi, mptable, speed_cmdline)  # fmt: skip
     return with_platform_devices(VmConfig(machine, boot)).validated()
 
 
@@ -146,6 +147,7 @@ class LinuxPlatform:
         self.cpu_at: dict[str, float] = {}
         self.swhost: SoftwareHostProfile | None = None
         self.cmdline = ""
+        self.speed_cmdline = False  # whether DEBIAN_SPEED_CMDLINE was added (set by load)
         self.kernel_info: dict[str, Any] = {}
         self._cpu0 = time.process_time()
 
@@ -198,6 +200,13 @@ class LinuxPlatform:
         m, boot = self.machine, self.boot
         n = len(m.vcpus)
         kernel = open_kernel(boot.kernel, use_vmlinux=self.software_host)
+        self.speed_cmdline = wants_speed_cmdline(boot, kernel, self.software_host)
+        if self.speed_cmdline and boot.speed_cmdline is None:
+            log.warning(
+                "a Debian kernel on a software host: adding the speed-only command line '%s' "
+                "(--no-speed-cmdline, or boot.speed_cmdline false, leaves it out; docs/linux.md)",
+                swhost.DEBIAN_SPEED_CMDLINE,
+            )
         initrd = _read_initrd(boot.initrd, m.memory.size) if boot.initrd else None
         reserved: list[tuple[int, int, int]] = []
         if self.swhost is not None:
@@ -247,6 +256,8 @@ class LinuxPlatform:
             parts.append(PCI_NO_ACPI_CMDLINE)
         if self.software_host:
             parts.append(swhost.SOFTWARE_HOST_CMDLINE)
+            if self.speed_cmdline:
+                parts.append(swhost.DEBIAN_SPEED_CMDLINE)
         if vset is not None:
             parts += vset.cmdline
         if self.boot.cmdline:
@@ -257,6 +268,7 @@ class LinuxPlatform:
         ms = self.milestones
         d: dict[str, Any] = {
             "software_host": self.software_host,
+            "speed_cmdline": self.speed_cmdline,
             "milestones_s": {k: round(v, 3) for k, v in ms.wall.items()},
             "milestones_cpu_s": {k: round(v, 3) for k, v in ms.cpu.items()},
             **self.kernel_info,
@@ -264,6 +276,18 @@ class LinuxPlatform:
         if self.swhost is not None:
             d["syscall_trap"] = dict(self.swhost.trap)
         return d
+
+
+def wants_speed_cmdline(boot: LinuxBoot, kernel: Kernel, software_host: bool) -> bool:
+    """Whether `swhost.DEBIAN_SPEED_CMDLINE` goes on the command line: only on a software host,
+    as `boot.speed_cmdline` says, by default when the kernel is Debian's."""
+    if not software_host:
+        return False
+    if boot.speed_cmdline is not None:
+        return boot.speed_cmdline
+    h = kernel.header
+    vmlinux = kernel.vmlinux.data if kernel.vmlinux is not None else None
+    return swhost.is_debian_kernel(h.kernel_version if h else "", vmlinux)
 
 
 def linux_layout() -> SystemLayout:
