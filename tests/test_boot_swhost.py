@@ -130,7 +130,8 @@ def test_plan_needs_a_free_slot():
 
 
 def test_cmdline_profile_has_the_measured_switches():
-    for switch in ("noxsave", "nopti", "clearcpuid=smap,popcnt", "sse4_2", "aes", "erms,fsrm"):
+    for switch in ("noxsave", "nopti", "clearcpuid=smap,popcnt", "sse4_2", "aes", "erms,fsrm",
+                   "noreplace-smp"):  # fmt: skip
         assert switch in SW.SOFTWARE_HOST_CMDLINE
     # Linux reads only the last clearcpuid=: there must be exactly one.
     assert SW.SOFTWARE_HOST_CMDLINE.count("clearcpuid=") == 1

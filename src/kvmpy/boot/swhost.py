@@ -42,10 +42,13 @@ MSR_LSTAR = 0xC000_0082
 #: profile: copying the initramfs into the page cache, clearing pages); `percpu_alloc=page`
 #: avoids memsetting a 2 MiB per-CPU first chunk. Together with the BLAKE2s self test off, the
 #: microVM kernel's `Run /init` went from 708 s to 157 s on a loaded machine (load ~12 and ~7:
-#: not a clean comparison). The rest are precautions from the experiment (never ablated) or
-#: speed (`tsc=reliable no_timer_check`, `cryptomgr.notests`).
+#: not a clean comparison). `noreplace-smp`: on one vCPU, Linux otherwise rewrites every
+#: `lock` prefix of its text into a `ds` prefix, one `text_poke` each (a temporary mm, a TLB
+#: flush: 5% of the microVM kernel's boot samples); the lock prefixes are correct on one CPU.
+#: The rest are precautions from the experiment (never ablated) or speed (`tsc=reliable
+#: no_timer_check`, `cryptomgr.notests`).
 SOFTWARE_HOST_CMDLINE = (
-    "noxsave nofsgsbase noinvpcid nopti percpu_alloc=page "
+    "noxsave nofsgsbase noinvpcid nopti percpu_alloc=page noreplace-smp "
     "clearcpuid=smap,popcnt,clflushopt,pni,ssse3,sse4_1,sse4_2,pclmulqdq,aes,sha_ni,gfni,"
     "erms,fsrm tsc=reliable no_timer_check cryptomgr.notests"
 )
