@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ..vmm.config import DEFAULT_LINUX_MEMORY
 from . import BenchmarkError, positive_int, report
 
 GOAL_INIT_S = {"microvm": 15.0, "debian": 150.0}
@@ -53,8 +54,8 @@ def _initramfs(applet_links: bool = True) -> Path:
     return benchmarks.write_cached(name, data)
 
 
-def boot_once(kernel: str, *, vcpus: int = 1, memory: str = "256M", acpi: bool = True,
-              mptable: bool = True, append: str = "", timeout: float = 1800.0,
+def boot_once(kernel: str, *, vcpus: int = 1, memory: str = DEFAULT_LINUX_MEMORY,
+              acpi: bool = True, mptable: bool = True, append: str = "", timeout: float = 1800.0,
               sample_hz: float = 0.0, console=None, applet_links: bool = True,
               speed_cmdline: bool | None = None) -> dict:  # fmt: skip
     from ..result import StopReason
@@ -258,7 +259,8 @@ def add_parser(sub) -> None:
     p.add_argument("--kernel", default="microvm", metavar="K",
                    help="microvm (default), debian, or a vmlinux/bzImage path")  # fmt: skip
     p.add_argument("--vcpus", type=positive_int, default=1, metavar="N")
-    p.add_argument("--mem", default="256M", metavar="SIZE")
+    p.add_argument("--mem", default=DEFAULT_LINUX_MEMORY, metavar="SIZE",
+                   help=f"guest RAM (default {DEFAULT_LINUX_MEMORY}, as kvmpy boot)")  # fmt: skip
     p.add_argument("--runs", type=positive_int, default=1, metavar="R")
     p.add_argument("--no-acpi", action="store_true", help="no ACPI tables")
     p.add_argument("--no-mptable", action="store_true",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError, UsageError
+from ..vmm.config import DEFAULT_LINUX_MEMORY
 from .options import guest_memory, seconds
 from .virtio_opts import add_virtio_devices, add_virtio_options, virtio_specs
 
@@ -39,8 +40,8 @@ def add_parser(sub) -> None:
         help="added to kvmpy's kernel command line (after it: yours wins)",
     )  # fmt: skip
     p.add_argument("--vcpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
-    p.add_argument("--mem", type=guest_memory, default="256M", metavar="SIZE",
-                   help="guest RAM (default 256M)")  # fmt: skip
+    p.add_argument("--mem", type=guest_memory, default=DEFAULT_LINUX_MEMORY, metavar="SIZE",
+                   help=f"guest RAM (default {DEFAULT_LINUX_MEMORY}, as Firecracker's)")  # fmt: skip
     p.add_argument(
         "--console", type=_console, default=("stdio", None), metavar="stdio|file:PATH|none|virtio",
         help="stdio (default): the serial console (ttyS0) on the terminal; virtio: hvc0 instead; "

@@ -46,7 +46,7 @@ from ..hv.base import Capability, require
 from ..kvm import structs as S
 from ..memory import format_size
 from ..result import StopReason
-from .config import DeviceConfig, LinuxBoot, MachineConfig, VmConfig
+from .config import DEFAULT_LINUX_MEMORY, DeviceConfig, LinuxBoot, MachineConfig, VmConfig
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -95,7 +95,7 @@ def linux_config(
     initrd: str | None = None,
     cmdline: str = "",
     vcpus: int = 1,
-    memory: int | str = "256M",
+    memory: int | str = DEFAULT_LINUX_MEMORY,
     acpi: bool = True,
     mptable: bool = True,
     speed_cmdline: bool | None = None,
