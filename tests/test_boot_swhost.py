@@ -344,7 +344,7 @@ def test_debian_kernel_by_its_banner():
     assert not SW.is_debian_kernel("", b"Linux version 6.1.192 (root@kvmpy) (gcc-12)")
 
 
-def test_speed_cmdline_default_on_for_debian_off_elsewhere():
+def test_speed_cmdline_on_a_software_host_debian_gets_its_blacklist():
     pytest.importorskip("kvmpy.vmm.linux")
     from kvmpy.boot.linux import Kernel, Vmlinux
     from kvmpy.vmm import linux as L
@@ -353,25 +353,24 @@ def test_speed_cmdline_default_on_for_debian_off_elsewhere():
         return Kernel(Vmlinux(b"\x7fELF" + banner, (), 0, "vmlinux"), None, "vmlinux")
 
     debian, other = kernel(DEBIAN_BANNER_LINE), kernel(b"Linux version 6.1.192 (root@kvmpy)")
-    auto, on, off = (L.LinuxBoot("vmlinux", speed_cmdline=v) for v in (None, True, False))
-    assert L.wants_speed_cmdline(auto, debian, software_host=True)
-    assert not L.wants_speed_cmdline(auto, other, software_host=True)
-    assert not L.wants_speed_cmdline(off, debian, software_host=True)
-    assert L.wants_speed_cmdline(on, other, software_host=True)
-    # Never on VT-x/AMD-V, whatever the config says: it is part of the software-host profile.
-    for boot in (auto, on):
-        assert not L.wants_speed_cmdline(boot, debian, software_host=False)
+    on, off = L.LinuxBoot("vmlinux"), L.LinuxBoot("vmlinux", speed_cmdline=False)
+    both = f"{SW.SPEED_CMDLINE} {SW.DEBIAN_SPEED_CMDLINE}"
+    assert L.speed_cmdline_for(on, debian, software_host=True) == both
+    assert L.speed_cmdline_for(on, other, software_host=True) == "rodata=off"
+    assert L.speed_cmdline_for(off, debian, software_host=True) == ""
+    # Never on VT-x/AMD-V: it is part of the software-host profile.
+    assert L.speed_cmdline_for(on, debian, software_host=False) == ""
 
     class FakeMachine:
         virtio = None
 
     p = L.LinuxPlatform(FakeMachine(), L.LinuxBoot("vmlinux", cmdline="quiet"), True)
-    assert SW.DEBIAN_SPEED_CMDLINE not in p.full_cmdline()
-    p.speed_cmdline = True
+    assert "rodata=off" not in p.full_cmdline()  # load() decides; nothing before it
+    p.speed_cmdline = both
     line = p.full_cmdline()
     # After the profile, before the user's own switches (which win).
-    assert line.index(SW.SOFTWARE_HOST_CMDLINE) < line.index(SW.DEBIAN_SPEED_CMDLINE)
-    assert line.endswith(SW.DEBIAN_SPEED_CMDLINE + " quiet")
+    assert line.index(SW.SOFTWARE_HOST_CMDLINE) < line.index(both)
+    assert line.endswith(both + " quiet")
 
 
 def test_speed_cmdline_in_the_config_file():
@@ -380,11 +379,10 @@ def test_speed_cmdline_in_the_config_file():
     from kvmpy.vmm.config import VmConfig
     from kvmpy.vmm.linux import linux_config
 
-    for value in (None, True, False):
-        c = linux_config("/k/vmlinux", speed_cmdline=value)
-        d = json.loads(c.to_json())
-        assert d["boot"].get("speed_cmdline") == value
+    for value in (True, False):
+        d = json.loads(linux_config("/k/vmlinux", speed_cmdline=value).to_json())
+        assert d["boot"].get("speed_cmdline", True) is value
         assert VmConfig.from_dict(d).boot.speed_cmdline is value
     d["boot"]["speed_cmdline"] = "yes"
-    with pytest.raises(ConfigError, match="speed_cmdline must be true, false or null"):
+    with pytest.raises(ConfigError, match="boot.speed_cmdline must be true or false"):
         VmConfig.from_dict(d)

@@ -22,7 +22,6 @@ at most 150 s, VMM time at most 5%.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import os
 import threading
@@ -57,7 +56,7 @@ def _initramfs(applet_links: bool = True) -> Path:
 def boot_once(kernel: str, *, vcpus: int = 1, memory: str = DEFAULT_LINUX_MEMORY,
               acpi: bool = True, mptable: bool = True, append: str = "", timeout: float = 1800.0,
               sample_hz: float = 0.0, console=None, applet_links: bool = True,
-              speed_cmdline: bool | None = None) -> dict:  # fmt: skip
+              speed_cmdline: bool = True) -> dict:  # fmt: skip
     from ..result import StopReason
     from ..vmm import builder
     from ..vmm.linux import linux_config
@@ -267,9 +266,9 @@ def add_parser(sub) -> None:
                    help="no MP table (with --no-acpi: the 8259 in virtual-wire mode, one CPU)")  # fmt: skip
     p.add_argument("--append", action="append", default=[], metavar="CMDLINE",
                    help="more kernel command line (repeatable)")  # fmt: skip
-    p.add_argument("--speed-cmdline", action=argparse.BooleanOptionalAction, default=None,
-                   help="the speed-only command line of a Debian kernel on a software host "
-                   "(default: when the kernel is Debian's)")  # fmt: skip
+    p.add_argument("--no-speed-cmdline", dest="speed_cmdline", action="store_false",
+                   help="leave out the software-host speed-only command line (rodata=off, "
+                   "Debian's initcall_blacklist)")  # fmt: skip
     p.add_argument("--sample-hz", type=float, default=0.0, metavar="HZ",
                    help="sample vCPU 0's rip this often (where the guest's time goes)")  # fmt: skip
     p.add_argument("--system-map", metavar="FILE", help="name the samples with this System.map")

@@ -53,17 +53,27 @@ SOFTWARE_HOST_CMDLINE = (
     "erms,fsrm tsc=reliable no_timer_check cryptomgr.notests"
 )
 
-#: Speed only, for Debian's cloud kernel: skip ftrace's weak-function check, trace-event enum
-#: updates, tracefs, the first BTF parse and X.509 loading (moved `Run /init` from ~155 s to
-#: ~118 s in the experiment); `rodata=off` skips write-protecting the kernel's text and
-#: read-only data page by page. TCP cubic and the kernel's built-in X.509 keys are then
-#: absent, and kernel text stays writable. On by default for a Debian kernel on a software host
-#: (`LinuxBoot.speed_cmdline`, `kvmpy boot --no-speed-cmdline` leaves it out).
+#: Speed only, on a software host unless `LinuxBoot.speed_cmdline` is off (`kvmpy boot
+#: --no-speed-cmdline`): `rodata=off` skips write-protecting the kernel's text and read-only
+#: data (`mark_rodata_ro`: set_memory_ro/nx walk and split the page tables page by page, ~3% of
+#: a sampled microVM boot, and more for Debian's 3x larger kernel). The cost: kernel text and
+#: rodata stay writable, a hardening the guest gives up for boot time.
+SPEED_CMDLINE = "rodata=off"
+
+#: Speed only, for Debian's cloud kernel on top of SPEED_CMDLINE: skip ftrace's weak-function
+#: check, trace-event enum updates, tracefs, the first BTF parse and X.509 loading (with
+#: rodata=off these moved `Run /init` from ~155 s to ~118 s in the experiment). TCP cubic and
+#: the kernel's built-in X.509 keys are then absent. The initcall names are Debian's config's.
 DEBIAN_SPEED_CMDLINE = (
-    "rodata=off initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,"
+    "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,"
     "tracer_init_tracefs,cubictcp_register,bpf_prog_test_run_init,bpf_tcp_ca_kfunc_init,"
     "bpf_key_sig_kfuncs_init,bpf_rstat_kfunc_init,kfunc_init,load_system_certificate_list"
 )
+
+
+def speed_cmdline(debian: bool) -> str:
+    """The speed-only switches for a kernel (Debian's gets its initcall_blacklist too)."""
+    return f"{SPEED_CMDLINE} {DEBIAN_SPEED_CMDLINE}" if debian else SPEED_CMDLINE
 
 
 #: In the banner of every kernel Debian builds ("Linux version 6.1.0-57-cloud-amd64

@@ -51,9 +51,9 @@ def add_parser(sub) -> None:
                    help="no ACPI tables (then poweroff only halts: docs/linux.md)")  # fmt: skip
     p.add_argument("--no-mptable", action="store_true", help="no MP table")
     p.add_argument(
-        "--speed-cmdline", action=argparse.BooleanOptionalAction, default=None,
-        help="on a software host, add the speed-only command line for a Debian kernel "
-        "(rodata=off, an initcall_blacklist; default: when the kernel is Debian's)",
+        "--no-speed-cmdline", dest="speed_cmdline", action="store_false",
+        help="on a software host, leave out the speed-only command line (rodata=off, and "
+        "Debian's initcall_blacklist for a Debian kernel: docs/linux.md)",
     )  # fmt: skip
     p.add_argument("--stats", action="store_true", help="print exit statistics (stderr)")
     p.add_argument("--json", action="store_true",

@@ -136,16 +136,16 @@ class LinuxBoot:
     switches (console, the software-host profile, virtio-mmio devices) before it, so the user's
     come last and win. `acpi` and `mptable` say which firmware tables describe the machine
     (docs/linux.md: ACPI is what makes `poweroff` work; without either table Linux runs the
-    8259 in virtual-wire mode on one CPU). `speed_cmdline` adds the speed-only switches of
-    a Debian kernel on a software host (`boot.swhost.DEBIAN_SPEED_CMDLINE`); None means: when
-    the kernel is Debian's."""
+    8259 in virtual-wire mode on one CPU). `speed_cmdline`: on a software host, add the
+    speed-only switches (`boot.swhost.speed_cmdline`: `rodata=off`, and Debian's
+    `initcall_blacklist` for a Debian kernel)."""
 
     kernel: str
     initrd: str | None = None
     cmdline: str = ""
     acpi: bool = True
     mptable: bool = True
-    speed_cmdline: bool | None = None
+    speed_cmdline: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": "linux", "kernel": self.kernel, "cmdline": self.cmdline}
@@ -155,8 +155,8 @@ class LinuxBoot:
             d["acpi"] = False
         if not self.mptable:
             d["mptable"] = False
-        if self.speed_cmdline is not None:
-            d["speed_cmdline"] = self.speed_cmdline
+        if not self.speed_cmdline:
+            d["speed_cmdline"] = False
         return d
 
 
@@ -317,15 +317,11 @@ def _boot(d: Any, base: Path | None) -> BootSource | None:
         if not isinstance(cmdline, str):
             raise ConfigError("boot.cmdline must be a string")
         flags = {}
-        for key in ("acpi", "mptable"):
+        for key in ("acpi", "mptable", "speed_cmdline"):
             if key in d:
                 if not isinstance(d[key], bool):
                     raise ConfigError(f"boot.{key} must be true or false")
                 flags[key] = d[key]
-        speed = d.get("speed_cmdline")
-        if speed is not None and not isinstance(speed, bool):
-            raise ConfigError("boot.speed_cmdline must be true, false or null")
-        flags["speed_cmdline"] = speed
         return LinuxBoot(
             _path(d.get("kernel"), "boot.kernel", base),
             None if initrd is None else _path(initrd, "boot.initrd", base),

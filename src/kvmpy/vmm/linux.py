@@ -87,6 +87,7 @@ ACPI_DEVICE = ("acpi-pm", "acpi-pm")
 
 _notice_lock = threading.Lock()
 _noticed = False
+_noticed_speed: set[str] = set()
 
 
 def linux_config(
@@ -98,7 +99,7 @@ def linux_config(
     memory: int | str = DEFAULT_LINUX_MEMORY,
     acpi: bool = True,
     mptable: bool = True,
-    speed_cmdline: bool | None = None,
+    speed_cmdline: bool = True,
     name: str = "linux",
 ) -> VmConfig:
     """A VmConfig for a Linux guest with kvmpy's platform devices (add virtio devices with
@@ -147,7 +148,7 @@ class LinuxPlatform:
         self.cpu_at: dict[str, float] = {}
         self.swhost: SoftwareHostProfile | None = None
         self.cmdline = ""
-        self.speed_cmdline = False  # whether DEBIAN_SPEED_CMDLINE was added (set by load)
+        self.speed_cmdline = ""  # the speed-only switches added (set by load)
         self.kernel_info: dict[str, Any] = {}
         self._cpu0 = time.process_time()
 
@@ -200,13 +201,9 @@ class LinuxPlatform:
         m, boot = self.machine, self.boot
         n = len(m.vcpus)
         kernel = open_kernel(boot.kernel, use_vmlinux=self.software_host)
-        self.speed_cmdline = wants_speed_cmdline(boot, kernel, self.software_host)
-        if self.speed_cmdline and boot.speed_cmdline is None:
-            log.warning(
-                "a Debian kernel on a software host: adding the speed-only command line '%s' "
-                "(--no-speed-cmdline, or boot.speed_cmdline false, leaves it out; docs/linux.md)",
-                swhost.DEBIAN_SPEED_CMDLINE,
-            )
+        self.speed_cmdline = speed_cmdline_for(boot, kernel, self.software_host)
+        if self.speed_cmdline:
+            _notice_speed_cmdline(self.speed_cmdline)
         initrd = _read_initrd(boot.initrd, m.memory.size) if boot.initrd else None
         reserved: list[tuple[int, int, int]] = []
         if self.swhost is not None:
@@ -257,7 +254,7 @@ class LinuxPlatform:
         if self.software_host:
             parts.append(swhost.SOFTWARE_HOST_CMDLINE)
             if self.speed_cmdline:
-                parts.append(swhost.DEBIAN_SPEED_CMDLINE)
+                parts.append(self.speed_cmdline)
         if vset is not None:
             parts += vset.cmdline
         if self.boot.cmdline:
@@ -278,16 +275,14 @@ class LinuxPlatform:
         return d
 
 
-def wants_speed_cmdline(boot: LinuxBoot, kernel: Kernel, software_host: bool) -> bool:
-    """Whether `swhost.DEBIAN_SPEED_CMDLINE` goes on the command line: only on a software host,
-    as `boot.speed_cmdline` says, by default when the kernel is Debian's."""
-    if not software_host:
-        return False
-    if boot.speed_cmdline is not None:
-        return boot.speed_cmdline
+def speed_cmdline_for(boot: LinuxBoot, kernel: Kernel, software_host: bool) -> str:
+    """The speed-only switches for this kernel ("" for none): only on a software host, unless
+    `boot.speed_cmdline` is off; a Debian kernel gets its initcall_blacklist too."""
+    if not software_host or not boot.speed_cmdline:
+        return ""
     h = kernel.header
     vmlinux = kernel.vmlinux.data if kernel.vmlinux is not None else None
-    return swhost.is_debian_kernel(h.kernel_version if h else "", vmlinux)
+    return swhost.speed_cmdline(swhost.is_debian_kernel(h.kernel_version if h else "", vmlinux))
 
 
 def linux_layout() -> SystemLayout:
@@ -313,6 +308,19 @@ def _read_initrd(path: str, memory_size: int) -> bytes:
             return f.read()
     except OSError as e:
         raise ConfigError(f"initrd {path}: {e.strerror}") from None
+
+
+def _notice_speed_cmdline(line: str) -> None:
+    with _notice_lock:
+        if line in _noticed_speed:
+            return
+        _noticed_speed.add(line)
+    log.warning(
+        "speed-only kernel command line on this software host: '%s' (kernel text stays "
+        "writable; --no-speed-cmdline, or boot.speed_cmdline false, leaves it out; "
+        "docs/linux.md)",
+        line,
+    )
 
 
 def _notice_software_host() -> None:
