@@ -5,6 +5,7 @@ same result)."""
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
@@ -129,7 +130,8 @@ def test_plan_needs_a_free_slot():
 
 
 def test_cmdline_profile_has_the_measured_switches():
-    for switch in ("noxsave", "nopti", "clearcpuid=smap,popcnt", "sse4_2", "aes", "erms,fsrm"):
+    for switch in ("noxsave", "nopti", "clearcpuid=smap,popcnt", "sse4_2", "aes", "erms,fsrm",
+                   "noreplace-smp"):  # fmt: skip
         assert switch in SW.SOFTWARE_HOST_CMDLINE
     # Linux reads only the last clearcpuid=: there must be exactly one.
     assert SW.SOFTWARE_HOST_CMDLINE.count("clearcpuid=") == 1
@@ -325,3 +327,62 @@ def test_profile_only_on_a_software_host(monkeypatch):
         assert line.startswith(L.BASE_CMDLINE) and line.endswith(" quiet")
         assert (SW.SOFTWARE_HOST_CMDLINE in line) is sw
         assert ("clearcpuid=" in line) is sw and ("noxsave" in line) is sw
+
+
+DEBIAN_BANNER_LINE = (
+    b"Linux version 6.1.0-57-cloud-amd64 (debian-kernel@lists.debian.org) (gcc-12 (Debian "
+    b"12.2.0-14+deb12u1) 12.2.0) #1 SMP PREEMPT_DYNAMIC Debian 6.1.192-3\n"
+)
+
+
+def test_debian_kernel_by_its_banner():
+    # The bzImage's setup header string, or the banner inside a bare vmlinux.
+    assert SW.is_debian_kernel("6.1.0-57-cloud-amd64 (debian-kernel@lists.debian.org) #1", None)
+    assert SW.is_debian_kernel("", b"\0" * 100 + DEBIAN_BANNER_LINE + b"\0")
+    # kvmpy's own build (root@host), and a bzImage of unknown origin.
+    assert not SW.is_debian_kernel("6.1.192 (root@kvmpy) #1 SMP", None)
+    assert not SW.is_debian_kernel("", b"Linux version 6.1.192 (root@kvmpy) (gcc-12)")
+
+
+def test_speed_cmdline_on_a_software_host_debian_gets_its_blacklist():
+    pytest.importorskip("kvmpy.vmm.linux")
+    from kvmpy.boot.linux import Kernel, Vmlinux
+    from kvmpy.vmm import linux as L
+
+    def kernel(banner: bytes) -> Kernel:
+        return Kernel(Vmlinux(b"\x7fELF" + banner, (), 0, "vmlinux"), None, "vmlinux")
+
+    debian, other = kernel(DEBIAN_BANNER_LINE), kernel(b"Linux version 6.1.192 (root@kvmpy)")
+    on, off = L.LinuxBoot("vmlinux"), L.LinuxBoot("vmlinux", speed_cmdline=False)
+    both = f"{SW.SPEED_CMDLINE} {SW.DEBIAN_SPEED_CMDLINE}"
+    assert L.speed_cmdline_for(on, debian, software_host=True) == both
+    assert L.speed_cmdline_for(on, other, software_host=True) == "rodata=off"
+    assert L.speed_cmdline_for(off, debian, software_host=True) == ""
+    # Never on VT-x/AMD-V: it is part of the software-host profile.
+    assert L.speed_cmdline_for(on, debian, software_host=False) == ""
+
+    class FakeMachine:
+        virtio = None
+
+    p = L.LinuxPlatform(FakeMachine(), L.LinuxBoot("vmlinux", cmdline="quiet"), True)
+    assert "rodata=off" not in p.full_cmdline()  # load() decides; nothing before it
+    p.speed_cmdline = both
+    line = p.full_cmdline()
+    # After the profile, before the user's own switches (which win).
+    assert line.index(SW.SOFTWARE_HOST_CMDLINE) < line.index(both)
+    assert line.endswith(both + " quiet")
+
+
+def test_speed_cmdline_in_the_config_file():
+    pytest.importorskip("kvmpy.vmm.linux")
+    from kvmpy.errors import ConfigError
+    from kvmpy.vmm.config import VmConfig
+    from kvmpy.vmm.linux import linux_config
+
+    for value in (True, False):
+        d = json.loads(linux_config("/k/vmlinux", speed_cmdline=value).to_json())
+        assert d["boot"].get("speed_cmdline", True) is value
+        assert VmConfig.from_dict(d).boot.speed_cmdline is value
+    d["boot"]["speed_cmdline"] = "yes"
+    with pytest.raises(ConfigError, match="boot.speed_cmdline must be true or false"):
+        VmConfig.from_dict(d)

@@ -81,3 +81,16 @@ def test_shipped_config_has_what_the_issue_asks():
         "# CONFIG_JUMP_LABEL is not set", "# CONFIG_LEGACY_PTYS is not set",
     ):  # fmt: skip
         assert line in text.splitlines(), line
+
+
+def test_boot_speed_cmdline_option(tmp_path):
+    """--no-speed-cmdline reaches the machine's config (the speed line is on by default)."""
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")
+    seen = {}
+    for flag in ("--no-speed-cmdline", None):
+        args = ["boot", str(kernel), "--no-initrd", "--dump-config"] + ([flag] if flag else [])
+        r = kvmpy(*args)
+        assert r.returncode == 0, r.stderr
+        seen[flag] = json.loads(r.stdout)["boot"].get("speed_cmdline", True)
+    assert seen == {"--no-speed-cmdline": False, None: True}

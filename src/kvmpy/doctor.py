@@ -220,11 +220,13 @@ def diagnose(measure: bool = True) -> Report:
 
 def linux_profile() -> list[str]:
     """What kvmpy applies to a Linux guest on a software host (boot/swhost.py), one item each."""
-    from .boot.swhost import SOFTWARE_HOST_CMDLINE
+    from .boot.swhost import DEBIAN_SPEED_CMDLINE, SOFTWARE_HOST_CMDLINE, SPEED_CMDLINE
 
     return [
         "the vmlinux inside a bzImage is booted (the decompressor would run emulated)",
         f"command line: {SOFTWARE_HOST_CMDLINE}",
+        f"speed only (--no-speed-cmdline leaves it out): {SPEED_CMDLINE}, and for a Debian "
+        f"kernel {DEBIAN_SPEED_CMDLINE}",
         "CPUID.1 CX16 hidden",
         "emulation failures: int3 -> #BP injected, fwait skipped, clac/stac done by the VMM",
         "CPL3 syscall forwarded by a stub on the page-fault vector (installed at the LSTAR write)",

@@ -29,6 +29,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ..vmm.config import DEFAULT_LINUX_MEMORY
 from . import BenchmarkError, positive_int, report
 
 GOAL_INIT_S = {"microvm": 15.0, "debian": 150.0}
@@ -52,15 +53,17 @@ def _initramfs(applet_links: bool = True) -> Path:
     return benchmarks.write_cached(name, data)
 
 
-def boot_once(kernel: str, *, vcpus: int = 1, memory: str = "256M", acpi: bool = True,
-              mptable: bool = True, append: str = "", timeout: float = 1800.0,
-              sample_hz: float = 0.0, console=None, applet_links: bool = True) -> dict:  # fmt: skip
+def boot_once(kernel: str, *, vcpus: int = 1, memory: str = DEFAULT_LINUX_MEMORY,
+              acpi: bool = True, mptable: bool = True, append: str = "", timeout: float = 1800.0,
+              sample_hz: float = 0.0, console=None, applet_links: bool = True,
+              speed_cmdline: bool = True) -> dict:  # fmt: skip
     from ..result import StopReason
     from ..vmm import builder
     from ..vmm.linux import linux_config
 
     config = linux_config(kernel, initrd=str(_initramfs(applet_links)), vcpus=vcpus, memory=memory,
-                          acpi=acpi, mptable=mptable, cmdline=append)  # fmt: skip
+                          acpi=acpi, mptable=mptable, cmdline=append,
+                          speed_cmdline=speed_cmdline)  # fmt: skip
     load0 = os.getloadavg()
     probe0 = cpl0_ns_per_insn()
     cpu0 = time.process_time()
@@ -118,6 +121,7 @@ def boot_once(kernel: str, *, vcpus: int = 1, memory: str = "256M", acpi: bool =
         "acpi": acpi,
         "mptable": mptable,
         "software_host": linux["software_host"],
+        "speed_cmdline": linux["speed_cmdline"],
         "stop_reason": result.stop_reason.value,
         "milestones_s": milestones,
         "milestones_cpu_s": linux["milestones_cpu_s"],
@@ -254,13 +258,17 @@ def add_parser(sub) -> None:
     p.add_argument("--kernel", default="microvm", metavar="K",
                    help="microvm (default), debian, or a vmlinux/bzImage path")  # fmt: skip
     p.add_argument("--vcpus", type=positive_int, default=1, metavar="N")
-    p.add_argument("--mem", default="256M", metavar="SIZE")
+    p.add_argument("--mem", default=DEFAULT_LINUX_MEMORY, metavar="SIZE",
+                   help=f"guest RAM (default {DEFAULT_LINUX_MEMORY}, as kvmpy boot)")  # fmt: skip
     p.add_argument("--runs", type=positive_int, default=1, metavar="R")
     p.add_argument("--no-acpi", action="store_true", help="no ACPI tables")
     p.add_argument("--no-mptable", action="store_true",
                    help="no MP table (with --no-acpi: the 8259 in virtual-wire mode, one CPU)")  # fmt: skip
     p.add_argument("--append", action="append", default=[], metavar="CMDLINE",
                    help="more kernel command line (repeatable)")  # fmt: skip
+    p.add_argument("--no-speed-cmdline", dest="speed_cmdline", action="store_false",
+                   help="leave out the software-host speed-only command line (rodata=off, "
+                   "Debian's initcall_blacklist)")  # fmt: skip
     p.add_argument("--sample-hz", type=float, default=0.0, metavar="HZ",
                    help="sample vCPU 0's rip this often (where the guest's time goes)")  # fmt: skip
     p.add_argument("--system-map", metavar="FILE", help="name the samples with this System.map")
@@ -293,7 +301,8 @@ def cmd_boot(args) -> int:
     doc = measure(args.kernel, runs=args.runs, on_run=on_run, vcpus=args.vcpus, memory=args.mem,
                   acpi=not args.no_acpi, mptable=not args.no_mptable, append=" ".join(args.append),
                   timeout=args.timeout, sample_hz=args.sample_hz, console=console,
-                  applet_links=not args.no_applet_links)  # fmt: skip
+                  applet_links=not args.no_applet_links,
+                  speed_cmdline=args.speed_cmdline)  # fmt: skip
     if args.system_map:
         for b in doc["runs"]:
             if "samples" in b:

@@ -42,22 +42,52 @@ MSR_LSTAR = 0xC000_0082
 #: profile: copying the initramfs into the page cache, clearing pages); `percpu_alloc=page`
 #: avoids memsetting a 2 MiB per-CPU first chunk. Together with the BLAKE2s self test off, the
 #: microVM kernel's `Run /init` went from 708 s to 157 s on a loaded machine (load ~12 and ~7:
-#: not a clean comparison). The rest are precautions from the experiment (never ablated) or
-#: speed (`tsc=reliable no_timer_check`, `cryptomgr.notests`).
+#: not a clean comparison). `noreplace-smp`: on one vCPU, Linux otherwise rewrites every
+#: `lock` prefix of its text into a `ds` prefix, one `text_poke` each (a temporary mm, a TLB
+#: flush: 5% of the microVM kernel's boot samples); the lock prefixes are correct on one CPU.
+#: The rest are precautions from the experiment (never ablated) or speed (`tsc=reliable
+#: no_timer_check`, `cryptomgr.notests`).
 SOFTWARE_HOST_CMDLINE = (
-    "noxsave nofsgsbase noinvpcid nopti percpu_alloc=page "
+    "noxsave nofsgsbase noinvpcid nopti percpu_alloc=page noreplace-smp "
     "clearcpuid=smap,popcnt,clflushopt,pni,ssse3,sse4_1,sse4_2,pclmulqdq,aes,sha_ni,gfni,"
     "erms,fsrm tsc=reliable no_timer_check cryptomgr.notests"
 )
 
-#: Speed only, for Debian's cloud kernel: skip ftrace's weak-function check, trace-event enum
-#: updates, tracefs, the first BTF parse and X.509 loading (moved `Run /init` from ~155 s to
-#: ~118 s in the experiment). TCP cubic is then absent.
+#: Speed only, on a software host unless `LinuxBoot.speed_cmdline` is off (`kvmpy boot
+#: --no-speed-cmdline`): `rodata=off` skips write-protecting the kernel's text and read-only
+#: data (`mark_rodata_ro`: set_memory_ro/nx walk and split the page tables page by page, ~3% of
+#: a sampled microVM boot, and more for Debian's 3x larger kernel). The cost: kernel text and
+#: rodata stay writable, a hardening the guest gives up for boot time.
+SPEED_CMDLINE = "rodata=off"
+
+#: Speed only, for Debian's cloud kernel on top of SPEED_CMDLINE: skip ftrace's weak-function
+#: check, trace-event enum updates, tracefs, the first BTF parse and X.509 loading (with
+#: rodata=off these moved `Run /init` from ~155 s to ~118 s in the experiment). TCP cubic and
+#: the kernel's built-in X.509 keys are then absent. The initcall names are Debian's config's.
 DEBIAN_SPEED_CMDLINE = (
-    "rodata=off initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,"
+    "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,"
     "tracer_init_tracefs,cubictcp_register,bpf_prog_test_run_init,bpf_tcp_ca_kfunc_init,"
     "bpf_key_sig_kfuncs_init,bpf_rstat_kfunc_init,kfunc_init,load_system_certificate_list"
 )
+
+
+def speed_cmdline(debian: bool) -> str:
+    """The speed-only switches for a kernel (Debian's gets its initcall_blacklist too)."""
+    return f"{SPEED_CMDLINE} {DEBIAN_SPEED_CMDLINE}" if debian else SPEED_CMDLINE
+
+
+#: In the banner of every kernel Debian builds ("Linux version 6.1.0-57-cloud-amd64
+#: (debian-kernel@lists.debian.org) ..."): the bzImage's setup header and the vmlinux both hold
+#: it. The initcall names of DEBIAN_SPEED_CMDLINE are those of Debian's configs.
+DEBIAN_BANNER = b"(debian-kernel@lists.debian.org)"
+
+
+def is_debian_kernel(kernel_version: str, vmlinux: bytes | None) -> bool:
+    """Whether a kernel is one of Debian's, by its banner (the setup header's kernel_version
+    string, else the vmlinux's `linux_banner`)."""
+    if DEBIAN_BANNER.decode() in kernel_version:
+        return True
+    return vmlinux is not None and DEBIAN_BANNER in vmlinux
 
 
 # --- emulation failures ------------------------------------------------------------------------

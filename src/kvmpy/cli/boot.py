@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError, UsageError
+from ..vmm.config import DEFAULT_LINUX_MEMORY
 from .options import guest_memory, seconds
 from .virtio_opts import add_virtio_devices, add_virtio_options, virtio_specs
 
@@ -39,8 +40,8 @@ def add_parser(sub) -> None:
         help="added to kvmpy's kernel command line (after it: yours wins)",
     )  # fmt: skip
     p.add_argument("--vcpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
-    p.add_argument("--mem", type=guest_memory, default="256M", metavar="SIZE",
-                   help="guest RAM (default 256M)")  # fmt: skip
+    p.add_argument("--mem", type=guest_memory, default=DEFAULT_LINUX_MEMORY, metavar="SIZE",
+                   help=f"guest RAM (default {DEFAULT_LINUX_MEMORY}, as Firecracker's)")  # fmt: skip
     p.add_argument(
         "--console", type=_console, default=("stdio", None), metavar="stdio|file:PATH|none|virtio",
         help="stdio (default): the serial console (ttyS0) on the terminal; virtio: hvc0 instead; "
@@ -49,6 +50,11 @@ def add_parser(sub) -> None:
     p.add_argument("--no-acpi", action="store_true",
                    help="no ACPI tables (then poweroff only halts: docs/linux.md)")  # fmt: skip
     p.add_argument("--no-mptable", action="store_true", help="no MP table")
+    p.add_argument(
+        "--no-speed-cmdline", dest="speed_cmdline", action="store_false",
+        help="on a software host, leave out the speed-only command line (rodata=off, and "
+        "Debian's initcall_blacklist for a Debian kernel: docs/linux.md)",
+    )  # fmt: skip
     p.add_argument("--stats", action="store_true", help="print exit statistics (stderr)")
     p.add_argument("--json", action="store_true",
                    help="end with one JSON object on stdout (milestones, exits, fallbacks)")  # fmt: skip
@@ -109,7 +115,8 @@ def boot_config(args):
         cmdline = f"console=hvc0 {cmdline}".strip()
     config = linux_config(kernel, initrd=initrd, cmdline=cmdline, vcpus=args.vcpus,
                           memory=args.mem, acpi=not args.no_acpi,
-                          mptable=not args.no_mptable)  # fmt: skip
+                          mptable=not args.no_mptable,
+                          speed_cmdline=args.speed_cmdline)  # fmt: skip
     return add_virtio_devices(config, args).validated()
 
 

@@ -39,14 +39,14 @@ from ..arch.x86.modes import BootState, Mode, SystemLayout
 from ..arch.x86.mptable import MPTABLE_START, build_mptable
 from ..arch.x86.vmem import Regime, VirtualMemory
 from ..boot import swhost
-from ..boot.linux import E820_ACPI, E820_RESERVED, load_linux, open_kernel
+from ..boot.linux import E820_ACPI, E820_RESERVED, Kernel, load_linux, open_kernel
 from ..boot.monitor import ConsoleMonitor
 from ..errors import ConfigError, KvmpyError
 from ..hv.base import Capability, require
 from ..kvm import structs as S
 from ..memory import format_size
 from ..result import StopReason
-from .config import DeviceConfig, LinuxBoot, MachineConfig, VmConfig
+from .config import DEFAULT_LINUX_MEMORY, DeviceConfig, LinuxBoot, MachineConfig, VmConfig
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -87,6 +87,7 @@ ACPI_DEVICE = ("acpi-pm", "acpi-pm")
 
 _notice_lock = threading.Lock()
 _noticed = False
+_noticed_speed: set[str] = set()
 
 
 def linux_config(
@@ -95,9 +96,10 @@ def linux_config(
     initrd: str | None = None,
     cmdline: str = "",
     vcpus: int = 1,
-    memory: int | str = "256M",
+    memory: int | str = DEFAULT_LINUX_MEMORY,
     acpi: bool = True,
     mptable: bool = True,
+    speed_cmdline: bool = True,
     name: str = "linux",
 ) -> VmConfig:
     """A VmConfig for a Linux guest with kvmpy's platform devices (add virtio devices with
@@ -105,7 +107,7 @@ def linux_config(
     machine = MachineConfig(mode=Mode.LONG, memory=memory, vcpus=vcpus, irqchip=True, pit=True,
                             name=name, accel="kvm")  # fmt: skip
     boot = LinuxBoot(os.path.abspath(kernel), os.path.abspath(initrd) if initrd else None,
-                     cmdline, acpi, mptable)  # fmt: skip
+                     cmdline, acpi, mptable, speed_cmdline)  # fmt: skip
     return with_platform_devices(VmConfig(machine, boot)).validated()
 
 
@@ -146,6 +148,7 @@ class LinuxPlatform:
         self.cpu_at: dict[str, float] = {}
         self.swhost: SoftwareHostProfile | None = None
         self.cmdline = ""
+        self.speed_cmdline = ""  # the speed-only switches added (set by load)
         self.kernel_info: dict[str, Any] = {}
         self._cpu0 = time.process_time()
 
@@ -198,6 +201,9 @@ class LinuxPlatform:
         m, boot = self.machine, self.boot
         n = len(m.vcpus)
         kernel = open_kernel(boot.kernel, use_vmlinux=self.software_host)
+        self.speed_cmdline = speed_cmdline_for(boot, kernel, self.software_host)
+        if self.speed_cmdline:
+            _notice_speed_cmdline(self.speed_cmdline)
         initrd = _read_initrd(boot.initrd, m.memory.size) if boot.initrd else None
         reserved: list[tuple[int, int, int]] = []
         if self.swhost is not None:
@@ -247,6 +253,8 @@ class LinuxPlatform:
             parts.append(PCI_NO_ACPI_CMDLINE)
         if self.software_host:
             parts.append(swhost.SOFTWARE_HOST_CMDLINE)
+            if self.speed_cmdline:
+                parts.append(self.speed_cmdline)
         if vset is not None:
             parts += vset.cmdline
         if self.boot.cmdline:
@@ -257,6 +265,7 @@ class LinuxPlatform:
         ms = self.milestones
         d: dict[str, Any] = {
             "software_host": self.software_host,
+            "speed_cmdline": self.speed_cmdline,
             "milestones_s": {k: round(v, 3) for k, v in ms.wall.items()},
             "milestones_cpu_s": {k: round(v, 3) for k, v in ms.cpu.items()},
             **self.kernel_info,
@@ -264,6 +273,16 @@ class LinuxPlatform:
         if self.swhost is not None:
             d["syscall_trap"] = dict(self.swhost.trap)
         return d
+
+
+def speed_cmdline_for(boot: LinuxBoot, kernel: Kernel, software_host: bool) -> str:
+    """The speed-only switches for this kernel ("" for none): only on a software host, unless
+    `boot.speed_cmdline` is off; a Debian kernel gets its initcall_blacklist too."""
+    if not software_host or not boot.speed_cmdline:
+        return ""
+    h = kernel.header
+    vmlinux = kernel.vmlinux.data if kernel.vmlinux is not None else None
+    return swhost.speed_cmdline(swhost.is_debian_kernel(h.kernel_version if h else "", vmlinux))
 
 
 def linux_layout() -> SystemLayout:
@@ -289,6 +308,19 @@ def _read_initrd(path: str, memory_size: int) -> bytes:
             return f.read()
     except OSError as e:
         raise ConfigError(f"initrd {path}: {e.strerror}") from None
+
+
+def _notice_speed_cmdline(line: str) -> None:
+    with _notice_lock:
+        if line in _noticed_speed:
+            return
+        _noticed_speed.add(line)
+    log.warning(
+        "speed-only kernel command line on this software host: '%s' (kernel text stays "
+        "writable; --no-speed-cmdline, or boot.speed_cmdline false, leaves it out; "
+        "docs/linux.md)",
+        line,
+    )
 
 
 def _notice_software_host() -> None:
