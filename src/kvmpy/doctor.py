@@ -218,6 +218,33 @@ def diagnose(measure: bool = True) -> Report:
     return rep
 
 
+def study_host() -> dict:
+    """What a study's report says about the host it ran on: doctor's verdict (measured), the
+    CPU model, the CPUs this process may use, the kernel, Python and the load average at the
+    start (the labs and the ipc study add what is their own)."""
+    import platform
+    from pathlib import Path
+
+    rep = diagnose(measure=True)
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "kind": rep.host_kind,
+        "summary": rep.host_summary,
+        "cpu_model": model,
+        "cpus": len(os.sched_getaffinity(0)),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 def linux_profile() -> list[str]:
     """What kvmpy applies to a Linux guest on a software host (boot/swhost.py), one item each."""
     from .boot.swhost import DEBIAN_SPEED_CMDLINE, SOFTWARE_HOST_CMDLINE, SPEED_CMDLINE

@@ -14,6 +14,7 @@ import stat
 import sys
 from collections.abc import Callable
 
+from ..unixsock import listen_unix as _listen_unix
 from .errors import ApiError
 
 log = logging.getLogger("kvmpy.api")
@@ -21,37 +22,10 @@ MIN_TOKEN_BYTES = 16
 
 
 def listen_unix(path: str) -> socket.socket:
-    """A listening Unix socket at `path`, owner-only; a stale socket is replaced, a live one
-    or any other file is an error."""
-    if len(os.fsencode(path)) >= 108:
-        raise ApiError(f"the API socket path {path} is too long for a unix socket")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ApiError(f"{path} exists and is not a socket; choose another --api-sock")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)
-        else:
-            raise ApiError(f"another process serves {path}; choose another --api-sock")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # whoever can connect controls every VM: owner only
-    try:
-        sock.bind(path)
-    except OSError as e:
-        sock.close()
-        raise ApiError(f"cannot listen on {path}: {e.strerror}") from None
-    finally:
-        os.umask(old)
-    sock.listen(128)
-    return sock
+    """The API's Unix socket, owner only; a stale socket is replaced, a live one or any other
+    file is an error."""
+    return _listen_unix(path, what="the API socket", option="--api-sock", error=ApiError,
+                        backlog=128)  # fmt: skip
 
 
 def listen_tcp(address: str) -> socket.socket:

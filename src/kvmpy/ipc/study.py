@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -111,27 +110,12 @@ def plan(full: bool = False, runs: int = RUNS, cpus=None) -> Study:
 
 
 def _host(cpus) -> dict:
-    from ..doctor import diagnose
+    from ..doctor import study_host
 
-    rep = diagnose(measure=True)
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "kind": rep.host_kind,
-        "summary": rep.host_summary,
-        "cpu_model": model,
-        "cpus": len(os.sched_getaffinity(0)),
-        "pinned_cpus": list(cpus) if cpus else None,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "load_average_at_start": round(os.getloadavg()[0], 2),
-    }
+    host = study_host()
+    host["pinned_cpus"] = list(cpus) if cpus else None
+    host["load_average_at_start"] = round(os.getloadavg()[0], 2)  # one figure in this report
+    return host
 
 
 def run_study(study: Study, progress=None) -> dict:

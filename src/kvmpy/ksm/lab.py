@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import queue
 import shutil
 import signal
@@ -576,28 +575,17 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
 
 
 def host_info(saved: dict) -> dict[str, Any]:
-    from ..doctor import diagnose
+    from ..doctor import study_host
 
-    rep = diagnose(measure=True)
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     mem = ""
     with contextlib.suppress(OSError, IndexError, ValueError):
         kib = int(Path("/proc/meminfo").read_text().splitlines()[0].split()[1])
         mem = f"{kib / (1 << 20):.1f} GiB"
     return {
-        "kind": rep.host_kind,
-        "cpu_model": model,
+        **study_host(),
         "cpus": os.cpu_count(),
         "memory": mem,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
         "ksm_settings_before": saved,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import struct
 import time
@@ -313,26 +312,9 @@ def jain(xs: list[int]) -> float | None:
 
 
 def host_info() -> dict:
-    from ..doctor import diagnose
+    from ..doctor import study_host
 
-    rep = diagnose(measure=True)
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "kind": rep.host_kind,
-        "summary": rep.host_summary,
-        "cpu_model": model,
-        "cpus": len(os.sched_getaffinity(0)),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
+    return study_host()
 
 
 def run_lab(p: Plan, progress: Callable[[int, int, str], None] | None = None) -> dict:

@@ -38,6 +38,7 @@ from typing import Any
 
 from ..errors import KvmpyError
 from ..result import StopReason
+from ..unixsock import listen_unix
 from . import snapshot as snapshot_mod
 from .errors import ControlError
 from .session import VmSession, helper_thread
@@ -325,35 +326,8 @@ def _linger(conn: socket.socket, limit: int = 1 << 20) -> None:
 
 
 def _listen(path: Path) -> socket.socket:
-    if len(os.fsencode(path)) >= 108:
-        raise ControlError(f"the control socket path {path} is too long for a unix socket")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ControlError(f"{path} exists and is not a socket; choose another --control path")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(os.fspath(path))
-        except OSError:
-            os.unlink(path)  # a stale socket left by a VMM that died
-        else:
-            raise ControlError(f"another process serves {path}; choose another --control path")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # the socket controls the VM: owner only
-    try:
-        sock.bind(os.fspath(path))
-    except OSError as e:
-        sock.close()
-        raise ControlError(f"cannot listen on {path}: {e.strerror}") from None
-    finally:
-        os.umask(old)
-    sock.listen(8)
-    return sock
+    return listen_unix(path, what="the control socket", option="--control path",
+                       error=ControlError, backlog=8)  # fmt: skip
 
 
 # --- the client ----------------------------------------------------------------------------------
