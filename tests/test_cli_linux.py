@@ -94,3 +94,16 @@ def test_boot_speed_cmdline_option(tmp_path):
         assert r.returncode == 0, r.stderr
         seen[flag] = json.loads(r.stdout)["boot"].get("speed_cmdline", True)
     assert seen == {"--no-speed-cmdline": False, None: True}
+
+
+def test_boot_mergeable_option(tmp_path):
+    """--mergeable on kvmpy boot marks the Linux guest's RAM mergeable, as on kvmpy run."""
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")
+    seen = {}
+    for flag in ("--mergeable", None):
+        args = ["boot", str(kernel), "--no-initrd", "--dump-config"] + ([flag] if flag else [])
+        r = kvmpy(*args)
+        assert r.returncode == 0, r.stderr
+        seen[flag] = json.loads(r.stdout)["machine"]["mergeable"]
+    assert seen == {"--mergeable": True, None: False}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from ..errors import ConfigError, UsageError
 from ..vmm.config import DEFAULT_LINUX_MEMORY
 from .options import guest_memory, seconds
+from .run import add_mergeable_option
 from .virtio_opts import add_virtio_devices, add_virtio_options, virtio_specs
 
 log = logging.getLogger("kvmpy.cli")
@@ -64,6 +66,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dump-config", action="store_true",
                    help="print the VM config (JSON) and exit; 'kvmpy run --config' runs it")  # fmt: skip
     add_virtio_options(p, console=False)
+    add_mergeable_option(p)
     p.set_defaults(func=cmd_boot, parser=p)
 
 
@@ -117,6 +120,10 @@ def boot_config(args):
                           memory=args.mem, acpi=not args.no_acpi,
                           mptable=not args.no_mptable,
                           speed_cmdline=args.speed_cmdline)  # fmt: skip
+    if args.mergeable:
+        config = dataclasses.replace(
+            config, machine=dataclasses.replace(config.machine, mergeable=True)
+        )
     return add_virtio_devices(config, args).validated()
 
 
@@ -136,6 +143,10 @@ def cmd_boot(args) -> int:
     if args.dump_config:
         write_stdout(config.to_json() + "\n")
         return 0
+    if config.machine.mergeable:
+        from .run import warn_if_ksm_idle
+
+        warn_if_ksm_idle()
     return run_linux(config, args, args.console_mode, args.console_path)
 
 
