@@ -494,10 +494,12 @@ __asm__(".pushsection .text.kvmpy_virtio_irq,\"axG\",@progbits,kvmpy_virtio_irq,
 	"	pushq %rax\n"
 	"	pushq %rcx\n"
 	"	pushq %rdx\n"
-	"	lock incq kvmpy_virtio_irqs(%rip)\n"
 	"	movl $0x802, %ecx\n" /* x2APIC ID: which CPU took it */
 	"	rdmsr\n"
 	"	movl %eax, kvmpy_virtio_irq_cpu(%rip)\n"
+	/* Counted after the CPU is recorded: whoever sees the count change reads this one's
+	 * CPU, not the last (x86 keeps stores in order; the locked add is a full barrier). */
+	"	lock incq kvmpy_virtio_irqs(%rip)\n"
 	"	movl $0x80B, %ecx\n"
 	"	xorl %eax, %eax\n"
 	"	xorl %edx, %edx\n"
