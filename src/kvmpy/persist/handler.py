@@ -231,12 +231,21 @@ def _guard(bye: int, uffd: Userfaultfd, sock: socket.socket, regions) -> None:
     if os.read(bye, 1):  # blocks until the handler says bye, or dies (EOF)
         return
     # The handler died; nobody else reads the socket now: its EOF is the VMM closing.
+    serve_zero_pages(uffd, sock, regions)
+
+
+def serve_zero_pages(uffd: Userfaultfd, sock: socket.socket, regions) -> None:
+    """After a failure (the handler's, or its death seen by the guardian): once the VMM has
+    said its vCPUs are stopping, answer every fault with a zero page (the VMM's own reads for
+    the report must not hang) until the VMM closes the socket."""
     wait_stopped(sock)
     poller = select.poll()
     ufd, cfd = uffd.fd, sock.fileno()
     poller.register(ufd, select.POLLIN)
     poller.register(cfd, select.POLLIN)
-    for hva, size, _ in regions:  # faults it had read but not answered fault again
+    # Faults read before the failure were never answered: wake them, so that they fault
+    # again and are answered below.
+    for hva, size, _ in regions:
         with contextlib.suppress(OSError):
             uffd.wake(hva, size)
     while True:
@@ -260,7 +269,9 @@ def _guard(bye: int, uffd: Userfaultfd, sock: socket.socket, regions) -> None:
                 if event == UFFD_EVENT_PAGEFAULT:
                     page = address & ~(PAGE_SIZE - 1)
                     with contextlib.suppress(OSError):
-                        uffd.zeropage(page, PAGE_SIZE)
+                        uffd.zeropage(page, PAGE_SIZE, wake=False)
+                    with contextlib.suppress(OSError):  # also when the page existed already
+                        uffd.wake(page, PAGE_SIZE)
 
 
 #: How long a failed handler (or the guardian of a dead one) waits for the VMM to say its
@@ -359,7 +370,7 @@ class _Handler:
             msg = str(e) if isinstance(e, SnapshotError) else f"lazy restore failed: {e!r}"
             self._fail(msg)
             with contextlib.suppress(Exception):
-                self._serve_zero()
+                serve_zero_pages(self.uffd, self.sock, self.regions)
             return 1
 
     def _fail(self, msg: str) -> None:
@@ -371,40 +382,6 @@ class _Handler:
         if self.parent:
             with contextlib.suppress(OSError):
                 os.kill(self.parent, signal.SIGCHLD)
-
-    def _serve_zero(self) -> None:
-        """After a failure: every fault gets a zero page (the VM is stopped; the VMM's own
-        reads must not hang) until the VMM closes the socket."""
-        wait_stopped(self.sock)
-        poller = select.poll()
-        ufd, cfd = self.uffd.fd, self.sock.fileno()
-        poller.register(ufd, select.POLLIN)
-        poller.register(cfd, select.POLLIN)
-        # Faults read before the failure were never answered: wake them, so that they fault
-        # again and are answered below.
-        for hva, size, _ in self.regions:
-            with contextlib.suppress(OSError):
-                self.uffd.wake(hva, size)
-        while True:
-            for fd, _ in poller.poll():
-                if fd == cfd:
-                    cmd = self.sock.recv(16)
-                    if not cmd:
-                        return
-                    if b"P" in cmd:
-                        self.sock.sendall(b"F")
-                    continue
-                try:
-                    data = os.read(ufd, MSG_SIZE * 64)
-                except BlockingIOError:
-                    continue
-                for event, _flags, address in MSG.iter_unpack(data):
-                    if event == UFFD_EVENT_PAGEFAULT:
-                        page = address & ~(PAGE_SIZE - 1)
-                        with contextlib.suppress(OSError):
-                            self.uffd.zeropage(page, PAGE_SIZE, wake=False)
-                        with contextlib.suppress(OSError):
-                            self.uffd.wake(page, PAGE_SIZE)
 
     def _publish(self) -> None:
         COUNTERS.pack_into(self.status, 0, *self.counters)
