@@ -129,18 +129,9 @@ def write(
             },
             "summary": _summary(state),
         }
-        manifest["checksum"] = _manifest_checksum(manifest)
-        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode() + b"\n")
-        _fsync_dir(tmp)
-        _install(tmp, path)
-        _fsync_dir(parent)
+        _commit(tmp, path, parent, manifest)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        what = "the previous snapshot there is untouched" if (path / MANIFEST).is_file() else ""
-        raise SnapshotError(
-            f"cannot write the snapshot to {path}: {e.strerror or e}"
-            + (f"; {what}" if what else "")
-        ) from None
+        raise _write_failed(tmp, path, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -191,18 +182,9 @@ def _write_to_store(path: Path, state: dict[str, Any], memory, store_path: Path)
                 },
                 "summary": _summary(state),
             }
-            manifest["checksum"] = _manifest_checksum(manifest)
-            _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode() + b"\n")
-            _fsync_dir(tmp)
-            _install(tmp, path)
-            _fsync_dir(parent)
+            _commit(tmp, path, parent, manifest)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            what = "the previous snapshot there is untouched" if (path / MANIFEST).is_file() else ""
-            raise SnapshotError(
-                f"cannot write the snapshot to {path} (page store {store.path}): "
-                f"{e.strerror or e}" + (f"; {what}" if what else "")
-            ) from None
+            raise _write_failed(tmp, path, e, f" (page store {store.path})") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -291,6 +273,24 @@ def _renameat2(old: Path, new: Path, flags: int) -> None:
     if ret != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _commit(tmp: Path, path: Path, parent: Path, manifest: dict) -> None:
+    """Write the manifest (checksummed) last, then move the finished directory into place."""
+    manifest["checksum"] = _manifest_checksum(manifest)
+    _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode() + b"\n")
+    _fsync_dir(tmp)
+    _install(tmp, path)
+    _fsync_dir(parent)
+
+
+def _write_failed(tmp: Path, path: Path, e: OSError, where: str = "") -> SnapshotError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    what = "the previous snapshot there is untouched" if (path / MANIFEST).is_file() else ""
+    return SnapshotError(
+        f"cannot write the snapshot to {path}{where}: {e.strerror or e}"
+        + (f"; {what}" if what else "")
+    )
 
 
 def _install(tmp: Path, path: Path) -> None:
